@@ -1,0 +1,11 @@
+//! nibblora-core: the pure Rust half of nibblora.
+//!
+//! It knows nothing of Python. The `nibblora-python` crate binds it with pyo3; `cargo test` covers it alone.
+//!
+//! - [`quant`]: blockwise 4-bit quantization (NF4, FP4, INT4) and double quantization of the block scales,
+//!   byte-compatible with bitsandbytes.
+
+pub mod error;
+pub mod quant;
+
+pub use error::{Error, Result};

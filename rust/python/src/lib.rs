@@ -1,0 +1,167 @@
+//! Thin pyo3 bindings over `nibblora-core`: convert arguments, release the GIL, convert errors. Nothing else.
+//!
+//! Inputs arrive as 1-D numpy views of torch memory (no copy when the tensor is contiguous); bfloat16 and
+//! float16 arrive as uint16 bit patterns with a `dtype` name beside them. Outputs are numpy arrays that take
+//! ownership of the Rust buffers (no copy), or caller-provided arrays written in place.
+
+use nibblora_core::quant::{self, Floats, FloatsMut, QuantType};
+use nibblora_core::Error;
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+/// The one place core errors become Python exceptions. All are ValueError: bad values the caller passed.
+fn to_py_err(phase: &str, err: Error) -> PyErr {
+    PyValueError::new_err(format!("{phase}: {err}"))
+}
+
+fn parse_quant_type(name: &str) -> PyResult<QuantType> {
+    QuantType::from_name(name).map_err(|e| to_py_err("quant_type", e))
+}
+
+enum Source<'py> {
+    F32(PyReadonlyArray1<'py, f32>),
+    Bits(PyReadonlyArray1<'py, u16>, bool),
+}
+
+fn source<'py>(array: &Bound<'py, PyUntypedArray>, dtype: &str) -> PyResult<Source<'py>> {
+    let wrong = |want: &str| {
+        PyValueError::new_err(format!("expected a 1-D contiguous {want} array for dtype {dtype:?}"))
+    };
+    match dtype {
+        "float32" => Ok(Source::F32(array.downcast::<PyArray1<f32>>().map_err(|_| wrong("float32"))?.readonly())),
+        "bfloat16" | "float16" => Ok(Source::Bits(
+            array.downcast::<PyArray1<u16>>().map_err(|_| wrong("uint16"))?.readonly(),
+            dtype == "bfloat16",
+        )),
+        other => Err(PyValueError::new_err(format!(
+            "unsupported dtype {other:?}: 4-bit quantization reads float32, bfloat16 or float16"
+        ))),
+    }
+}
+
+fn not_contiguous() -> PyErr {
+    PyValueError::new_err("array must be C-contiguous; call .contiguous() on the tensor first")
+}
+
+/// quantize_4bit(values, dtype, quant_type, blocksize) -> (packed uint8[(n+1)//2], absmax float32[blocks])
+#[pyfunction]
+fn quantize_4bit<'py>(
+    py: Python<'py>,
+    values: &Bound<'py, PyUntypedArray>,
+    dtype: &str,
+    quant_type: &str,
+    blocksize: usize,
+) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+    let qt = parse_quant_type(quant_type)?;
+    let src = source(values, dtype)?;
+    let result = match &src {
+        Source::F32(a) => {
+            let s = a.as_slice().map_err(|_| not_contiguous())?;
+            py.allow_threads(|| quant::quantize_4bit(Floats::F32(s), qt, blocksize))
+        }
+        Source::Bits(a, is_bf16) => {
+            let s = a.as_slice().map_err(|_| not_contiguous())?;
+            let input = if *is_bf16 { Floats::Bf16(s) } else { Floats::F16(s) };
+            py.allow_threads(|| quant::quantize_4bit(input, qt, blocksize))
+        }
+    };
+    let (packed, absmax) = result.map_err(|e| to_py_err("quantizing to 4 bits", e))?;
+    Ok((PyArray1::from_vec(py, packed), PyArray1::from_vec(py, absmax)))
+}
+
+/// dequantize_4bit_into(packed, absmax, quant_type, blocksize, out, dtype): writes `out` in place.
+#[pyfunction]
+fn dequantize_4bit_into(
+    py: Python<'_>,
+    packed: PyReadonlyArray1<'_, u8>,
+    absmax: PyReadonlyArray1<'_, f32>,
+    quant_type: &str,
+    blocksize: usize,
+    out: &Bound<'_, PyUntypedArray>,
+    dtype: &str,
+) -> PyResult<()> {
+    let qt = parse_quant_type(quant_type)?;
+    let packed = packed.as_slice().map_err(|_| not_contiguous())?;
+    let absmax = absmax.as_slice().map_err(|_| not_contiguous())?;
+    let result = match dtype {
+        "float32" => {
+            let mut arr: PyReadwriteArray1<'_, f32> = out
+                .downcast::<PyArray1<f32>>()
+                .map_err(|_| PyValueError::new_err("out must be a float32 array for dtype float32"))?
+                .readwrite();
+            let o = arr.as_slice_mut().map_err(|_| not_contiguous())?;
+            py.allow_threads(|| quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F32(o)))
+        }
+        "bfloat16" | "float16" => {
+            let mut arr: PyReadwriteArray1<'_, u16> = out
+                .downcast::<PyArray1<u16>>()
+                .map_err(|_| PyValueError::new_err("out must be a uint16 view for 16-bit dtypes"))?
+                .readwrite();
+            let o = arr.as_slice_mut().map_err(|_| not_contiguous())?;
+            let o = if dtype == "bfloat16" { FloatsMut::Bf16(o) } else { FloatsMut::F16(o) };
+            py.allow_threads(|| quant::dequantize_4bit_into(packed, absmax, qt, blocksize, o))
+        }
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unsupported output dtype {other:?}: use float32, bfloat16 or float16"
+            )))
+        }
+    };
+    result.map_err(|e| to_py_err("dequantizing 4-bit codes", e))
+}
+
+/// double_quantize(absmax, offset=None) -> (codes uint8, nested_absmax float32, offset float)
+#[pyfunction]
+#[pyo3(signature = (absmax, offset=None))]
+fn double_quantize<'py>(
+    py: Python<'py>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    offset: Option<f32>,
+) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f32)> {
+    let a = absmax.as_slice().map_err(|_| not_contiguous())?;
+    let dq = py
+        .allow_threads(|| quant::double_quantize_absmax(a, offset))
+        .map_err(|e| to_py_err("double-quantizing block scales", e))?;
+    Ok((PyArray1::from_vec(py, dq.codes), PyArray1::from_vec(py, dq.nested_absmax), dq.offset))
+}
+
+/// dequantize_absmax(codes, nested_absmax, offset) -> float32 scales
+#[pyfunction]
+fn dequantize_absmax<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray1<'py, u8>,
+    nested_absmax: PyReadonlyArray1<'py, f32>,
+    offset: f32,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let c = codes.as_slice().map_err(|_| not_contiguous())?;
+    let n = nested_absmax.as_slice().map_err(|_| not_contiguous())?;
+    let mut out = vec![0f32; c.len()];
+    py.allow_threads(|| quant::dequantize_absmax(c, n, offset, &mut out))
+        .map_err(|e| to_py_err("dequantizing block scales", e))?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
+/// code_table(quant_type) -> list of 16 floats, indexed by the stored 4-bit code.
+#[pyfunction]
+fn code_table(quant_type: &str) -> PyResult<Vec<f32>> {
+    Ok(parse_quant_type(quant_type)?.code().to_vec())
+}
+
+/// dynamic_map() -> float32[256], the signed 8-bit map used for double quantization.
+#[pyfunction]
+fn dynamic_map(py: Python<'_>) -> Bound<'_, PyArray1<f32>> {
+    PyArray1::from_vec(py, quant::codes::dynamic_map().to_vec())
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_4bit_into, m)?)?;
+    m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_absmax, m)?)?;
+    m.add_function(wrap_pyfunction!(code_table, m)?)?;
+    m.add_function(wrap_pyfunction!(dynamic_map, m)?)?;
+    m.add("NESTED_BLOCKSIZE", quant::NESTED_BLOCKSIZE)?;
+    Ok(())
+}
