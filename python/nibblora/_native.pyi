@@ -1,0 +1,37 @@
+"""Type stubs for nibblora's private Rust extension. Import the public wrappers from nibblora.quant instead."""
+
+import numpy as np
+import numpy.typing as npt
+
+NESTED_BLOCKSIZE: int
+
+def quantize_4bit(
+    values: npt.NDArray[np.float32] | npt.NDArray[np.uint16], dtype: str, quant_type: str, blocksize: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """Quantize a flat array (float32, or bfloat16/float16 bits as uint16). Returns (packed, absmax)."""
+
+def dequantize_4bit_into(
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    quant_type: str,
+    blocksize: int,
+    out: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    dtype: str,
+) -> None:
+    """Dequantize into `out` (float32, or uint16 bits of bfloat16/float16), in place."""
+
+def double_quantize(
+    absmax: npt.NDArray[np.float32], offset: float | None = None
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], float]:
+    """Quantize block scales to 8-bit dynamic codes in blocks of 256. Returns (codes, nested_absmax, offset)."""
+
+def dequantize_absmax(
+    codes: npt.NDArray[np.uint8], nested_absmax: npt.NDArray[np.float32], offset: float
+) -> npt.NDArray[np.float32]:
+    """Recover float32 block scales from double-quantized codes."""
+
+def code_table(quant_type: str) -> list[float]:
+    """The 16 code values of nf4, fp4 or int4, indexed by stored code."""
+
+def dynamic_map() -> npt.NDArray[np.float32]:
+    """bitsandbytes' signed 8-bit dynamic map (256 sorted float32 values)."""

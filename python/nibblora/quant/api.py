@@ -1,0 +1,165 @@
+"""quantize_4bit / dequantize_4bit: CPU tensors go to the Rust core, CUDA tensors use plain PyTorch ops."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import torch
+
+from nibblora import _native
+from nibblora.quant import torch_ops
+from nibblora.quant.state import (
+    NESTED_BLOCKSIZE,
+    QUANT_TYPES,
+    SUPPORTED_DTYPES,
+    QuantizedTensor,
+    QuantState,
+    dtype_name,
+)
+
+
+@cache
+def _code_cpu(quant_type: str) -> torch.Tensor:
+    return torch.tensor(_native.code_table(quant_type), dtype=torch.float32)
+
+
+def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 [16]: the value of each stored 4-bit code of `quant_type` ("nf4", "fp4" or "int4")."""
+    _check_quant_type(quant_type)
+    return _code_cpu(quant_type).to(device)
+
+
+@cache
+def _dynamic_map_cpu() -> torch.Tensor:
+    return torch.from_numpy(_native.dynamic_map())
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 [256]: bitsandbytes' signed 8-bit dynamic map, used to double-quantize block scales."""
+    return _dynamic_map_cpu().to(device)
+
+
+def _check_quant_type(quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def _numpy_view(flat: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a contiguous 1-D CPU tensor; 16-bit floats travel as their uint16 bits."""
+    if flat.dtype == torch.float32:
+        return flat.numpy()
+    return flat.view(torch.int16).numpy().view(np.uint16)
+
+
+def quantize_4bit(
+    tensor: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    *,
+    name: str | None = None,
+) -> QuantizedTensor:
+    """Quantize `tensor` (float32, bfloat16 or float16; any shape) to blockwise 4-bit.
+
+    The bytes equal bitsandbytes' `quantize_4bit(tensor, blocksize, compress_statistics=double_quant,
+    quant_type)`. CPU tensors are read by the Rust core without a copy when contiguous (a non-contiguous
+    tensor is copied once); CUDA tensors are quantized with PyTorch ops on the device. `name` only labels
+    error messages.
+    """
+    label = f"tensor {name!r}" if name else "tensor"
+    _check_quant_type(quant_type)
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"quantize_4bit expects a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{label} has dtype {dtype_name(tensor.dtype)}; 4-bit quantization reads float32, bfloat16 or float16"
+        )
+    if tensor.numel() == 0:
+        raise ValueError(f"{label} is empty (shape {tuple(tensor.shape)}); there is nothing to quantize")
+    if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise ValueError(f"blocksize {blocksize} is not supported: use a power of two from 32 to 4096 (default 64)")
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type == "cpu":
+        flat = flat.contiguous()
+        try:
+            packed_np, absmax_np = _native.quantize_4bit(_numpy_view(flat), dtype_name(flat.dtype), quant_type, blocksize)
+        except ValueError as err:
+            raise ValueError(f"{label}: {err}") from None
+        packed, absmax = torch.from_numpy(packed_np), torch.from_numpy(absmax_np)
+    else:
+        if not torch.isfinite(flat).all():
+            index = int((~torch.isfinite(flat)).nonzero()[0])
+            raise ValueError(f"{label}: holds a non-finite value (NaN or infinity) at flat index {index}")
+        packed, absmax = torch_ops.quantize_4bit_flat(flat, code_table(quant_type, flat.device), blocksize)
+    device = flat.device
+    state = QuantState(
+        quant_type=quant_type,
+        blocksize=blocksize,
+        dtype=tensor.dtype,
+        shape=tensor.shape,
+        absmax=absmax,
+        code=code_table(quant_type, device),
+    )
+    if double_quant:
+        state = _double_quantize(state)
+    return QuantizedTensor(packed.view(-1, 1), state)
+
+
+def _double_quantize(state: QuantState) -> QuantState:
+    absmax = state.absmax
+    # torch's float32 mean, exactly as bitsandbytes computes the offset.
+    offset = absmax.mean()
+    dmap = dynamic_map(absmax.device)
+    if absmax.device.type == "cpu":
+        codes_np, nested_np, _ = _native.double_quantize(absmax.numpy(), float(offset))
+        codes, nested = torch.from_numpy(codes_np), torch.from_numpy(nested_np)
+    else:
+        codes, nested = torch_ops.double_quantize(absmax, offset, dmap, NESTED_BLOCKSIZE)
+    state.absmax = codes
+    state.offset = offset
+    state.nested_absmax = nested
+    state.nested_code = dmap
+    return state
+
+
+def dequantize_absmax(state: QuantState) -> torch.Tensor:
+    """float32 [blocks] scales of a double-quantized state."""
+    assert state.nested_absmax is not None and state.offset is not None and state.nested_code is not None
+    if state.absmax.device.type == "cpu" and torch.equal(state.nested_code, _dynamic_map_cpu()):
+        out = _native.dequantize_absmax(
+            state.absmax.contiguous().numpy(), state.nested_absmax.contiguous().numpy(), float(state.offset)
+        )
+        return torch.from_numpy(out)
+    return torch_ops.dequantize_absmax(
+        state.absmax, state.nested_absmax, state.offset, state.nested_code, state.nested_blocksize
+    )
+
+
+def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Undo `quantize_4bit`: a tensor of the original shape in `dtype` (default: the original dtype).
+
+    Each value is `code[q] * absmax` in float32, then rounded to `dtype`, as bitsandbytes does. CPU: Rust,
+    written straight into the result tensor. CUDA: a table lookup and a multiply in PyTorch ops.
+    """
+    state = q.state
+    dtype = dtype or state.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"cannot dequantize to {dtype_name(dtype)}: use float32, bfloat16 or float16")
+    absmax = state.absmax_float32()
+    n = state.numel
+    if q.packed.device.type == "cpu" and state.quant_type in QUANT_TYPES and torch.equal(
+        state.code, _code_cpu(state.quant_type)
+    ):
+        out = torch.empty(n, dtype=dtype)
+        _native.dequantize_4bit_into(
+            q.packed.reshape(-1).contiguous().numpy(),
+            absmax.contiguous().numpy(),
+            state.quant_type,
+            state.blocksize,
+            _numpy_view(out),
+            dtype_name(dtype),
+        )
+        return out.view(state.shape)
+    out = torch_ops.dequantize_4bit_flat(q.packed, absmax, state.code.to(q.packed.device), state.blocksize, n, dtype)
+    return out.view(state.shape)
