@@ -51,21 +51,31 @@ def dequantize_4bit_flat(
     return out[:n].to(dtype)
 
 
+_BINS = 65536
+
+
+def _bin_lut(dynamic_map: torch.Tensor) -> torch.Tensor:
+    """For each of 65,536 bins over [-1, 1], the code nearest the bin centre (ties to the lower code)."""
+    midpoints = 0.5 * (dynamic_map[:-1] + dynamic_map[1:])
+    index = torch.arange(_BINS, device=dynamic_map.device, dtype=torch.float32)
+    centres = -1.0 + (2.0 * index) / (_BINS - 1)
+    return torch.bucketize(centres, midpoints)
+
+
 def double_quantize(absmax: torch.Tensor, offset: torch.Tensor, dynamic_map: torch.Tensor, blocksize: int = 256):
-    """(absmax - offset) -> (uint8 codes, float32 nested absmax). Division by the block max, the code to the
-    left found by search, the right neighbour taken only when strictly closer (bitsandbytes' CPU kernel)."""
+    """(absmax - offset) -> (uint8 codes, float32 nested absmax), the same binned lookup as the Rust core and
+    bitsandbytes' CPU kernel: multiply by the reciprocal of the block max, take one of 65,536 bins, look up."""
     centered = absmax - offset
     n = centered.numel()
     padded = -n % blocksize
     blocks = torch.nn.functional.pad(centered, (0, padded)).view(-1, blocksize)
     nested = blocks.abs().amax(dim=1)
-    normed = (blocks / nested.unsqueeze(1)).reshape(-1)[:n]
-    left = (torch.searchsorted(dynamic_map, normed, right=True) - 1).clamp(0, 255)
-    right = (left + 1).clamp(max=255)
-    take_right = (normed - dynamic_map[right]).abs() < (normed - dynamic_map[left]).abs()
-    codes = torch.where(take_right, right, left)
-    codes = torch.where(torch.isnan(normed), torch.zeros_like(codes), codes)
-    return codes.to(torch.uint8), nested
+    reciprocal = 1.0 / torch.where(nested == 0, torch.ones_like(nested), nested)
+    normed = (blocks * reciprocal.unsqueeze(1)).clamp(-1, 1)
+    bins = (((normed + 1.0) * 0.5) * (_BINS - 1) + 0.5).to(torch.int64)
+    codes = _bin_lut(dynamic_map)[bins]
+    codes = torch.where((nested == 0).unsqueeze(1), torch.zeros_like(codes), codes)
+    return codes.reshape(-1)[:n].to(torch.uint8), nested
 
 
 def dequantize_absmax(

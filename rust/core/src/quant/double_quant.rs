@@ -1,8 +1,14 @@
 //! Double quantization: the float32 block scales of a 4-bit tensor are themselves quantized to 8 bits.
 //!
 //! offset = mean(absmax); (absmax - offset) is quantized in blocks of 256 with the signed dynamic map, each
-//! block keeping one float32 scale. bitsandbytes' CPU kernel divides by the block's absmax, finds the code to
-//! the left by binary search and then takes the right neighbour only if it is strictly closer; we do the same.
+//! block keeping one float32 scale.
+//!
+//! How a value finds its code follows bitsandbytes' CPU kernel (0.50), byte for byte: the value is multiplied
+//! by the reciprocal of the block's absmax, mapped to one of 65,536 evenly spaced bins over [-1, 1], and the
+//! bin's precomputed code is taken (the code nearest the bin's centre, ties to the lower). This differs from
+//! an exact nearest-code search for values within half a bin (about 1.5e-5) of a midpoint, and near zero,
+//! where the dynamic map's codes are closer together than a bin; we follow the CPU kernel so checkpoints
+//! made by nibblora and by transformers + bitsandbytes on a CPU are identical.
 
 use rayon::prelude::*;
 
@@ -42,7 +48,7 @@ pub fn double_quantize_absmax(absmax: &[f32], offset: Option<f32>) -> Result<Dou
     if !offset.is_finite() {
         return Err(Error::InvalidArgument(format!("double quantization offset {offset} is not finite")));
     }
-    let map = dynamic_map();
+    let lut = bin_lut();
     let mut codes = vec![0u8; absmax.len()];
     let mut nested_absmax = vec![0f32; absmax.len().div_ceil(NESTED_BLOCKSIZE)];
     codes
@@ -55,26 +61,46 @@ pub fn double_quantize_absmax(absmax: &[f32], offset: Option<f32>) -> Result<Dou
                 block_max = block_max.max((a - offset).abs());
             }
             *scale = block_max;
+            if block_max == 0.0 {
+                // Every scale equals the offset: code 0 times a zero scale, plus the offset, restores them.
+                out.fill(0);
+                return;
+            }
+            let reciprocal = 1.0f32 / block_max;
             for (o, &a) in out.iter_mut().zip(block) {
-                // 0/0 gives NaN when every scale equals the offset; like bitsandbytes we then store code 0.
-                *o = nearest_dynamic_code(&map, (a - offset) / block_max);
+                *o = lut[bin_of((a - offset) * reciprocal)];
             }
         });
     Ok(DoubleQuantized { codes, nested_absmax, offset })
 }
 
+const BINS: usize = 65536;
+
+/// The bin of a value in [-1, 1]: round((x + 1) / 2 * 65535), computed as bitsandbytes does (truncating
+/// after adding 0.5, each step rounded to float32).
 #[inline]
-fn nearest_dynamic_code(map: &[f32; 256], normed: f32) -> u8 {
-    // Index of the last code <= normed (0 when there is none, or for NaN).
-    let left = map.partition_point(|&c| c <= normed).saturating_sub(1);
-    if left < 255 {
-        let dist_left = (normed - map[left]).abs();
-        let dist_right = (normed - map[left + 1]).abs();
-        if dist_right < dist_left {
-            return (left + 1) as u8;
+fn bin_of(normed: f32) -> usize {
+    let x = normed.clamp(-1.0, 1.0);
+    (((x + 1.0) * 0.5) * (BINS - 1) as f32 + 0.5) as usize
+}
+
+/// For each bin, the dynamic-map code nearest its centre: the number of midpoints strictly below it.
+fn bin_lut() -> &'static [u8; BINS] {
+    static LUT: std::sync::OnceLock<Box<[u8; BINS]>> = std::sync::OnceLock::new();
+    LUT.get_or_init(|| {
+        let map = dynamic_map();
+        let midpoints: [f32; 255] = std::array::from_fn(|i| 0.5 * (map[i] + map[i + 1]));
+        let mut lut = Box::new([0u8; BINS]);
+        let mut code = 0usize;
+        for (i, entry) in lut.iter_mut().enumerate() {
+            let centre = -1.0f32 + (2.0f32 * i as f32) / (BINS - 1) as f32;
+            while code < 255 && midpoints[code] < centre {
+                code += 1;
+            }
+            *entry = code as u8;
         }
-    }
-    left as u8
+        lut
+    })
 }
 
 /// Recover float32 scales: `map[code] * nested_absmax[i / 256] + offset`, computed in float32.
@@ -132,13 +158,19 @@ mod tests {
     }
 
     #[test]
-    fn nearest_code_prefers_left_on_ties_and_handles_the_ends() {
+    fn bins_cover_the_range_and_codes_map_to_themselves() {
+        assert_eq!(bin_of(-1.0), 0);
+        assert_eq!(bin_of(1.0), BINS - 1);
+        assert_eq!(bin_of(7.0), BINS - 1, "values are clamped into [-1, 1]");
+        let lut = bin_lut();
         let map = dynamic_map();
-        assert_eq!(nearest_dynamic_code(&map, 1.0), 255);
-        assert_eq!(nearest_dynamic_code(&map, -1.0), 0);
-        assert_eq!(nearest_dynamic_code(&map, f32::NAN), 0);
-        for i in 0..255 {
-            assert_eq!(nearest_dynamic_code(&map, map[i]) as usize, i);
+        assert_eq!(lut[0], 0);
+        assert_eq!(lut[BINS - 1], 255);
+        // Away from zero the codes are further apart than a bin, so each code's own bin maps back to it.
+        for (i, &c) in map.iter().enumerate() {
+            if c.abs() > 0.01 {
+                assert_eq!(lut[bin_of(c)] as usize, i, "code {i} ({c})");
+            }
         }
     }
 
