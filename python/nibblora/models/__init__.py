@@ -1,0 +1,43 @@
+"""Llama-family causal LMs (Llama 2/3, Mistral, Qwen2) loaded straight from Hugging Face checkpoints.
+
+    model = load_model("path/to/checkpoint", dtype=torch.bfloat16, quantize="nf4", device="cuda")
+    logits = model(input_ids)                                   # [batch, seq, vocab]
+    out = generate(model, input_ids, max_new_tokens=32)         # or model.generate(...)
+"""
+
+from nibblora.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
+from nibblora.models.generate import filter_logits, generate
+from nibblora.models.llama import (
+    MLP,
+    Attention,
+    DecoderLayer,
+    KVCache,
+    LlamaForCausalLM,
+    LlamaModel,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    build_attention_mask,
+    rope_inverse_frequencies,
+)
+from nibblora.models.loading import load_model
+
+__all__ = [
+    "MLP",
+    "SUPPORTED_MODEL_TYPES",
+    "Attention",
+    "DecoderLayer",
+    "KVCache",
+    "LlamaForCausalLM",
+    "LlamaModel",
+    "ModelConfig",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "UnsupportedModelError",
+    "apply_rotary",
+    "build_attention_mask",
+    "filter_logits",
+    "generate",
+    "load_model",
+    "rope_inverse_frequencies",
+]

@@ -1,0 +1,390 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2) in one file you can read top to bottom.
+
+    x = embed_tokens(input_ids)                              # [batch, seq, hidden]
+    for each layer:
+        x = x + o_proj(attention(rope(q_proj(norm(x))), rope(k_proj(...)), v_proj(...)))
+        x = x + down_proj(silu(gate_proj(norm(x))) * up_proj(norm(x)))
+    logits = lm_head(norm(x))                                # [batch, seq, vocab]
+
+Module names mirror transformers' LlamaForCausalLM (`model.layers.0.self_attn.q_proj`, `model.norm`, `lm_head`,
+...), so a Hugging Face state dict loads key for key and PEFT adapter keys
+(`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) find their module. The numerics follow
+transformers op for op (RMSNorm in float32, RoPE cos/sin in float32 cast to the activation dtype), which is what
+lets the parity tests hold at float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nibblora.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight. The mean of squares is taken in float32 so bf16/fp16 activations do not overflow."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Cast back before the weight multiply, as transformers does, so results match in half precision too.
+        return self.weight * x.to(input_dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """float32 [head_dim // 2]: the rotation speed of each pair of channels, after any frequency scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        # Position interpolation: every position is squeezed by `factor`.
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        # Llama 3.1: long wavelengths (low frequencies) are stretched by `factor` to reach a longer context,
+        # short ones (which encode local order) are kept, and the band in between is blended smoothly.
+        factor = scaling["factor"]
+        low_freq_factor = scaling["low_freq_factor"]
+        high_freq_factor = scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin of position * frequency, [batch, seq, head_dim], for the rotary position embedding.
+
+    The frequencies are a plain float32 attribute, not a buffer: `model.to(torch.bfloat16)` must not round them,
+    and a model built on the meta device still has real ones. They follow the positions' device on first use.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.inv_freq = rope_inverse_frequencies(config)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        # Angles in float32: positions in the tens of thousands lose whole radians in bf16.
+        freqs = position_ids[..., None].float() * self.inv_freq  # [batch, seq, head_dim // 2]
+        # Llama rotates channel i with channel i + head_dim/2 (not neighbours), hence the duplicated halves.
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [batch, heads, seq, head_dim] by the angles in cos/sin [batch, seq, head_dim]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer seen so far, each [batch, kv_heads, seq, head_dim], grown by concatenation.
+
+    Pass one to `model(..., past_key_values=cache)`; each forward appends the new tokens' keys and values.
+    The whole history is kept (a sliding window is applied by the attention mask, not by dropping entries).
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's key/value for `layer_idx` and return the full history of that layer."""
+        if layer_idx == len(self.keys):
+            self.keys.append(key)
+            self.values.append(value)
+        else:
+            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], key), dim=-2)
+            self.values[layer_idx] = torch.cat((self.values[layer_idx], value), dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def reorder(self, batch_index: torch.Tensor) -> None:
+        """Keep only / reorder the batch rows in `batch_index` (e.g. to drop finished sequences)."""
+        self.keys = [k.index_select(0, batch_index) for k in self.keys]
+        self.values = [v.index_select(0, batch_index) for v in self.values]
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    query_len: int,
+    past_len: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """bool [batch or 1, 1, query_len, past_len + query_len], True where a query may look at a key.
+
+    Returns None when plain causal attention is exact (no padding, no cache, no window reached): then SDPA runs
+    with is_causal=True, which lets it pick its fastest kernel.
+
+    Key j is visible to query i (at absolute index past_len + i) when it is not in the future, not padding
+    (attention_mask[b, j] == 1) and, with a sliding window w, closer than w: (past_len + i) - j < w.
+    Positions are sequence indices, not position_ids, so packed sequences still attend causally across the row.
+    """
+    kv_len = past_len + query_len
+    window_reached = sliding_window is not None and kv_len > sliding_window
+    if attention_mask is None and past_len == 0 and not window_reached:
+        return None
+    query_index = torch.arange(past_len, kv_len, device=device)[:, None]
+    key_index = torch.arange(kv_len, device=device)[None, :]
+    allowed = key_index <= query_index
+    if sliding_window is not None:
+        allowed = allowed & (key_index > query_index - sliding_window)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != kv_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} tokens, but cache + input hold {kv_len}: "
+                "pass the mask of the whole sequence so far"
+            )
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+        # A left-padding query sees no key at all; an empty softmax row would be NaN and poison the batch
+        # through the backward pass. Let such rows attend everywhere: their outputs are padding, never used.
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return allowed
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: num_attention_heads query heads share num_key_value_heads key/value heads."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.sliding_window = config.sliding_window if config.layer_uses_sliding_window[layer_idx] else None
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], the layout SDPA expects.
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            # Keys are cached after RoPE, so earlier tokens never need re-rotating.
+            k, v = cache.update(self.layer_idx, k, v)
+        # enable_gqa lets SDPA share each key/value head across its query group without copying it.
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and seq > 1,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then MLP, each added back onto the residual stream."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack without the output head (transformers' `LlamaModel`, found at `.model`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [batch, seq, hidden] (after the last norm)."""
+        x = self.embed_tokens(input_ids)
+        batch, seq = input_ids.shape
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq, device=x.device).unsqueeze(0).expand(batch, -1)
+        cos, sin = self.rotary_emb(x, position_ids)
+        # One mask per distinct window (full attention, and the sliding window if any layer uses it).
+        masks = {
+            window: build_attention_mask(attention_mask, seq, past_len, window, x.device)
+            for window in {layer.self_attn.sliding_window for layer in self.layers}
+        }
+        # Recomputing a layer in backward must not append to the cache twice, so checkpointing skips cached runs.
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for layer in self.layers:
+            mask = masks[layer.self_attn.sliding_window]
+            if recompute:
+                # Keep only each layer's input; its activations are recomputed in backward. use_reentrant=False
+                # so gradients reach parameters even when the input (frozen embeddings) needs no grad.
+                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder + lm_head. `model(input_ids)` -> logits [batch, seq, vocab] in the model's dtype.
+
+    Build from a ModelConfig (random init), or load a Hugging Face checkpoint with `nibblora.models.load_model`.
+    """
+
+    def __init__(self, config: ModelConfig, *, gradient_checkpointing: bool = False):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
+        self.model.gradient_checkpointing = gradient_checkpointing
+
+    def tie_weights(self) -> None:
+        """Share one matrix between the input embedding and the output head (tie_word_embeddings)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """transformers' init: normal(0, initializer_range) for linears and embeddings, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in backward instead of storing its activations (training mode only)."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+        """Next-token logits.
+
+        input_ids: int64 [batch, seq].
+        attention_mask: [batch, past + seq], 1 for real tokens and 0 for padding; covers the cached tokens too.
+        position_ids: int64 [batch, seq] RoPE positions; default past, past+1, ... (restart them per packed document).
+        past_key_values: a KVCache, extended in place with this call's keys and values.
+        use_cache: return (logits, cache) instead of logits, creating a cache when none was passed.
+        logits_to_keep: if > 0, compute logits for the last that many positions only (saves memory in generation).
+        Returns logits [batch, seq (or logits_to_keep), vocab].
+        """
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        hidden = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        if use_cache:
+            return logits, past_key_values
+        return logits
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """See `nibblora.models.generate`."""
+        from nibblora.models.generate import generate
+
+        return generate(self, input_ids, **kwargs)
