@@ -1,0 +1,38 @@
+"""LoRA and QLoRA layers: adapters over a frozen dense or 4-bit base, injected into any nn.Module.
+
+    summary = inject_lora(model, "all-linear", r=16, alpha=32, quantize_base="nf4")
+    print(summary)                                   # trainable parameters per module and in total
+    save_adapter(model, "out/adapter")               # peft's format: adapter_config.json + safetensors
+    load_adapter(other_model, "out/adapter")         # reads peft adapters too
+    print(param_table("llama-2-7b"))                 # exact counts before building anything
+"""
+
+from nibblora.lora.adapters import load_adapter, read_adapter_config, save_adapter
+from nibblora.lora.config import LoRAConfig, lora_scaling
+from nibblora.lora.function import LoRALinearFunction, lora_linear
+from nibblora.lora.inject import LoRASummary, find_target_modules, inject_lora, lora_modules, lora_summary, set_adapter
+from nibblora.lora.layers import LoRAAdapter, LoRALinear, NF4Linear
+from nibblora.lora.params import DecoderShape, ParamTable, param_table, projection_lora_params
+
+__all__ = [
+    "DecoderShape",
+    "LoRAAdapter",
+    "LoRAConfig",
+    "LoRALinear",
+    "LoRALinearFunction",
+    "LoRASummary",
+    "NF4Linear",
+    "ParamTable",
+    "find_target_modules",
+    "inject_lora",
+    "load_adapter",
+    "lora_linear",
+    "lora_modules",
+    "lora_scaling",
+    "lora_summary",
+    "param_table",
+    "projection_lora_params",
+    "read_adapter_config",
+    "save_adapter",
+    "set_adapter",
+]
