@@ -1,0 +1,3 @@
+from nibblora.quantize.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,439 @@
+"""quantize_checkpoint: a Hugging Face causal-LM checkpoint in, the transformers + bitsandbytes 4-bit layout out.
+
+The run is planned completely before anything is written (which tensors are quantized, every output tensor's
+dtype and shape, which shard it lands in), so bad input fails before the first byte. Then tensors stream through
+one at a time: read one, quantize it, write its bytes at their planned place, drop it. Everything goes into a
+hidden sibling folder that is renamed into place only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from math import ceil
+from pathlib import Path
+
+from nibblora.quant import QuantizedTensor, quantize_4bit, to_bnb_state_dict
+from nibblora.quant.state import NESTED_BLOCKSIZE
+from nibblora.quantize.source import INDEX_NAME, SINGLE_NAME, QuantizeError, SourceTensor, read_checkpoint, read_tensor
+from nibblora.safetensors_writer import DeferredSpec, SafetensorsWriter, TensorSpec
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZABLE_DTYPES = ("F32", "BF16", "F16")
+# Linear weights inside the repeated decoder blocks: model.layers.N.*, language_model.model.layers.N.*, ...
+_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
+# Weight formats next to the safetensors that would be stale in the output folder.
+_STALE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+# Longest repr of a float (sign, 17 digits, point, "e-308"): bounds the JSON quant state's length.
+_LONGEST_FLOAT = -1.2345678901234567e-308
+
+
+@dataclass
+class QuantizeSummary:
+    """What a run did. Sizes are tensor bytes (headers excluded); bits_per_param counts the packed codes and
+    the per-block scales of the quantized weights (4.127 for NF4 with double quantization, 4.5 without)."""
+
+    out_dir: Path
+    quant_type: str
+    blocksize: int
+    double_quant: bool
+    tensors_total: int
+    tensors_quantized: int
+    params_total: int
+    params_quantized: int
+    bytes_before: int
+    bytes_after: int
+    bits_per_param: float
+    seconds: float
+    shards: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        dq = "double quant" if self.double_quant else "no double quant"
+        share = 100.0 * self.params_quantized / max(self.params_total, 1)
+        ratio = self.bytes_before / max(self.bytes_after, 1)
+        return "\n".join(
+            [
+                f"quantized {self.tensors_quantized} of {self.tensors_total} tensors "
+                f"({self.quant_type}, blocksize {self.blocksize}, {dq}) in {self.seconds:.1f} s",
+                f"parameters: {self.params_total:,} total, {self.params_quantized:,} quantized ({share:.1f}%)",
+                f"size: {_human(self.bytes_before)} -> {_human(self.bytes_after)} ({ratio:.2f}x smaller)",
+                f"quantized weights: {self.bits_per_param:.3f} bits/parameter",
+                f"wrote {self.out_dir} ({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''})",
+            ]
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 2000000000, "2GB" (10**9) or "2GiB" (2**30), as transformers' max_shard_size reads them."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if not match:
+            raise QuantizeError(f"cannot read size {size!r}: use bytes or a number with KB, MB, GB, GiB, ...")
+        number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+        powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+        powers |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        value = int(number * powers[unit])
+    if value <= 0:
+        raise QuantizeError(f"max shard size must be positive, got {size!r}")
+    return value
+
+
+def module_name(tensor_name: str) -> str:
+    """"model.layers.0.mlp.up_proj.weight" -> "model.layers.0.mlp.up_proj"."""
+    return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else ""
+
+
+def matches_skip(module: str, patterns: Sequence[str]) -> bool:
+    """Whether transformers would leave `module` unconverted for llm_int8_skip_modules=`patterns`.
+
+    transformers 5 matches a pattern against the module name from its start up to a dot boundary (as a regex:
+    "model.layers.1" or "model.layers.*.mlp"), or as a suffix ("mlp.down_proj"). The tool applies the same
+    rule, so what it leaves unquantized is exactly what transformers expects when it loads the output.
+    """
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{p}){boundary}", module) or module.endswith(p) for p in patterns)
+
+
+def is_decoder_linear_weight(tensor: SourceTensor) -> bool:
+    """A 2-D `.weight` of a module inside a decoder layer (attention and MLP projections)."""
+    return tensor.name.endswith(".weight") and len(tensor.shape) == 2 and bool(_DECODER_LAYER.search(tensor.name))
+
+
+@dataclass
+class _Item:
+    """One source tensor and the tensors it becomes."""
+
+    source: SourceTensor
+    quantize: bool
+    specs: list[TensorSpec]
+    deferred: list[DeferredSpec]
+
+    @property
+    def planned_bytes(self) -> int:
+        return sum(s.nbytes for s in self.specs) + sum(d.max_nbytes for d in self.deferred)
+
+
+def _quantized_specs(
+    t: SourceTensor, quant_type: str, blocksize: int, double_quant: bool
+) -> tuple[list[TensorSpec], list[DeferredSpec]]:
+    """The tensors bitsandbytes' Linear4bit saves for weight `t` (see nibblora.quant.to_bnb_state_dict)."""
+    n = t.numel
+    blocks = ceil(n / blocksize)
+    p = t.name
+    specs = [
+        TensorSpec(p, "U8", ((n + 1) // 2, 1)),
+        TensorSpec(f"{p}.absmax", "U8" if double_quant else "F32", (blocks,)),
+        TensorSpec(f"{p}.quant_map", "F32", (16,)),
+    ]
+    meta: dict[str, object] = {
+        "quant_type": quant_type,
+        "blocksize": blocksize,
+        "dtype": {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[t.dtype],
+        "shape": list(t.shape),
+    }
+    if double_quant:
+        specs += [
+            TensorSpec(f"{p}.nested_absmax", "F32", (ceil(blocks / NESTED_BLOCKSIZE),)),
+            TensorSpec(f"{p}.nested_quant_map", "F32", (256,)),
+        ]
+        meta |= {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": _LONGEST_FLOAT}
+    longest = len(json.dumps(meta).encode("utf-8"))
+    return specs, [DeferredSpec(f"{p}.quant_state.bitsandbytes__{quant_type}", "U8", longest)]
+
+
+def _plan(
+    tensors: list[SourceTensor], quant_type: str, blocksize: int, double_quant: bool, skip: Sequence[str]
+) -> list[_Item]:
+    for t in tensors:
+        if ".quant_state." in t.name or t.name.endswith((".absmax", ".SCB", ".weight_format")):
+            raise QuantizeError(f"{t.path}: checkpoint is already quantized (it holds {t.name!r})")
+    modules = {module_name(t.name) for t in tensors}
+    for pattern in skip:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise QuantizeError(f"--skip {pattern!r} is not a valid pattern ({err})") from None
+        if not any(matches_skip(m, [pattern]) for m in modules):
+            raise QuantizeError(
+                f"--skip {pattern!r} matches no module; a pattern matches a module name from its start "
+                f"(regex, e.g. 'model.layers.0' or '.*self_attn') or as a suffix (e.g. 'mlp.down_proj'), "
+                f"as transformers' llm_int8_skip_modules does"
+            )
+    items = []
+    for t in tensors:
+        if is_decoder_linear_weight(t) and not matches_skip(module_name(t.name), skip):
+            if t.dtype not in QUANTIZABLE_DTYPES:
+                hint = " (already quantized?)" if t.dtype in ("U8", "I8") else ""
+                raise QuantizeError(
+                    f"{t.path}: tensor {t.name!r} has dtype {t.dtype}{hint}; 4-bit quantization reads F32, BF16 or F16"
+                )
+            if t.numel == 0:
+                raise QuantizeError(f"{t.path}: tensor {t.name!r} is empty (shape {list(t.shape)})")
+            specs, deferred = _quantized_specs(t, quant_type, blocksize, double_quant)
+            items.append(_Item(t, True, specs, deferred))
+        else:
+            items.append(_Item(t, False, [TensorSpec(t.name, t.dtype, t.shape)], []))
+    if not any(item.quantize for item in items):
+        raise QuantizeError("no linear weight inside the decoder layers (model.layers.N.*) to quantize")
+    return items
+
+
+def _split_shards(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
+    """Greedy, in reading order; a quantized weight's tensors stay together; an oversized item gets its own."""
+    shards: list[list[_Item]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.planned_bytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.planned_bytes
+    return shards
+
+
+def _skip_modules_for_config(items: list[_Item], skip: Sequence[str]) -> list[str] | None:
+    """llm_int8_skip_modules to write. transformers converts every nn.Linear not matched by it, and with an
+    explicit list it no longer adds its default (lm_head), so the list must name every 2-D weight we left
+    unquantized outside the decoder layers. None (transformers' default) when that default covers them."""
+    outside = sorted(
+        {
+            module_name(i.source.name)
+            for i in items
+            if not i.quantize
+            and i.source.name.endswith(".weight")
+            and len(i.source.shape) == 2
+            and not _DECODER_LAYER.search(i.source.name)
+        }
+    )
+    default_covers = all(m.split(".")[-1] == "lm_head" or "embed" in m for m in outside)
+    if not skip and default_covers:
+        return None
+    extra = [m for m in outside if not matches_skip(m, skip)]
+    return list(skip) + extra
+
+
+def bnb_quantization_config(
+    quant_type: str, double_quant: bool, compute_dtype: str, skip_modules: list[str] | None
+) -> dict[str, object]:
+    """The `quantization_config` transformers 5 writes for BitsAndBytesConfig(load_in_4bit=True, ...)."""
+    return {
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": skip_modules,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
+    }
+
+
+def _check_options(quant_type: str, blocksize: int, compute_dtype: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise QuantizeError(f"quant type {quant_type!r} is not supported: use nf4 or fp4")
+    if blocksize not in BLOCKSIZES:
+        raise QuantizeError(f"blocksize {blocksize} is not supported: use a power of two from 32 to 4096 (default 64)")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise QuantizeError(f"compute dtype {compute_dtype!r} is not supported: use float32, bfloat16 or float16")
+
+
+def _prepare_out_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    if out_dir.resolve() == model_dir.resolve():
+        raise QuantizeError(f"{out_dir}: output folder is the input folder")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise QuantizeError(f"{out_dir}: exists and is not a folder")
+        if any(out_dir.iterdir()):
+            if not overwrite:
+                raise QuantizeError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+            if model_dir.resolve().is_relative_to(out_dir.resolve()):
+                raise QuantizeError(f"{out_dir}: --overwrite would delete the input folder {model_dir}")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / out_dir.name)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.rename(tmp, out_dir)
+
+
+def _copy_side_files(model_dir: Path, tmp: Path) -> None:
+    """Tokenizer files, generation_config.json, chat templates, README...: every plain file but the weights."""
+    for path in sorted(model_dir.iterdir()):
+        name = path.name
+        if not path.is_file() or name.startswith(".") or name == "config.json":
+            continue
+        if name.endswith(_STALE_WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        shutil.copy2(path, tmp / name)
+
+
+def quantize_checkpoint(
+    model_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: str = "bfloat16",
+    skip_modules: Sequence[str] = (),
+    max_shard_size: int | str = "2GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> QuantizeSummary:
+    """Quantize the decoder's linear weights of a Hugging Face causal-LM checkpoint to bitsandbytes 4-bit.
+
+    model_dir: config.json plus model.safetensors, or shards with model.safetensors.index.json.
+    out_dir: written atomically (a hidden sibling folder renamed into place); must be absent or empty unless
+        `overwrite`. It loads with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` when
+        bitsandbytes is installed, and holds the very bytes transformers would produce by quantizing itself.
+    quant_type: "nf4" or "fp4". blocksize: 32..4096 (power of two). double_quant: also quantize the block scales
+        (4.127 instead of 4.5 bits per parameter). compute_dtype: bnb_4bit_compute_dtype written to the config.
+    skip_modules: module-name patterns left unquantized, with transformers' llm_int8_skip_modules rule (from the
+        start of the name as a regex, or a suffix: "mlp.down_proj", "model.layers.0").
+    max_shard_size: bytes, or "2GB" / "500MB" / "4GiB". progress: show a tqdm bar (stderr).
+
+    Quantized: every 2-D `.weight` inside `...layers.N.`; everything else (embeddings, norms, lm_head, biases)
+    is copied unchanged. Raises QuantizeError (a ValueError) for bad input, naming the file or tensor.
+    """
+    start = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    _check_options(quant_type, blocksize, compute_dtype)
+    max_shard_bytes = parse_size(max_shard_size)
+    skip = list(dict.fromkeys(skip_modules))
+    config, tensors = read_checkpoint(model_dir)
+    items = _plan(tensors, quant_type, blocksize, double_quant, skip)
+    _prepare_out_dir(model_dir, out_dir, overwrite)
+    shards = _split_shards(items, max_shard_bytes)
+    names = (
+        [SINGLE_NAME]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        stats = _write_shards(tmp, shards, names, quant_type, blocksize, double_quant, progress)
+        out_config = dict(config)
+        out_config["quantization_config"] = bnb_quantization_config(
+            quant_type, double_quant, compute_dtype, _skip_modules_for_config(items, skip)
+        )
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if len(shards) > 1:
+            weight_map = {name: file for file, names_in in stats.shard_tensors.items() for name in names_in}
+            index = {
+                "metadata": {"total_parameters": stats.params_saved, "total_size": stats.bytes_after},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _copy_side_files(model_dir, tmp)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return QuantizeSummary(
+        out_dir=out_dir,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        double_quant=double_quant,
+        tensors_total=len(items),
+        tensors_quantized=sum(i.quantize for i in items),
+        params_total=sum(i.source.numel for i in items),
+        params_quantized=stats.params_quantized,
+        bytes_before=sum(i.source.nbytes for i in items),
+        bytes_after=stats.bytes_after,
+        bits_per_param=8.0 * stats.quantized_bytes / max(stats.params_quantized, 1),
+        seconds=time.perf_counter() - start,
+        shards=names,
+    )
+
+
+@dataclass
+class _WriteStats:
+    params_quantized: int = 0
+    quantized_bytes: int = 0  # packed codes + block scales of the quantized weights
+    bytes_after: int = 0
+    params_saved: int = 0  # what transformers' num_parameters() reports for the loaded 4-bit model
+    shard_tensors: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _write_shards(
+    tmp: Path,
+    shards: list[list[_Item]],
+    names: list[str],
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    progress: bool,
+) -> _WriteStats:
+    from tqdm.auto import tqdm
+
+    stats = _WriteStats()
+    total = sum(i.source.nbytes for shard in shards for i in shard)
+    with tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantizing", disable=not progress
+    ) as bar:
+        for items, name in zip(shards, names, strict=True):
+            specs = [s for i in items for s in i.specs]
+            deferred = [d for i in items for d in i.deferred]
+            with SafetensorsWriter(tmp / name, specs, deferred=deferred, metadata={"format": "pt"}) as writer:
+                for item in items:
+                    _write_item(writer, item, quant_type, blocksize, double_quant, stats)
+                    bar.update(item.source.nbytes)
+            stats.shard_tensors[name] = writer.names
+            stats.bytes_after += sum(s.nbytes for s in specs) + writer.deferred_nbytes
+    return stats
+
+
+def _write_item(
+    writer: SafetensorsWriter, item: _Item, quant_type: str, blocksize: int, double_quant: bool, stats: _WriteStats
+) -> None:
+    t = item.source
+    if not item.quantize:
+        with open(t.path, "rb") as f:
+            writer.copy_from(t.name, f, t.offset)
+        stats.params_saved += t.numel
+        return
+    weight = read_tensor(t)
+    try:
+        q: QuantizedTensor = quantize_4bit(weight, quant_type, blocksize, double_quant, name=t.name)
+    except ValueError as err:
+        raise QuantizeError(f"{t.path}: {err}") from None
+    del weight
+    for key, value in to_bnb_state_dict(q, t.name).items():
+        writer.write(key, value)
+    stats.params_quantized += t.numel
+    stats.quantized_bytes += q.nbytes
+    stats.params_saved += 2 * q.packed.numel()
