@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nibblora.checkpoint import Checkpoint, CheckpointError, MissingTensorError, open_checkpoint
+from nibblora.checkpoint import Checkpoint, CheckpointError, MissingTensorError, open_checkpoint, read_config
 from nibblora.models.config import ModelConfig, UnsupportedModelError
 from nibblora.models.llama import LlamaForCausalLM
 
@@ -51,9 +51,10 @@ def load_model(
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
     device = torch.device(device)
+    # The config is judged before any weight file is opened: "not a model we support" beats "bad file".
+    hf_config = read_config(directory)
+    config = ModelConfig.from_hf_dict(hf_config, source=str(Path(directory) / "config.json"))
     with open_checkpoint(directory) as ckpt:
-        assert ckpt.config is not None
-        config = ModelConfig.from_hf_dict(ckpt.config, source=str(ckpt.directory / "config.json"))
         _check_quantization_config(ckpt, quantize)
         with torch.device("meta"):
             model = LlamaForCausalLM(config, gradient_checkpointing=gradient_checkpointing)
