@@ -121,12 +121,14 @@ def generate(
                 next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
             else:
                 next_token = logits.argmax(dim=-1)
-            next_token = torch.where(unfinished, next_token, torch.full_like(next_token, pad_token_id))
-            sequences = torch.cat((sequences, next_token[:, None]), dim=-1)
+            emitted = torch.where(unfinished, next_token, torch.full_like(next_token, pad_token_id))
+            sequences = torch.cat((sequences, emitted[:, None]), dim=-1)
             if eos.numel():
-                unfinished &= ~torch.isin(next_token, eos)
+                unfinished &= ~torch.isin(emitted, eos)
                 if not bool(unfinished.any()):
                     break
+            # Finished rows keep decoding (their output is discarded); feeding the predicted token rather than the
+            # pad keeps the input a valid id whatever pad_token_id is.
             step_ids = next_token[:, None]
             step_positions = step_positions[:, -1:] + 1
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=-1)
