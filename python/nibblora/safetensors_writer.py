@@ -206,15 +206,27 @@ class SafetensorsWriter:
         self._written.add(name)
 
     def copy_from(self, name: str, source: BinaryIO, offset: int, chunk_bytes: int = 64 << 20) -> None:
-        """Copy tensor `name`'s bytes from `source` starting at byte `offset`, in chunks, without loading it.
+        """Copy tensor `name`'s bytes from `source` starting at byte `offset`, without loading the tensor:
+        in the kernel (copy_file_range) where it can, else in chunks of `chunk_bytes`.
 
         The caller vouches that those bytes hold a tensor of the planned dtype and shape.
         """
         spec = self._claim(name)
         assert self._file is not None
+        self._file.flush()
+        src, dst = offset, self._data_start + self._offsets[name][0]
         remaining = spec.nbytes
-        self._file.seek(self._data_start + self._offsets[name][0])
-        source.seek(offset)
+        if hasattr(os, "copy_file_range"):
+            try:
+                while remaining:
+                    done = os.copy_file_range(source.fileno(), self._file.fileno(), remaining, src, dst)
+                    if done == 0:
+                        raise ValueError(f"{name}: source ended {remaining} bytes early")
+                    src, dst, remaining = src + done, dst + done, remaining - done
+            except OSError:
+                pass  # not supported between these files: fall back to reading and writing
+        self._file.seek(dst)
+        source.seek(src)
         while remaining:
             chunk = source.read(min(chunk_bytes, remaining))
             if not chunk:

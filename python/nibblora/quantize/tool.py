@@ -8,14 +8,18 @@ hidden sibling folder that is renamed into place only once complete.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from math import ceil
 from pathlib import Path
 
@@ -380,6 +384,23 @@ def quantize_checkpoint(
     )
 
 
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None  # not glibc
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). Without it, glibc's adaptive mmap threshold puts tensors
+    of tens of MB on the heap once one such tensor has been freed, and the heap only grows: a 0.8B model then
+    peaks 700 MB higher. With it, the peak stays near the largest tensor."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 @dataclass
 class _WriteStats:
     params_quantized: int = 0
@@ -398,42 +419,61 @@ def _write_shards(
     double_quant: bool,
     progress: bool,
 ) -> _WriteStats:
+    """Read, quantize and write every item. Writing runs on one background thread, one item behind, so the
+    disk works while the next tensor is read and quantized; at most one finished item waits in memory."""
     from tqdm.auto import tqdm
 
     stats = _WriteStats()
     total = sum(i.source.nbytes for shard in shards for i in shard)
-    with tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantizing", disable=not progress
-    ) as bar:
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantizing", disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="nibblora-write") as pool:
         for items, name in zip(shards, names, strict=True):
             specs = [s for i in items for s in i.specs]
             deferred = [d for i in items for d in i.deferred]
             with SafetensorsWriter(tmp / name, specs, deferred=deferred, metadata={"format": "pt"}) as writer:
-                for item in items:
-                    _write_item(writer, item, quant_type, blocksize, double_quant, stats)
-                    bar.update(item.source.nbytes)
+                pending: Future[None] | None = None
+                try:
+                    for item in items:
+                        job = _prepare_item(item, quant_type, blocksize, double_quant, stats)
+                        if pending is not None:
+                            pending.result()
+                        pending = pool.submit(job, writer)
+                        bar.update(item.source.nbytes)
+                finally:
+                    if pending is not None:
+                        pending.result()
             stats.shard_tensors[name] = writer.names
             stats.bytes_after += sum(s.nbytes for s in specs) + writer.deferred_nbytes
     return stats
 
 
-def _write_item(
-    writer: SafetensorsWriter, item: _Item, quant_type: str, blocksize: int, double_quant: bool, stats: _WriteStats
-) -> None:
+def _prepare_item(
+    item: _Item, quant_type: str, blocksize: int, double_quant: bool, stats: _WriteStats
+) -> Callable[[SafetensorsWriter], None]:
+    """Do the item's reading and quantizing now; return what is left: writing it."""
     t = item.source
     if not item.quantize:
-        with open(t.path, "rb") as f:
-            writer.copy_from(t.name, f, t.offset)
         stats.params_saved += t.numel
-        return
+
+        def copy(writer: SafetensorsWriter) -> None:
+            with open(t.path, "rb") as f:
+                writer.copy_from(t.name, f, t.offset)
+
+        return copy
+    _release_freed_memory()
     weight = read_tensor(t)
     try:
         q: QuantizedTensor = quantize_4bit(weight, quant_type, blocksize, double_quant, name=t.name)
     except ValueError as err:
         raise QuantizeError(f"{t.path}: {err}") from None
     del weight
-    for key, value in to_bnb_state_dict(q, t.name).items():
-        writer.write(key, value)
     stats.params_quantized += t.numel
     stats.quantized_bytes += q.nbytes
     stats.params_saved += 2 * q.packed.numel()
+    tensors = to_bnb_state_dict(q, t.name)
+
+    def write(writer: SafetensorsWriter) -> None:
+        for key, value in tensors.items():
+            writer.write(key, value)
+
+    return write
