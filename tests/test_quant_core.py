@@ -158,3 +158,34 @@ def test_nf4_has_the_lowest_error_and_bitsandbytes_fp4_trails_int4_on_normal_wei
     assert mse["nf4"] < mse["int4"] < mse["fp4"]
     text = format_error_report(rows)
     assert "gaussian: mse order nf4 < int4 < fp4" in text
+
+
+def test_dequantized_buffers_return_to_the_pool_only_after_every_view_is_gone():
+    from nibblora.quant import output_pool_stats, set_output_pool_limit
+
+    set_output_pool_limit(1 << 30)
+    q = quantize_4bit(torch.randn(1024, 1024), "nf4")
+    first = dequantize_4bit(q, torch.float32)
+    view = first.t()[:10]
+    expected = first.clone()
+    before = output_pool_stats()["buffers"]
+    del first
+    assert output_pool_stats()["buffers"] == before, "a live view keeps the buffer out of the pool"
+    del view
+    assert output_pool_stats()["buffers"] == before + 1
+    again = dequantize_4bit(q, torch.float32)
+    assert output_pool_stats()["buffers"] == before, "the pooled buffer is reused"
+    assert torch.equal(again, expected)
+    set_output_pool_limit(0)
+    assert output_pool_stats() == {"buffers": 0, "bytes": 0, "limit_bytes": 0}
+    set_output_pool_limit(1 << 30)
+
+
+def test_dequantize_into_a_workspace_writes_it_in_place_and_checks_it():
+    q = quantize_4bit(torch.randn(64, 96, dtype=torch.bfloat16))
+    work = torch.empty(64 * 96, dtype=torch.bfloat16)
+    result = dequantize_4bit(q, out=work)
+    assert result.data_ptr() == work.data_ptr() and result.shape == (64, 96)
+    assert torch.equal(result, dequantize_4bit(q))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        dequantize_4bit(q, torch.bfloat16, out=torch.empty(10, dtype=torch.bfloat16))

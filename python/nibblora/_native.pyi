@@ -10,6 +10,25 @@ def quantize_4bit(
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     """Quantize a flat array (float32, or bfloat16/float16 bits as uint16). Returns (packed, absmax)."""
 
+def dequantize_4bit(
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    quant_type: str,
+    blocksize: int,
+    n: int,
+    dtype: str,
+) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]:
+    """Dequantize into a new array of n elements (float32, or uint16 bits of bfloat16/float16) in pooled memory."""
+
+def set_output_pool_limit(limit_bytes: int) -> None:
+    """How many bytes of freed dequantization output to keep for reuse (0 disables the pool)."""
+
+def output_pool_stats() -> tuple[int, int, int]:
+    """(buffers cached, bytes cached, byte limit) of the dequantization output pool."""
+
+class PooledBuffer:
+    """Owner of pooled memory behind a numpy array returned by dequantize_4bit."""
+
 def dequantize_4bit_into(
     packed: npt.NDArray[np.uint8],
     absmax: npt.NDArray[np.float32],

@@ -123,6 +123,23 @@ def _double_quantize(state: QuantState) -> QuantState:
     return state
 
 
+def set_output_pool_limit(limit_bytes: int) -> None:
+    """How much freed CPU dequantization output nibblora keeps for reuse (default 1 GiB; 0 turns it off).
+
+    Dequantizing a large weight into fresh memory costs more in page faults than the work itself, and a QLoRA
+    layer dequantizes the same weight on every call. Freed results (once every tensor viewing them is gone)
+    go back to a small pool of at most 8 buffers, like PyTorch's CUDA caching allocator."""
+    if limit_bytes < 0:
+        raise ValueError(f"limit_bytes must be >= 0, got {limit_bytes}")
+    _native.set_output_pool_limit(int(limit_bytes))
+
+
+def output_pool_stats() -> dict[str, int]:
+    """{"buffers": cached buffers, "bytes": bytes cached, "limit_bytes": the limit} of the dequantization pool."""
+    buffers, cached, limit = _native.output_pool_stats()
+    return {"buffers": buffers, "bytes": cached, "limit_bytes": limit}
+
+
 def dequantize_absmax(state: QuantState) -> torch.Tensor:
     """float32 [blocks] scales of a double-quantized state."""
     assert state.nested_absmax is not None and state.offset is not None and state.nested_code is not None
@@ -136,30 +153,43 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     )
 
 
-def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit(
+    q: QuantizedTensor, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Undo `quantize_4bit`: a tensor of the original shape in `dtype` (default: the original dtype).
 
-    Each value is `code[q] * absmax` in float32, then rounded to `dtype`, as bitsandbytes does. CPU: Rust,
-    written straight into the result tensor. CUDA: a table lookup and a multiply in PyTorch ops.
+    Each value is `code[q] * absmax` in float32, then rounded to `dtype`, as bitsandbytes does. CPU: Rust, into
+    a fresh buffer backed by huge pages where the OS allows, handed to torch without a copy. CUDA: a table
+    lookup and a multiply in PyTorch ops. `out` (contiguous, right dtype, device and element count) is
+    written in place instead, so a layer that dequantizes on every call can reuse one workspace.
     """
     state = q.state
-    dtype = dtype or state.dtype
+    dtype = dtype or (out.dtype if out is not None else state.dtype)
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"cannot dequantize to {dtype_name(dtype)}: use float32, bfloat16 or float16")
-    absmax = state.absmax_float32()
     n = state.numel
-    if q.packed.device.type == "cpu" and state.quant_type in QUANT_TYPES and torch.equal(
-        state.code, _code_cpu(state.quant_type)
-    ):
-        out = torch.empty(n, dtype=dtype)
+    if out is not None and (out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != q.device):
+        raise ValueError(
+            f"out must be a contiguous {dtype_name(dtype)} tensor of {n} elements on {q.device}; got "
+            f"{dtype_name(out.dtype)} {tuple(out.shape)} on {out.device}"
+        )
+    absmax = state.absmax_float32()
+    native_table = state.quant_type in QUANT_TYPES and torch.equal(state.code.cpu(), _code_cpu(state.quant_type))
+    if q.packed.device.type == "cpu" and native_table:
+        packed_np = q.packed.reshape(-1).contiguous().numpy()
+        absmax_np = absmax.contiguous().numpy()
+        if out is None:
+            result = _native.dequantize_4bit(packed_np, absmax_np, state.quant_type, state.blocksize, n, dtype_name(dtype))
+            flat = torch.from_numpy(result)
+            flat = flat if dtype == torch.float32 else flat.view(dtype)
+            return flat.view(state.shape)
+        flat = out.view(-1)
         _native.dequantize_4bit_into(
-            q.packed.reshape(-1).contiguous().numpy(),
-            absmax.contiguous().numpy(),
-            state.quant_type,
-            state.blocksize,
-            _numpy_view(out),
-            dtype_name(dtype),
+            packed_np, absmax_np, state.quant_type, state.blocksize, _numpy_view(flat), dtype_name(dtype)
         )
         return out.view(state.shape)
-    out = torch_ops.dequantize_4bit_flat(q.packed, absmax, state.code.to(q.packed.device), state.blocksize, n, dtype)
-    return out.view(state.shape)
+    result = torch_ops.dequantize_4bit_flat(q.packed, absmax, state.code.to(q.packed.device), state.blocksize, n, dtype)
+    if out is not None:
+        out.view(-1).copy_(result)
+        return out.view(state.shape)
+    return result.view(state.shape)

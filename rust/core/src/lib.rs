@@ -5,6 +5,7 @@
 //! - [`quant`]: blockwise 4-bit quantization (NF4, FP4, INT4) and double quantization of the block scales,
 //!   byte-compatible with bitsandbytes.
 
+pub mod buffer;
 pub mod error;
 pub mod quant;
 

@@ -5,6 +5,7 @@
 //! ownership of the Rust buffers (no copy), or caller-provided arrays written in place.
 
 use nibblora_core::quant::{self, Floats, FloatsMut, QuantType};
+use nibblora_core::buffer::BufferPool;
 use nibblora_core::Error;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArray};
 use pyo3::exceptions::PyValueError;
@@ -111,6 +112,89 @@ fn dequantize_4bit_into(
     result.map_err(|e| to_py_err("dequantizing 4-bit codes", e))
 }
 
+/// Dequantized results are handed out from a pool of buffers (up to 1 GiB by default) so the same weight
+/// dequantized again reuses mapped memory; the buffer returns to the pool when numpy / torch drop it.
+static OUTPUT_POOL: BufferPool = BufferPool::new(1 << 30);
+
+/// Owner of a pooled buffer behind a numpy array; gives the memory back to the pool when the array dies.
+#[pyclass]
+struct PooledBuffer {
+    words: Vec<u32>,
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        OUTPUT_POOL.give(std::mem::take(&mut self.words));
+    }
+}
+
+/// Lay `n` elements of `E` (2 or 4 bytes) over a pooled buffer, fill them with `fill`, and wrap the result in
+/// a numpy array that owns the buffer (no copy).
+fn pooled_array<'py, E: numpy::Element, F>(py: Python<'py>, n: usize, fill: F) -> PyResult<Bound<'py, PyUntypedArray>>
+where
+    F: FnOnce(&mut [E]) -> nibblora_core::Result<()> + Send,
+{
+    let size = std::mem::size_of::<E>();
+    assert!(size == 2 || size == 4, "pooled arrays hold 2- or 4-byte elements");
+    let mut words = OUTPUT_POOL.take((n * size).div_ceil(4));
+    // SAFETY: the u32 storage is 4-byte aligned and holds at least n * size bytes; E is a plain number type
+    // for which any bit pattern is valid, and `words` is not otherwise touched while the slice lives.
+    let elements = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut E, n) };
+    py.allow_threads(|| fill(elements)).map_err(|e| to_py_err("dequantizing 4-bit codes", e))?;
+    let ptr = words.as_ptr() as *const E;
+    let owner = Bound::new(py, PooledBuffer { words })?;
+    // SAFETY: the view points into the heap buffer now owned by `owner` (moving the Vec did not move its
+    // data), and numpy keeps `owner` alive as the array's base for as long as the array or a view lives.
+    let array = unsafe {
+        let view = numpy::ndarray::ArrayView1::from_shape_ptr(n, ptr);
+        PyArray1::<E>::borrow_from_array(&view, owner.into_any())
+    };
+    Ok(array.into_any().downcast_into::<PyUntypedArray>()?)
+}
+
+/// dequantize_4bit(packed, absmax, quant_type, blocksize, n, dtype) -> a new float32 or uint16 (bf16/f16
+/// bits) array of n elements, in pooled memory handed to numpy without a copy.
+#[pyfunction]
+fn dequantize_4bit<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArray1<'py, u8>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    quant_type: &str,
+    blocksize: usize,
+    n: usize,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let qt = parse_quant_type(quant_type)?;
+    let packed = packed.as_slice().map_err(|_| not_contiguous())?;
+    let absmax = absmax.as_slice().map_err(|_| not_contiguous())?;
+    match dtype {
+        "float32" => pooled_array::<f32, _>(py, n, |o| {
+            quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F32(o))
+        }),
+        "bfloat16" => pooled_array::<u16, _>(py, n, |o| {
+            quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::Bf16(o))
+        }),
+        "float16" => pooled_array::<u16, _>(py, n, |o| {
+            quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F16(o))
+        }),
+        other => Err(PyValueError::new_err(format!(
+            "unsupported output dtype {other:?}: use float32, bfloat16 or float16"
+        ))),
+    }
+}
+
+/// set_output_pool_limit(bytes): how much freed dequantization output to keep for reuse (0 turns it off).
+#[pyfunction]
+fn set_output_pool_limit(limit_bytes: usize) {
+    OUTPUT_POOL.set_limit(limit_bytes);
+}
+
+/// output_pool_stats() -> (buffers cached, bytes cached, byte limit)
+#[pyfunction]
+fn output_pool_stats() -> (usize, usize, usize) {
+    OUTPUT_POOL.stats()
+}
+
 /// double_quantize(absmax, offset=None) -> (codes uint8, nested_absmax float32, offset float)
 #[pyfunction]
 #[pyo3(signature = (absmax, offset=None))]
@@ -157,6 +241,10 @@ fn dynamic_map(py: Python<'_>) -> Bound<'_, PyArray1<f32>> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(set_output_pool_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(output_pool_stats, m)?)?;
+    m.add_class::<PooledBuffer>()?;
     m.add_function(wrap_pyfunction!(dequantize_4bit_into, m)?)?;
     m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_absmax, m)?)?;

@@ -94,11 +94,11 @@ impl Encoder {
     /// Sorted position of `scaled`: the number of midpoints strictly below it, so a tie goes to the lower code.
     #[inline(always)]
     fn sorted_position(&self, scaled: f32) -> u8 {
-        let mut position = 0u8;
+        let mut position = 0u32;
         for m in self.midpoints {
-            position += (scaled > m) as u8;
+            position += (scaled > m) as u32;
         }
-        position
+        position as u8
     }
 
     #[inline(always)]
@@ -170,7 +170,7 @@ pub fn quantize_4bit_into(
 pub fn quantize_4bit(input: Floats<'_>, quant_type: QuantType, blocksize: usize) -> Result<(Vec<u8>, Vec<f32>)> {
     check_blocksize(blocksize)?;
     let n = input.len();
-    let mut packed = vec![0u8; packed_len(n)];
+    let mut packed: Vec<u8> = crate::buffer::zeroed_output(packed_len(n));
     let mut absmax = vec![0f32; num_blocks(n, blocksize)];
     quantize_4bit_into(input, quant_type, blocksize, &mut packed, &mut absmax)?;
     Ok((packed, absmax))
@@ -210,11 +210,28 @@ fn quantize_chunk_dispatch<T: Copy, C: Fn(T) -> f32 + Copy>(
 ) -> std::result::Result<(), usize> {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU supports AVX-512 F and BW, checked just above.
+            return unsafe { quantize_chunk_avx512(xs, to_f32, encoder, blocksize, packed, absmax) };
+        }
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
             return unsafe { quantize_chunk_avx2(xs, to_f32, encoder, blocksize, packed, absmax) };
         }
     }
+    quantize_chunk(xs, to_f32, encoder, blocksize, packed, absmax)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_chunk_avx512<T: Copy, C: Fn(T) -> f32 + Copy>(
+    xs: &[T],
+    to_f32: C,
+    encoder: &Encoder,
+    blocksize: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) -> std::result::Result<(), usize> {
     quantize_chunk(xs, to_f32, encoder, blocksize, packed, absmax)
 }
 
@@ -242,50 +259,52 @@ fn quantize_chunk<T: Copy, C: Fn(T) -> f32 + Copy>(
     packed: &mut [u8],
     absmax: &mut [f32],
 ) -> std::result::Result<(), usize> {
-    let mut scaled = vec![0f32; blocksize];
-    let mut positions = vec![0u8; blocksize + 1];
+    let mut positions = vec![0u32; blocksize + 1];
+    let identity_order = encoder.order.iter().enumerate().all(|(i, &o)| i == o as usize);
     for (block_index, block) in xs.chunks(blocksize).enumerate() {
         let len = block.len();
-        // Pass 1: absmax, and a NaN sentinel (x - x is NaN exactly when x is NaN or infinite).
-        let mut block_max = 0f32;
-        let mut sentinel = 0f32;
+        // Pass 1: absmax on the bit patterns. For |x| the IEEE bits order like the values, and an integer
+        // max vectorizes where a float max (with its NaN rules) does not; NaN and infinity show up as bits
+        // at or above those of infinity.
+        let mut max_bits = 0u32;
         for &v in block {
-            let f = to_f32(v);
-            let a = f.abs();
-            block_max = if a > block_max { a } else { block_max };
-            sentinel += f - f;
+            max_bits = max_bits.max(to_f32(v).to_bits() & 0x7fff_ffff);
         }
-        if sentinel.is_nan() {
+        if max_bits >= f32::INFINITY.to_bits() {
             let first = block.iter().position(|&v| !to_f32(v).is_finite()).unwrap_or(0);
             return Err(block_index * blocksize + first);
         }
-        // Pass 2: scale into [-1, 1]. bitsandbytes multiplies full blocks by the reciprocal but divides the
-        // tail block, and stores the tail's clamped absmax; both differences change bytes, so we follow them.
-        let scaled = &mut scaled[..len];
+        let block_max = f32::from_bits(max_bits);
+        // Pass 2: scale into [-1, 1] and count the midpoints below (the nearest code, ties to the lower).
+        // bitsandbytes multiplies full blocks by the reciprocal but divides the tail block, and stores the
+        // tail's clamped absmax; both change bytes, so we follow them.
+        let positions = &mut positions[..len.div_ceil(2) * 2];
         if len == blocksize {
             absmax[block_index] = block_max;
             let reciprocal = 1.0f32 / block_max.max(ABSMAX_FLOOR);
-            for (s, &v) in scaled.iter_mut().zip(block) {
-                *s = (to_f32(v) * reciprocal).clamp(-1.0, 1.0);
+            for (p, &v) in positions.iter_mut().zip(block) {
+                *p = encoder.sorted_position((to_f32(v) * reciprocal).max(-1.0).min(1.0)) as u32;
             }
         } else {
             let divisor = block_max.max(ABSMAX_FLOOR);
             absmax[block_index] = divisor;
-            for (s, &v) in scaled.iter_mut().zip(block) {
-                *s = (to_f32(v) / divisor).clamp(-1.0, 1.0);
+            for (p, &v) in positions.iter_mut().zip(block) {
+                *p = encoder.sorted_position((to_f32(v) / divisor).max(-1.0).min(1.0)) as u32;
+            }
+            if len % 2 == 1 {
+                positions[len] = encoder.sorted_position(0.0) as u32;
             }
         }
-        // Pass 3: nearest code by counting the midpoints below each value.
-        for (p, &s) in positions.iter_mut().zip(scaled.iter()) {
-            *p = encoder.sorted_position(s);
-        }
-        if len % 2 == 1 {
-            positions[len] = encoder.sorted_position(0.0);
-        }
-        // Pass 4: map sorted positions to stored codes and pack, first element in the high nibble.
+        // Pass 3: stored codes, two per byte, the first element in the high nibble.
         let out = &mut packed[block_index * blocksize / 2..][..len.div_ceil(2)];
-        for (byte, pair) in out.iter_mut().zip(positions[..len.div_ceil(2) * 2].chunks_exact(2)) {
-            *byte = (encoder.order[pair[0] as usize] << 4) | encoder.order[pair[1] as usize];
+        if identity_order {
+            for (byte, pair) in out.iter_mut().zip(positions.chunks_exact(2)) {
+                *byte = ((pair[0] << 4) | pair[1]) as u8;
+            }
+        } else {
+            for (byte, pair) in out.iter_mut().zip(positions.chunks_exact(2)) {
+                *byte = (encoder.order[pair[0] as usize] << 4) | encoder.order[pair[1] as usize];
+            }
         }
     }
     Ok(())

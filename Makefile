@@ -1,0 +1,49 @@
+# nibblora: `make demo` runs the main job end to end, `make test` runs every test.
+# Both create .venv if missing and install what they need (the Rust extension is built by maturin, release mode).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
+
+.PHONY: demo test test-rust test-python bench wheel clean install
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Python dependencies (torch, transformers, bitsandbytes, peft...) and the editable package.
+$(VENV)/.deps-installed: $(PY) pyproject.toml
+	$(PY) -m pip install --quiet "maturin>=1.5,<2"
+	$(PY) -m pip install --quiet "torch>=2.4" numpy safetensors tokenizers tqdm textual psutil \
+		pytest hypothesis "bitsandbytes>=0.45" "transformers>=4.45" "peft>=0.13" accelerate torchao
+	touch $@
+
+# The Rust extension, rebuilt whenever a Rust source changes.
+$(VENV)/.native-built: $(VENV)/.deps-installed $(RUST_SOURCES)
+	$(VENV)/bin/maturin develop --release --quiet
+	touch $@
+
+install: $(VENV)/.native-built
+
+demo: install
+	$(PY) examples/quantize_demo.py
+
+test-rust:
+	cargo test --release -p nibblora-core
+
+test-python: install
+	$(PY) -m pytest -q
+
+test: test-rust test-python
+
+bench: install
+	$(PY) bench/bench_quant.py
+
+# An abi3 wheel (CPython >= 3.11) for another machine, e.g. the GPU box: dist/nibblora-*.whl
+wheel: $(VENV)/.deps-installed
+	$(VENV)/bin/maturin build --release --out dist
+
+clean:
+	rm -rf target dist $(VENV) python/nibblora/_native*.so
