@@ -46,7 +46,7 @@ def contenders(weight: torch.Tensor):
         finally:
             set_output_pool_limit(1 << 30)
 
-    out["nibblora-nopool"] = (lambda: quantize_4bit(weight, "nf4", 64, True), dequantize_without_pool)
+    out["nibblora-nopool"] = (None, dequantize_without_pool)
     try:
         import bitsandbytes.functional as bnb_f
 
@@ -87,11 +87,14 @@ def main(argv: list[str] | None = None) -> None:
         weight = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(dtype)
         results = {}
         for name, (quant, dequant) in contenders(weight).items():
-            results[name] = (best_seconds(quant, args.repeat), best_seconds(dequant, args.repeat))
+            quant_seconds = best_seconds(quant, args.repeat) if quant else None
+            results[name] = (quant_seconds, best_seconds(dequant, args.repeat))
         for op_index, op in enumerate(("quantize", "dequantize")):
             ours = results["nibblora"][op_index]
             for name, times in results.items():
                 seconds = times[op_index]
+                if seconds is None:
+                    continue
                 ratio = seconds / ours
                 print(f"{str(dtype).removeprefix('torch.'):<9} {op:<11} {name:<13} {seconds * 1e3:>9.1f} "
                       f"{n / seconds / 1e6:>10.0f} {ratio:>10.1f}x")

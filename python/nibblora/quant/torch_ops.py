@@ -37,18 +37,25 @@ def quantize_4bit_flat(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -
     return (codes[0::2] << 4) | codes[1::2], absmax
 
 
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """float32 [256, 2]: the values of a byte's high and low nibble, so one gather decodes two elements."""
+    byte = torch.arange(256, device=code.device)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+
+
 def dequantize_4bit_flat(
     packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """packed uint8 [(n+1)//2], absmax float32 [blocks] -> 1-D tensor of n elements in `dtype`."""
-    packed = packed.reshape(-1)
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
-    values = code[codes.long()]
-    padded = -n % blocksize
+    """packed uint8 [(n+1)//2], absmax float32 [blocks] -> 1-D tensor of n elements in `dtype`.
+
+    One embedding gather with int32 indices decodes both nibbles of every byte (no int64 index tensor), then
+    one multiply by the block scale in float32 and one cast, as bitsandbytes rounds."""
+    values = torch.nn.functional.embedding(packed.reshape(-1).int(), pair_table(code)).view(-1)
+    padded = -values.numel() % blocksize
     if padded:
         values = torch.nn.functional.pad(values, (0, padded))
-    out = (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(-1)
-    return out[:n].to(dtype)
+    scaled = values.view(-1, blocksize).mul_(absmax.view(-1, 1)[: values.numel() // blocksize])
+    return scaled.view(-1)[:n].to(dtype)
 
 
 _BINS = 65536
