@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nibblora.lora.function import LoRALinearFunction, dequantize_base, lora_linear
+from nibblora.lora.function import LoRALinearFunction, dequantize_base, dequantize_pairs, lora_linear
 from nibblora.quant import quantize_4bit
 
 DEVICES = [
@@ -122,3 +122,17 @@ def test_lora_linear_rejects_half_an_adapter():
     x, weight, _, _, lora_A, _ = make_inputs("cpu", torch.float32, False)
     with pytest.raises(ValueError, match="lora_A and lora_B must both be given"):
         lora_linear(x, weight, None, None, lora_A, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(24, 40), (7, 9)], ids=["whole_blocks", "odd_tail"])
+def test_device_dequantize_equals_quant_api_bit_for_bit(device, quant_type, dtype, shape):
+    from nibblora.quant import dequantize_4bit
+
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    q = quantize_4bit(weight, quant_type, 32, double_quant=True)
+    expected = dequantize_4bit(q, dtype)
+    got = dequantize_pairs(q.packed.to(device), q.state.to(device), dtype).cpu()
+    assert got.dtype == dtype and torch.equal(got, expected)

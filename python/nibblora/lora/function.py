@@ -24,10 +24,31 @@ from nibblora.quant.state import SUPPORTED_DTYPES
 
 def dequantize_base(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """The dense [out, in] weight of a 4-bit base in `dtype`; float64 goes through float32 (gradcheck)."""
+    if packed.device.type != "cpu":
+        return dequantize_pairs(packed, state, dtype)
     q = QuantizedTensor(packed, state)
     if dtype in SUPPORTED_DTYPES:
         return dequantize_4bit(q, dtype)
     return dequantize_4bit(q, torch.float32).to(dtype)
+
+
+def dequantize_pairs(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """Device-side dequantization in four kernels and no host sync: each packed byte indexes a [256, 2] table of
+    (code[high nibble], code[low nibble]), the result is scaled by its block's float32 absmax, then rounded to
+    `dtype` (the same arithmetic as bitsandbytes and nibblora.quant, so the same bits). Used on GPUs, where it
+    runs once per matmul and the generic path's int64 code tensor would double the memory traffic."""
+    code = state.code.to(packed.device, torch.float32)
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # [256, 2]
+    n, blocksize = state.numel, state.blocksize
+    values = pairs[packed.reshape(-1).int()].view(-1)[:n]
+    absmax = state.absmax_float32()
+    full = n - n % blocksize
+    if full == n:
+        out = (values.view(-1, blocksize) * absmax.view(-1, 1)).to(dtype)
+    else:
+        head = values[:full].view(-1, blocksize) * absmax[:-1].view(-1, 1)
+        out = torch.cat([head.view(-1), values[full:] * absmax[-1]]).to(dtype)
+    return out.view(state.shape)
 
 
 def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
