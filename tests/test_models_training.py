@@ -1,0 +1,111 @@
+"""Training-side behaviour of the model: gradient checkpointing, gradients through 4-bit layers, peft key names."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers_models import hf_tiny_model, random_ids, save_hf
+
+from nibblora.models import DecoderLayer, LlamaForCausalLM, ModelConfig, load_model
+
+CONFIG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def loss_and_grads(model, ids, mask=None):
+    model.zero_grad()
+    logits = model(ids[:, :-1], attention_mask=None if mask is None else mask[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def count_layer_forwards(model):
+    calls = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(with_padding):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG).train()
+    ids = torch.randint(0, 64, (2, 10))
+    mask = torch.ones_like(ids)
+    if with_padding:
+        mask[1, :3] = 0
+    loss_plain, grads_plain = loss_and_grads(model, ids, mask if with_padding else None)
+    model.gradient_checkpointing_enable()
+    calls = count_layer_forwards(model)
+    loss_ckpt, grads_ckpt = loss_and_grads(model, ids, mask if with_padding else None)
+    assert len(calls) == 2 * CONFIG.num_hidden_layers  # each layer ran again in backward: it was recomputed
+    assert torch.equal(loss_ckpt, loss_plain)
+    assert grads_ckpt.keys() == grads_plain.keys() and len(grads_plain) == len(list(model.parameters()))
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_is_off_in_eval_mode_and_can_be_disabled():
+    model = LlamaForCausalLM(CONFIG, gradient_checkpointing=True)
+    assert model.is_gradient_checkpointing
+    calls = count_layer_forwards(model.eval())
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    assert len(calls) == CONFIG.num_hidden_layers
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_reaches_parameters_when_embeddings_are_frozen():
+    # The LoRA case: frozen embeddings mean the first layer's input needs no grad; non-reentrant checkpointing
+    # still propagates gradients to the layer's parameters.
+    model = LlamaForCausalLM(CONFIG, gradient_checkpointing=True).train()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    model(torch.randint(0, 64, (1, 6))).sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_checkpointing_does_not_recompute_when_a_kv_cache_is_in_use():
+    from nibblora.models import KVCache
+
+    model = LlamaForCausalLM(CONFIG, gradient_checkpointing=True).train()
+    calls = count_layer_forwards(model)
+    cache = KVCache()
+    model(torch.zeros(1, 4, dtype=torch.long), past_key_values=cache).sum().backward()
+    assert len(calls) == CONFIG.num_hidden_layers and cache.get_seq_length() == 4
+
+
+def test_a_randomly_initialised_model_uses_transformers_init():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG)
+    assert torch.equal(model.model.norm.weight, torch.ones(32))
+    assert abs(float(model.lm_head.weight.detach().std()) - 0.02) < 0.002
+    assert isinstance(model.model.layers[0], DecoderLayer)
+
+
+def test_gradients_flow_to_the_input_through_4bit_layers(tmp_path):
+    pytest.importorskip("nibblora.lora")
+    model = load_model(save_hf(hf_tiny_model("llama"), tmp_path), quantize="nf4").train()
+    model.gradient_checkpointing_enable()
+    embeddings = model.model.embed_tokens.weight
+    model(random_ids(1, 6)).sum().backward()
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+
+
+def test_peft_adapter_keys_name_our_modules(tmp_path):
+    peft = pytest.importorskip("peft")
+    hf = hf_tiny_model("qwen2")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=targets))
+    keys = list(peft.get_peft_model_state_dict(peft_model))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    ours = load_model(save_hf(hf_tiny_model("qwen2"), tmp_path))
+    modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in keys}
+    assert len(modules) == 7 * 2
+    for name in modules:
+        assert isinstance(ours.get_submodule(name), torch.nn.Linear), name
