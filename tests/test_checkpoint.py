@@ -164,3 +164,25 @@ def test_index_without_weight_map_is_an_error(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     with pytest.raises(CheckpointError, match="expected a 'weight_map' object"):
         open_checkpoint(tmp_path)
+
+
+def _raw_safetensors(header: dict, data_len: int) -> bytes:
+    blob = json.dumps(header).encode()
+    return len(blob).to_bytes(8, "little") + blob + bytes(data_len)
+
+
+@pytest.mark.parametrize(
+    ("header", "data_len"),
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 4),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 16),
+    ],
+    ids=["overlapping", "dtype-width-mismatch", "data-past-end", "trailing-bytes"],
+)
+def test_headers_whose_offsets_do_not_tile_the_buffer_are_rejected(tmp_path, header, data_len):
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    (tmp_path / "model.safetensors").write_bytes(_raw_safetensors(header, data_len))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
+        open_checkpoint(tmp_path)

@@ -102,3 +102,12 @@ def test_load_model_on_an_unsupported_checkpoint_names_the_config_file(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")  # never read: the config is refused first
     with pytest.raises(UnsupportedModelError, match=rf"{tmp_path}/config.json: model_type 'bert' \(BertModel\)"):
         load_model(tmp_path)
+
+
+def test_a_pad_token_outside_the_vocabulary_does_not_break_the_embedding():
+    from nibblora.models import LlamaForCausalLM
+
+    config = ModelConfig.from_hf_dict({**BASE, "model_type": "llama", "pad_token_id": -1})
+    assert LlamaForCausalLM(config).model.embed_tokens.padding_idx is None
+    config = ModelConfig.from_hf_dict({**BASE, "model_type": "llama", "pad_token_id": 0})
+    assert LlamaForCausalLM(config).model.embed_tokens.padding_idx == 0

@@ -127,11 +127,6 @@ class KVCache:
             self.values[layer_idx] = torch.cat((self.values[layer_idx], value), dim=-2)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def reorder(self, batch_index: torch.Tensor) -> None:
-        """Keep only / reorder the batch rows in `batch_index` (e.g. to drop finished sequences)."""
-        self.keys = [k.index_select(0, batch_index) for k in self.keys]
-        self.values = [v.index_select(0, batch_index) for v in self.values]
-
 
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
@@ -260,7 +255,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        # padding_idx only keeps the pad row's gradient at zero; some configs name a pad id outside the vocabulary.
+        pad = config.pad_token_id
+        padding_idx = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
