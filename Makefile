@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 
-.PHONY: demo test test-rust test-python bench wheel clean install
+.PHONY: demo test test-rust test-python bench wheel clean install gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +47,10 @@ wheel: $(VENV)/.deps-installed
 
 clean:
 	rm -rf target dist $(VENV) python/nibblora/_native*.so
+
+# Wheels for the GPU machine (Python 3.12, no network there): nibblora's abi3 wheel and bitsandbytes, in .whl/
+gpu-wheels: $(VENV)/.deps-installed
+	rm -rf .whl && mkdir -p .whl
+	$(VENV)/bin/maturin build --release --out .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2

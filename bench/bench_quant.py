@@ -27,8 +27,12 @@ def best_seconds(fn, repeat: int) -> float:
     fn()  # warm-up: caches, lazy tables, thread pools
     times = []
     for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -46,7 +50,8 @@ def contenders(weight: torch.Tensor):
         finally:
             set_output_pool_limit(1 << 30)
 
-    out["nibblora-nopool"] = (None, dequantize_without_pool)
+    if weight.device.type == "cpu":
+        out["nibblora-nopool"] = (None, dequantize_without_pool)
     try:
         import bitsandbytes.functional as bnb_f
 
@@ -76,15 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cols", type=int, default=11008)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the GPU paths")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.rows * args.cols
-    print(f"weight {args.rows} x {args.cols} = {n / 1e6:.1f} Mparam, NF4 blocksize 64, double quant; "
-          f"torch threads {torch.get_num_threads()}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, torch threads {torch.get_num_threads()}"
+    print(f"weight {args.rows} x {args.cols} = {n / 1e6:.1f} Mparam, NF4 blocksize 64, double quant; {where}")
     print(f"{'dtype':<9} {'op':<11} {'library':<13} {'ms':>9} {'Mparam/s':>10} {'nibblora x':>11}")
     for dtype in (torch.bfloat16, torch.float32):
         weight = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(dtype)
+        weight = weight.to(args.device)
         results = {}
         for name, (quant, dequant) in contenders(weight).items():
             quant_seconds = best_seconds(quant, args.repeat) if quant else None

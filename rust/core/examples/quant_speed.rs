@@ -14,7 +14,11 @@ fn main() {
             result = Some(quant::quantize_4bit(input, QuantType::Nf4, 64).unwrap());
             best = best.min(t.elapsed().as_secs_f64());
         }
-        println!("quantize {name}: {:.1} ms, {:.0} Mparam/s", best * 1e3, n as f64 / best / 1e6);
+        println!(
+            "quantize {name}: {:.1} ms, {:.0} Mparam/s",
+            best * 1e3,
+            n as f64 / best / 1e6
+        );
         let (packed, absmax) = result.unwrap();
         let mut out16 = vec![0u16; n];
         let mut out32 = vec![0f32; n];
@@ -22,12 +26,30 @@ fn main() {
         let mut best32 = f64::MAX;
         for _ in 0..5 {
             let t = Instant::now();
-            quant::dequantize_4bit_into(&packed, &absmax, QuantType::Nf4, 64, FloatsMut::Bf16(&mut out16)).unwrap();
+            quant::dequantize_4bit_into(
+                &packed,
+                &absmax,
+                QuantType::Nf4,
+                64,
+                FloatsMut::Bf16(&mut out16),
+            )
+            .unwrap();
             best16 = best16.min(t.elapsed().as_secs_f64());
             let t = Instant::now();
-            quant::dequantize_4bit_into(&packed, &absmax, QuantType::Nf4, 64, FloatsMut::F32(&mut out32)).unwrap();
+            quant::dequantize_4bit_into(
+                &packed,
+                &absmax,
+                QuantType::Nf4,
+                64,
+                FloatsMut::F32(&mut out32),
+            )
+            .unwrap();
             best32 = best32.min(t.elapsed().as_secs_f64());
         }
-        println!("dequantize -> bf16: {:.0} Mparam/s, -> f32: {:.0} Mparam/s", n as f64 / best16 / 1e6, n as f64 / best32 / 1e6);
+        println!(
+            "dequantize -> bf16: {:.0} Mparam/s, -> f32: {:.0} Mparam/s",
+            n as f64 / best16 / 1e6,
+            n as f64 / best32 / 1e6
+        );
     }
 }

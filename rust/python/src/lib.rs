@@ -4,8 +4,8 @@
 //! float16 arrive as uint16 bit patterns with a `dtype` name beside them. Outputs are numpy arrays that take
 //! ownership of the Rust buffers (no copy), or caller-provided arrays written in place.
 
-use nibblora_core::quant::{self, Floats, FloatsMut, QuantType};
 use nibblora_core::buffer::BufferPool;
+use nibblora_core::quant::{self, Floats, FloatsMut, QuantType};
 use nibblora_core::Error;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArray};
 use pyo3::exceptions::PyValueError;
@@ -27,12 +27,22 @@ enum Source<'py> {
 
 fn source<'py>(array: &Bound<'py, PyUntypedArray>, dtype: &str) -> PyResult<Source<'py>> {
     let wrong = |want: &str| {
-        PyValueError::new_err(format!("expected a 1-D contiguous {want} array for dtype {dtype:?}"))
+        PyValueError::new_err(format!(
+            "expected a 1-D contiguous {want} array for dtype {dtype:?}"
+        ))
     };
     match dtype {
-        "float32" => Ok(Source::F32(array.downcast::<PyArray1<f32>>().map_err(|_| wrong("float32"))?.readonly())),
+        "float32" => Ok(Source::F32(
+            array
+                .downcast::<PyArray1<f32>>()
+                .map_err(|_| wrong("float32"))?
+                .readonly(),
+        )),
         "bfloat16" | "float16" => Ok(Source::Bits(
-            array.downcast::<PyArray1<u16>>().map_err(|_| wrong("uint16"))?.readonly(),
+            array
+                .downcast::<PyArray1<u16>>()
+                .map_err(|_| wrong("uint16"))?
+                .readonly(),
             dtype == "bfloat16",
         )),
         other => Err(PyValueError::new_err(format!(
@@ -63,12 +73,19 @@ fn quantize_4bit<'py>(
         }
         Source::Bits(a, is_bf16) => {
             let s = a.as_slice().map_err(|_| not_contiguous())?;
-            let input = if *is_bf16 { Floats::Bf16(s) } else { Floats::F16(s) };
+            let input = if *is_bf16 {
+                Floats::Bf16(s)
+            } else {
+                Floats::F16(s)
+            };
             py.allow_threads(|| quant::quantize_4bit(input, qt, blocksize))
         }
     };
     let (packed, absmax) = result.map_err(|e| to_py_err("quantizing to 4 bits", e))?;
-    Ok((PyArray1::from_vec(py, packed), PyArray1::from_vec(py, absmax)))
+    Ok((
+        PyArray1::from_vec(py, packed),
+        PyArray1::from_vec(py, absmax),
+    ))
 }
 
 /// dequantize_4bit_into(packed, absmax, quant_type, blocksize, out, dtype): writes `out` in place.
@@ -89,10 +106,14 @@ fn dequantize_4bit_into(
         "float32" => {
             let mut arr: PyReadwriteArray1<'_, f32> = out
                 .downcast::<PyArray1<f32>>()
-                .map_err(|_| PyValueError::new_err("out must be a float32 array for dtype float32"))?
+                .map_err(|_| {
+                    PyValueError::new_err("out must be a float32 array for dtype float32")
+                })?
                 .readwrite();
             let o = arr.as_slice_mut().map_err(|_| not_contiguous())?;
-            py.allow_threads(|| quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F32(o)))
+            py.allow_threads(|| {
+                quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F32(o))
+            })
         }
         "bfloat16" | "float16" => {
             let mut arr: PyReadwriteArray1<'_, u16> = out
@@ -100,7 +121,11 @@ fn dequantize_4bit_into(
                 .map_err(|_| PyValueError::new_err("out must be a uint16 view for 16-bit dtypes"))?
                 .readwrite();
             let o = arr.as_slice_mut().map_err(|_| not_contiguous())?;
-            let o = if dtype == "bfloat16" { FloatsMut::Bf16(o) } else { FloatsMut::F16(o) };
+            let o = if dtype == "bfloat16" {
+                FloatsMut::Bf16(o)
+            } else {
+                FloatsMut::F16(o)
+            };
             py.allow_threads(|| quant::dequantize_4bit_into(packed, absmax, qt, blocksize, o))
         }
         other => {
@@ -130,17 +155,25 @@ impl Drop for PooledBuffer {
 
 /// Lay `n` elements of `E` (2 or 4 bytes) over a pooled buffer, fill them with `fill`, and wrap the result in
 /// a numpy array that owns the buffer (no copy).
-fn pooled_array<'py, E: numpy::Element, F>(py: Python<'py>, n: usize, fill: F) -> PyResult<Bound<'py, PyUntypedArray>>
+fn pooled_array<'py, E: numpy::Element, F>(
+    py: Python<'py>,
+    n: usize,
+    fill: F,
+) -> PyResult<Bound<'py, PyUntypedArray>>
 where
     F: FnOnce(&mut [E]) -> nibblora_core::Result<()> + Send,
 {
     let size = std::mem::size_of::<E>();
-    assert!(size == 2 || size == 4, "pooled arrays hold 2- or 4-byte elements");
+    assert!(
+        size == 2 || size == 4,
+        "pooled arrays hold 2- or 4-byte elements"
+    );
     let mut words = OUTPUT_POOL.take((n * size).div_ceil(4));
     // SAFETY: the u32 storage is 4-byte aligned and holds at least n * size bytes; E is a plain number type
     // for which any bit pattern is valid, and `words` is not otherwise touched while the slice lives.
     let elements = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut E, n) };
-    py.allow_threads(|| fill(elements)).map_err(|e| to_py_err("dequantizing 4-bit codes", e))?;
+    py.allow_threads(|| fill(elements))
+        .map_err(|e| to_py_err("dequantizing 4-bit codes", e))?;
     let ptr = words.as_ptr() as *const E;
     let owner = Bound::new(py, PooledBuffer { words })?;
     // SAFETY: the view points into the heap buffer now owned by `owner` (moving the Vec did not move its
@@ -207,7 +240,11 @@ fn double_quantize<'py>(
     let dq = py
         .allow_threads(|| quant::double_quantize_absmax(a, offset))
         .map_err(|e| to_py_err("double-quantizing block scales", e))?;
-    Ok((PyArray1::from_vec(py, dq.codes), PyArray1::from_vec(py, dq.nested_absmax), dq.offset))
+    Ok((
+        PyArray1::from_vec(py, dq.codes),
+        PyArray1::from_vec(py, dq.nested_absmax),
+        dq.offset,
+    ))
 }
 
 /// dequantize_absmax(codes, nested_absmax, offset) -> float32 scales

@@ -1,13 +1,14 @@
 //! Blockwise 4-bit quantize / dequantize (NF4, FP4, INT4), byte-compatible with bitsandbytes' CPU path.
 //!
 //! The work is split into chunks of whole blocks that rayon spreads over the cores. Inside a chunk each block
-//! runs three simple loops (absmax, scale, compare-count against the midpoints) that the compiler vectorizes;
-//! on x86-64 the same code is also compiled with AVX2 enabled and picked at run time.
+//! runs simple loops (absmax on the float bits, scale and compare-count against the midpoints, pack) that the
+//! compiler vectorizes; on x86-64 the same code is also compiled for AVX2 and AVX-512 and picked at run time.
 
 use rayon::prelude::*;
 
 use super::codes::{FP4_CODE, FP4_SORTED_ORDER, INT4_CODE, NF4_CODE};
 use super::convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Floats, FloatsMut};
+use super::simd::dispatch;
 use crate::{Error, Result};
 
 pub const MIN_BLOCKSIZE: usize = 32;
@@ -146,10 +147,16 @@ pub fn quantize_4bit_into(
     check_blocksize(blocksize)?;
     let n = input.len();
     if n == 0 {
-        return Err(Error::InvalidArgument("cannot quantize an empty tensor".into()));
+        return Err(Error::InvalidArgument(
+            "cannot quantize an empty tensor".into(),
+        ));
     }
     if packed.len() != packed_len(n) {
-        return Err(Error::LengthMismatch { what: "packed output", expected: packed_len(n), got: packed.len() });
+        return Err(Error::LengthMismatch {
+            what: "packed output",
+            expected: packed_len(n),
+            got: packed.len(),
+        });
     }
     if absmax.len() != num_blocks(n, blocksize) {
         return Err(Error::LengthMismatch {
@@ -167,7 +174,11 @@ pub fn quantize_4bit_into(
 }
 
 /// Quantize `input`, returning `(packed, absmax)`.
-pub fn quantize_4bit(input: Floats<'_>, quant_type: QuantType, blocksize: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+pub fn quantize_4bit(
+    input: Floats<'_>,
+    quant_type: QuantType,
+    blocksize: usize,
+) -> Result<(Vec<u8>, Vec<f32>)> {
     check_blocksize(blocksize)?;
     let n = input.len();
     let mut packed: Vec<u8> = crate::buffer::zeroed_output(packed_len(n));
@@ -195,57 +206,15 @@ where
         .zip(absmax.par_chunks_mut(blocks_per_chunk))
         .enumerate()
         .try_for_each(|(chunk_index, ((xs, ps), ams))| {
-            quantize_chunk_dispatch(xs, to_f32, encoder, blocksize, ps, ams)
-                .map_err(|local| Error::NonFinite { index: chunk_index * chunk + local })
+            dispatch(
+                true,
+                #[inline(always)]
+                || quantize_chunk(xs, to_f32, encoder, blocksize, ps, ams),
+            )
+            .map_err(|local| Error::NonFinite {
+                index: chunk_index * chunk + local,
+            })
         })
-}
-
-fn quantize_chunk_dispatch<T: Copy, C: Fn(T) -> f32 + Copy>(
-    xs: &[T],
-    to_f32: C,
-    encoder: &Encoder,
-    blocksize: usize,
-    packed: &mut [u8],
-    absmax: &mut [f32],
-) -> std::result::Result<(), usize> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU supports AVX-512 F and BW, checked just above.
-            return unsafe { quantize_chunk_avx512(xs, to_f32, encoder, blocksize, packed, absmax) };
-        }
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { quantize_chunk_avx2(xs, to_f32, encoder, blocksize, packed, absmax) };
-        }
-    }
-    quantize_chunk(xs, to_f32, encoder, blocksize, packed, absmax)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_chunk_avx512<T: Copy, C: Fn(T) -> f32 + Copy>(
-    xs: &[T],
-    to_f32: C,
-    encoder: &Encoder,
-    blocksize: usize,
-    packed: &mut [u8],
-    absmax: &mut [f32],
-) -> std::result::Result<(), usize> {
-    quantize_chunk(xs, to_f32, encoder, blocksize, packed, absmax)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_chunk_avx2<T: Copy, C: Fn(T) -> f32 + Copy>(
-    xs: &[T],
-    to_f32: C,
-    encoder: &Encoder,
-    blocksize: usize,
-    packed: &mut [u8],
-    absmax: &mut [f32],
-) -> std::result::Result<(), usize> {
-    quantize_chunk(xs, to_f32, encoder, blocksize, packed, absmax)
 }
 
 /// Quantize whole blocks (the last one may be the short tail of the tensor). Err carries the local index of
@@ -260,7 +229,11 @@ fn quantize_chunk<T: Copy, C: Fn(T) -> f32 + Copy>(
     absmax: &mut [f32],
 ) -> std::result::Result<(), usize> {
     let mut positions = vec![0u32; blocksize + 1];
-    let identity_order = encoder.order.iter().enumerate().all(|(i, &o)| i == o as usize);
+    let identity_order = encoder
+        .order
+        .iter()
+        .enumerate()
+        .all(|(i, &o)| i == o as usize);
     for (block_index, block) in xs.chunks(blocksize).enumerate() {
         let len = block.len();
         // Pass 1: absmax on the bit patterns. For |x| the IEEE bits order like the values, and an integer
@@ -271,7 +244,10 @@ fn quantize_chunk<T: Copy, C: Fn(T) -> f32 + Copy>(
             max_bits = max_bits.max(to_f32(v).to_bits() & 0x7fff_ffff);
         }
         if max_bits >= f32::INFINITY.to_bits() {
-            let first = block.iter().position(|&v| !to_f32(v).is_finite()).unwrap_or(0);
+            let first = block
+                .iter()
+                .position(|&v| !to_f32(v).is_finite())
+                .unwrap_or(0);
             return Err(block_index * blocksize + first);
         }
         let block_max = f32::from_bits(max_bits);
@@ -322,13 +298,23 @@ pub fn dequantize_4bit_into(
     check_blocksize(blocksize)?;
     let n = out.len();
     if n == 0 {
-        return Err(Error::InvalidArgument("cannot dequantize into an empty tensor".into()));
+        return Err(Error::InvalidArgument(
+            "cannot dequantize into an empty tensor".into(),
+        ));
     }
     if packed.len() != packed_len(n) {
-        return Err(Error::LengthMismatch { what: "packed 4-bit codes", expected: packed_len(n), got: packed.len() });
+        return Err(Error::LengthMismatch {
+            what: "packed 4-bit codes",
+            expected: packed_len(n),
+            got: packed.len(),
+        });
     }
     if absmax.len() != num_blocks(n, blocksize) {
-        return Err(Error::LengthMismatch { what: "absmax", expected: num_blocks(n, blocksize), got: absmax.len() });
+        return Err(Error::LengthMismatch {
+            what: "absmax",
+            expected: num_blocks(n, blocksize),
+            got: absmax.len(),
+        });
     }
     let lut = pair_table(quant_type.code());
     match out {
@@ -359,38 +345,13 @@ fn dequantize_parallel<U, W>(
     out.par_chunks_mut(chunk)
         .zip(packed.par_chunks(chunk / 2))
         .zip(absmax.par_chunks(chunk / blocksize))
-        .for_each(|((os, ps), ams)| dequantize_chunk_dispatch(ps, ams, lut, blocksize, os, from_f32));
-}
-
-fn dequantize_chunk_dispatch<U: Copy, W: Fn(f32) -> U + Copy>(
-    packed: &[u8],
-    absmax: &[f32],
-    lut: &[[f32; 2]; 256],
-    blocksize: usize,
-    out: &mut [U],
-    from_f32: W,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { dequantize_chunk_avx2(packed, absmax, lut, blocksize, out, from_f32) };
-        }
-    }
-    dequantize_chunk(packed, absmax, lut, blocksize, out, from_f32)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dequantize_chunk_avx2<U: Copy, W: Fn(f32) -> U + Copy>(
-    packed: &[u8],
-    absmax: &[f32],
-    lut: &[[f32; 2]; 256],
-    blocksize: usize,
-    out: &mut [U],
-    from_f32: W,
-) {
-    dequantize_chunk(packed, absmax, lut, blocksize, out, from_f32)
+        .for_each(|((os, ps), ams)| {
+            dispatch(
+                false,
+                #[inline(always)]
+                || dequantize_chunk(ps, ams, lut, blocksize, os, from_f32),
+            )
+        });
 }
 
 #[inline(always)]
@@ -433,8 +394,14 @@ mod tests {
         let values: Vec<f32> = NF4_CODE.iter().map(|c| c * 4.0).collect();
         let (packed, absmax) = quantize_4bit(Floats::F32(&values), QuantType::Nf4, 32).unwrap();
         assert_eq!(absmax, vec![4.0]);
-        assert_eq!(packed[..8], [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]);
-        assert_eq!(dequant_f32(&packed, &absmax, QuantType::Nf4, 32, 16), values);
+        assert_eq!(
+            packed[..8],
+            [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]
+        );
+        assert_eq!(
+            dequant_f32(&packed, &absmax, QuantType::Nf4, 32, 16),
+            values
+        );
     }
 
     #[test]
@@ -442,8 +409,16 @@ mod tests {
         let enc = Encoder::new(QuantType::Nf4);
         for i in 0..15 {
             let m = enc.midpoints[i];
-            assert_eq!(enc.encode(m), i as u8, "a value on midpoint {i} takes the lower code");
-            let above = f32::from_bits(m.to_bits().wrapping_add(if m >= 0.0 { 1 } else { u32::MAX }));
+            assert_eq!(
+                enc.encode(m),
+                i as u8,
+                "a value on midpoint {i} takes the lower code"
+            );
+            let above =
+                f32::from_bits(
+                    m.to_bits()
+                        .wrapping_add(if m >= 0.0 { 1 } else { u32::MAX }),
+                );
             assert_eq!(enc.encode(above), i as u8 + 1);
         }
     }
@@ -454,7 +429,10 @@ mod tests {
         let (packed, absmax) = quantize_4bit(Floats::F32(&values), QuantType::Nf4, 32).unwrap();
         assert_eq!(packed.len(), 17);
         assert_eq!(absmax, vec![1.0, 1.0]);
-        assert_eq!(packed[16], 0xf7, "last element in the high nibble, pad code 7 (0.0) in the low");
+        assert_eq!(
+            packed[16], 0xf7,
+            "last element in the high nibble, pad code 7 (0.0) in the low"
+        );
         assert_eq!(QuantType::Nf4.zero_code(), 7);
         assert_eq!(QuantType::Fp4.zero_code(), 0);
     }
@@ -464,7 +442,10 @@ mod tests {
         let values = vec![0f32; 40];
         let (packed, absmax) = quantize_4bit(Floats::F32(&values), QuantType::Nf4, 32).unwrap();
         assert_eq!(absmax[0], 0.0);
-        assert_eq!(absmax[1], 1e-38f32, "the tail block stores bitsandbytes' clamped divisor");
+        assert_eq!(
+            absmax[1], 1e-38f32,
+            "the tail block stores bitsandbytes' clamped divisor"
+        );
         assert!(packed.iter().all(|&b| b == 0x77));
     }
 
@@ -484,7 +465,10 @@ mod tests {
     #[test]
     fn bad_blocksizes_and_empty_inputs_are_refused() {
         for bs in [0, 16, 48, 8192] {
-            assert!(matches!(check_blocksize(bs), Err(Error::InvalidArgument(_))), "{bs}");
+            assert!(
+                matches!(check_blocksize(bs), Err(Error::InvalidArgument(_))),
+                "{bs}"
+            );
         }
         assert!(quantize_4bit(Floats::F32(&[]), QuantType::Nf4, 64).is_err());
         assert!(QuantType::from_name("nf5").is_err());
@@ -494,7 +478,9 @@ mod tests {
     fn parallel_chunks_agree_with_a_single_chunk() {
         // More than one chunk, with a tail: results must not depend on how the work was split.
         let n = CHUNK_ELEMS * 3 + 77;
-        let values: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 97) as f32)).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 97) as f32))
+            .collect();
         let (packed, absmax) = quantize_4bit(Floats::F32(&values), QuantType::Nf4, 64).unwrap();
         let enc = Encoder::new(QuantType::Nf4);
         let mut p2 = vec![0u8; packed.len()];
@@ -506,7 +492,9 @@ mod tests {
 
     #[test]
     fn bf16_and_f16_inputs_match_their_float32_values() {
-        let bits: Vec<u16> = (0..1000u32).map(|i| f32_to_bf16((i as f32 * 0.013).cos() * 3.0)).collect();
+        let bits: Vec<u16> = (0..1000u32)
+            .map(|i| f32_to_bf16((i as f32 * 0.013).cos() * 3.0))
+            .collect();
         let as_f32: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
         let a = quantize_4bit(Floats::Bf16(&bits), QuantType::Nf4, 128).unwrap();
         let b = quantize_4bit(Floats::F32(&as_f32), QuantType::Nf4, 128).unwrap();

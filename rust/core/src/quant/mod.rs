@@ -9,12 +9,13 @@ pub mod codes;
 mod convert;
 pub mod double_quant;
 pub mod fourbit;
+mod simd;
 
 pub use convert::{Floats, FloatsMut};
 pub use double_quant::{
     dequantize_absmax, double_quantize_absmax, DoubleQuantized, NESTED_BLOCKSIZE,
 };
 pub use fourbit::{
-    check_blocksize, dequantize_4bit_into, num_blocks, packed_len, quantize_4bit, quantize_4bit_into,
-    QuantType,
+    check_blocksize, dequantize_4bit_into, num_blocks, packed_len, quantize_4bit,
+    quantize_4bit_into, QuantType,
 };
