@@ -136,3 +136,17 @@ def test_device_dequantize_equals_quant_api_bit_for_bit(device, quant_type, dtyp
     expected = dequantize_4bit(q, dtype)
     got = dequantize_pairs(q.packed.to(device), q.state.to(device), dtype).cpu()
     assert got.dtype == dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bitsandbytes_kernel_path_equals_quant_api_bit_for_bit(device, quant_type, dtype):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from nibblora.lora.function import dequantize_with_bitsandbytes
+    from nibblora.quant import dequantize_4bit
+
+    weight = torch.randn(24, 40, generator=torch.Generator().manual_seed(5))
+    q = quantize_4bit(weight, quant_type, 64, double_quant=True)
+    got = dequantize_with_bitsandbytes(q.packed.to(device), q.state.to(device), dtype).cpu()
+    assert got.shape == (24, 40) and torch.equal(got, dequantize_4bit(q, dtype))

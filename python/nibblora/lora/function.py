@@ -16,6 +16,8 @@ grad = sum of grad_output over tokens.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
 from nibblora.quant import QuantizedTensor, QuantState, dequantize_4bit
@@ -23,13 +25,38 @@ from nibblora.quant.state import SUPPORTED_DTYPES
 
 
 def dequantize_base(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
-    """The dense [out, in] weight of a 4-bit base in `dtype`; float64 goes through float32 (gradcheck)."""
+    """The dense [out, in] weight of a 4-bit base in `dtype`; float64 goes through float32 (gradcheck).
+
+    CPU: nibblora's Rust kernel. GPU: bitsandbytes' fused kernel when bitsandbytes is installed (same bytes in,
+    same bits out, one kernel instead of four), else `dequantize_pairs` in plain PyTorch ops."""
+    if dtype not in SUPPORTED_DTYPES:
+        return dequantize_base(packed, state, torch.float32).to(dtype)
     if packed.device.type != "cpu":
+        if state.quant_type in ("nf4", "fp4") and _bnb_dequantize_op() is not None:
+            return dequantize_with_bitsandbytes(packed, state, dtype)
         return dequantize_pairs(packed, state, dtype)
-    q = QuantizedTensor(packed, state)
-    if dtype in SUPPORTED_DTYPES:
-        return dequantize_4bit(q, dtype)
-    return dequantize_4bit(q, torch.float32).to(dtype)
+    return dequantize_4bit(QuantizedTensor(packed, state), dtype)
+
+
+@cache
+def _bnb_dequantize_op():
+    """torch.ops.bitsandbytes.dequantize_4bit if bitsandbytes (an optional dependency) imports, else None."""
+    try:
+        import bitsandbytes  # noqa: F401  (registers the torch.ops.bitsandbytes namespace)
+
+        return torch.ops.bitsandbytes.dequantize_4bit.default
+    except Exception:  # not installed, or built without a backend for this machine
+        return None
+
+
+def dequantize_with_bitsandbytes(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' kernel over nibblora's state (the formats are byte-identical). nf4/fp4 only: like
+    bitsandbytes, it uses the standard code table of `state.quant_type`, so no device-to-host check is made."""
+    op = _bnb_dequantize_op()
+    if op is None:
+        raise RuntimeError("bitsandbytes is not importable; install it or use dequantize_pairs")
+    absmax = state.absmax_float32()
+    return op(packed, absmax, state.blocksize, state.quant_type, list(state.shape), dtype)
 
 
 def dequantize_pairs(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
