@@ -104,7 +104,9 @@ def report_errors(original: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("demo_out"), help="where checkpoints go (default demo_out)")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("demo_out"), help="where checkpoints go (default demo_out)"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     original, quantized = args.workdir / "llama-bf16", args.workdir / "llama-nf4"

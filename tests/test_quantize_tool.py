@@ -115,7 +115,9 @@ def test_loaded_output_dequantizes_exactly_like_bitsandbytes_and_gives_the_same_
     )
     for name, module in linear4bit.items():
         loaded = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        packed, state = F.quantize_4bit(original[f"{name}.weight"], blocksize=64, compress_statistics=True, quant_type="nf4")
+        packed, state = F.quantize_4bit(
+            original[f"{name}.weight"], blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
         assert torch.equal(loaded, F.dequantize_4bit(packed, state)), name
     assert torch.equal(ours.lm_head.weight, original["lm_head.weight"])
     assert torch.equal(ours.model.embed_tokens.weight, original["model.embed_tokens.weight"])
@@ -130,7 +132,8 @@ def test_sharded_output_has_an_index_that_matches_the_shards(llama_dir, tmp_path
     summary = quantize_checkpoint(llama_dir, out, max_shard_size="40KB", progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    assert shards == summary.shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    expected = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert shards == summary.shards == expected
     assert len(shards) > 2
     tensors = {}
     for shard in shards:
@@ -170,6 +173,32 @@ def test_skipped_modules_stay_in_their_dtype_and_load_as_plain_linear(llama_dir,
     ours = _load(out)
     assert type(ours.model.layers[0].mlp.down_proj) is torch.nn.Linear
     reference = _load(llama_dir, quantization_config=_bnb_config(skip=["mlp.down_proj", "lm_head"]))
+    with torch.no_grad():
+        assert torch.equal(ours(INPUT_IDS).logits, reference(INPUT_IDS).logits)
+
+
+def test_moe_experts_and_router_stay_unquantized_and_the_model_loads_like_transformers_quantized_it(tmp_path):
+    """transformers 5 fuses per-expert weights into 3-D parameters at load (not nn.Linear, so bitsandbytes leaves
+    them), and its router is a bare Parameter: both stay as they are, named in llm_int8_skip_modules."""
+    config = transformers.MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "moe")
+    summary = quantize_checkpoint(tmp_path / "moe", tmp_path / "out", progress=False)
+    assert summary.tensors_quantized == 8  # q, k, v, o in 2 layers
+    patterns = [
+        r"model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w1",
+        r"model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w2",
+        r"model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w3",
+        r"model\.layers\.\d+\.block_sparse_moe\.gate",
+    ]
+    assert summary.unfamiliar == patterns
+    skip = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert skip == ["lm_head", "model.embed_tokens", *patterns]
+    ours = _load(tmp_path / "out")
+    reference = _load(tmp_path / "moe", quantization_config=_bnb_config())
     with torch.no_grad():
         assert torch.equal(ours(INPUT_IDS).logits, reference(INPUT_IDS).logits)
 
@@ -254,7 +283,10 @@ def test_unsupported_weight_dtype_is_named(tmp_path, capsys):
     tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(16, 8, dtype=torch.int32)
     model = _write_checkpoint(tmp_path / "m", tensors)
     _assert_user_error(
-        capsys, model, tmp_path / "out", "tensor 'model.layers.0.mlp.up_proj.weight' has dtype I32; 4-bit quantization reads F32, BF16 or F16"
+        capsys,
+        model,
+        tmp_path / "out",
+        "tensor 'model.layers.0.mlp.up_proj.weight' has dtype I32; 4-bit quantization reads F32, BF16 or F16",
     )
 
 
@@ -262,7 +294,8 @@ def test_empty_weight_is_named(tmp_path, capsys):
     tensors = _small_tensors()
     tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(0, 8, dtype=torch.bfloat16)
     model = _write_checkpoint(tmp_path / "m", tensors)
-    _assert_user_error(capsys, model, tmp_path / "out", "tensor 'model.layers.0.mlp.up_proj.weight' is empty (shape [0, 8])")
+    fragment = "tensor 'model.layers.0.mlp.up_proj.weight' is empty (shape [0, 8])"
+    _assert_user_error(capsys, model, tmp_path / "out", fragment)
 
 
 def test_unsupported_blocksize_is_rejected(tmp_path, capsys):
@@ -303,13 +336,15 @@ def test_shard_missing_from_index_is_named(llama_dir, tmp_path, capsys):
     model = tmp_path / "m"
     shutil.copytree(llama_dir, model)
     (model / "model-00002-of-00003.safetensors").unlink()
-    _assert_user_error(capsys, model, tmp_path / "out", "model-00002-of-00003.safetensors: shard listed in model.safetensors.index.json is missing")
+    fragment = "model-00002-of-00003.safetensors: shard listed in model.safetensors.index.json is missing"
+    _assert_user_error(capsys, model, tmp_path / "out", fragment)
 
 
 def test_missing_weights_are_named(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(LLAMA_JSON))
-    _assert_user_error(capsys, tmp_path / "m", tmp_path / "out", "no model.safetensors and no model.safetensors.index.json")
+    fragment = "no model.safetensors and no model.safetensors.index.json"
+    _assert_user_error(capsys, tmp_path / "m", tmp_path / "out", fragment)
     _assert_user_error(capsys, tmp_path / "nowhere", tmp_path / "out", "model folder does not exist")
 
 
@@ -323,7 +358,8 @@ def test_config_that_is_not_a_causal_lm_is_rejected(tmp_path, capsys):
 def test_already_quantized_input_is_rejected(tmp_path, capsys):
     model = _write_checkpoint(tmp_path / "m", _small_tensors())
     quantize_checkpoint(model, tmp_path / "q", progress=False)
-    _assert_user_error(capsys, tmp_path / "q", tmp_path / "out", "checkpoint is already quantized (quantization_config, quant_method 'bitsandbytes')")
+    fragment = "checkpoint is already quantized (quantization_config, quant_method 'bitsandbytes')"
+    _assert_user_error(capsys, tmp_path / "q", tmp_path / "out", fragment)
     (tmp_path / "q" / "config.json").write_text(json.dumps(LLAMA_JSON))
     _assert_user_error(capsys, tmp_path / "q", tmp_path / "out", "checkpoint is already quantized (it holds")
 
@@ -364,7 +400,8 @@ def test_cli_reports_user_error_in_one_line_with_exit_code_2_and_no_traceback(tm
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr == f"nibblora.quantize: error: {model / 'model.safetensors'}: not a safetensors file (only 0 bytes)\n"
+    shard = model / "model.safetensors"
+    assert result.stderr == f"nibblora.quantize: error: {shard}: not a safetensors file (only 0 bytes)\n"
     assert result.stdout == ""
 
 

@@ -143,5 +143,7 @@ def test_deferred_tensor_longer_than_reserved_is_rejected(tmp_path):
 
 def test_duplicate_names_are_rejected_up_front(tmp_path):
     with pytest.raises(ValueError, match=r"tensor names repeat: \['a'\]"):
-        SafetensorsWriter(tmp_path / "x.safetensors", [TensorSpec("a", "F32", (1,))], deferred=[DeferredSpec("a", "U8", 1)])
+        SafetensorsWriter(
+            tmp_path / "x.safetensors", [TensorSpec("a", "F32", (1,))], deferred=[DeferredSpec("a", "U8", 1)]
+        )
     assert not (tmp_path / "x.safetensors").exists()

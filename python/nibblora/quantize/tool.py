@@ -34,6 +34,15 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZABLE_DTYPES = ("F32", "BF16", "F16")
 # Linear weights inside the repeated decoder blocks: model.layers.N.*, language_model.model.layers.N.*, ...
 _DECODER_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
+# Leaf names of the nn.Linear projections transformers' causal LMs keep in their decoder layers. A 2-D weight
+# named otherwise (an MoE router such as `mlp.gate`, a bare Parameter in transformers 5) may not be an nn.Linear,
+# which transformers would not convert: it stays unquantized and is named in llm_int8_skip_modules, so the
+# checkpoint loads whichever it is.
+LINEAR_LEAF_NAMES = frozenset(
+    """q_proj k_proj v_proj o_proj qkv_proj query_key_value query key value dense out_proj in_proj
+    gate_proj up_proj down_proj gate_up_proj fc1 fc2 fc_in fc_out dense_h_to_4h dense_4h_to_h w1 w2 w3
+    q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj x_proj dt_proj linear_attn""".split()
+)
 # Weight formats next to the safetensors that would be stale in the output folder.
 _STALE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 # Longest repr of a float (sign, 17 digits, point, "e-308"): bounds the JSON quant state's length.
@@ -58,12 +67,13 @@ class QuantizeSummary:
     bits_per_param: float
     seconds: float
     shards: list[str] = field(default_factory=list)
+    unfamiliar: list[str] = field(default_factory=list)  # patterns of layer matrices kept as they were
 
     def format(self) -> str:
         dq = "double quant" if self.double_quant else "no double quant"
         share = 100.0 * self.params_quantized / max(self.params_total, 1)
         ratio = self.bytes_before / max(self.bytes_after, 1)
-        return "\n".join(
+        lines = (
             [
                 f"quantized {self.tensors_quantized} of {self.tensors_total} tensors "
                 f"({self.quant_type}, blocksize {self.blocksize}, {dq}) in {self.seconds:.1f} s",
@@ -73,6 +83,12 @@ class QuantizeSummary:
                 f"wrote {self.out_dir} ({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''})",
             ]
         )
+        if self.unfamiliar:
+            lines.append(
+                "kept unquantized (not a known nn.Linear; listed in llm_int8_skip_modules): "
+                + ", ".join(self.unfamiliar)
+            )
+        return "\n".join(lines)
 
 
 def _human(n: float) -> str:
@@ -116,9 +132,24 @@ def matches_skip(module: str, patterns: Sequence[str]) -> bool:
     return any(re.match(rf"(?:{p}){boundary}", module) or module.endswith(p) for p in patterns)
 
 
-def is_decoder_linear_weight(tensor: SourceTensor) -> bool:
-    """A 2-D `.weight` of a module inside a decoder layer (attention and MLP projections)."""
+def _is_layer_matrix(tensor: SourceTensor) -> bool:
     return tensor.name.endswith(".weight") and len(tensor.shape) == 2 and bool(_DECODER_LAYER.search(tensor.name))
+
+
+def is_decoder_linear_weight(tensor: SourceTensor) -> bool:
+    """A 2-D `.weight` of a known nn.Linear projection inside a decoder layer (attention and MLP), not of an
+    MoE expert: transformers 5 fuses per-expert checkpoint weights into 3-D parameters when it loads them,
+    and bitsandbytes' 4-bit layers do not cover those, so expert weights stay as they are."""
+    module = module_name(tensor.name)
+    return _is_layer_matrix(tensor) and module.rsplit(".", 1)[-1] in LINEAR_LEAF_NAMES and ".experts." not in module
+
+
+def _unfamiliar_pattern(module: str) -> str:
+    """One skip pattern for every layer (and expert): "model.layers.3.mlp.gate" -> the regex
+    model[.]layers[.]<digits>[.]mlp[.]gate, written with escaped dots and \\d+."""
+    escaped = re.escape(module)
+    escaped = re.sub(r"layers\\\.\d+\\\.", lambda _: r"layers\.\d+\.", escaped)
+    return re.sub(r"experts\\\.\d+\\\.", lambda _: r"experts\.\d+\.", escaped)
 
 
 @dataclass
@@ -228,10 +259,22 @@ def _skip_modules_for_config(items: list[_Item], skip: Sequence[str]) -> list[st
         }
     )
     default_covers = all(m.split(".")[-1] == "lm_head" or "embed" in m for m in outside)
-    if not skip and default_covers:
+    unfamiliar = unfamiliar_patterns(items, skip)
+    if not skip and default_covers and not unfamiliar:
         return None
     extra = [m for m in outside if not matches_skip(m, skip)]
-    return list(skip) + extra
+    return list(dict.fromkeys([*skip, *extra, *unfamiliar]))
+
+
+def unfamiliar_patterns(items: list[_Item], skip: Sequence[str]) -> list[str]:
+    """Skip patterns for the 2-D weights in the decoder layers left unquantized because their module is not a
+    known nn.Linear projection (and not skipped by the user)."""
+    modules = [
+        module_name(i.source.name)
+        for i in items
+        if not i.quantize and _is_layer_matrix(i.source) and not matches_skip(module_name(i.source.name), skip)
+    ]
+    return list(dict.fromkeys(_unfamiliar_pattern(m) for m in modules))
 
 
 def bnb_quantization_config(
@@ -381,6 +424,7 @@ def quantize_checkpoint(
         bits_per_param=8.0 * stats.quantized_bytes / max(stats.params_quantized, 1),
         seconds=time.perf_counter() - start,
         shards=names,
+        unfamiliar=unfamiliar_patterns(items, skip),
     )
 
 
