@@ -127,6 +127,25 @@ def test_loaded_output_dequantizes_exactly_like_bitsandbytes_and_gives_the_same_
         assert torch.equal(ours(INPUT_IDS).logits, reference(INPUT_IDS).logits)
 
 
+@pytest.mark.parametrize(("quant_type", "blocksize"), [("nf4", 128), ("fp4", 256)])
+def test_other_blocksizes_load_and_dequantize_exactly_like_bitsandbytes(llama_dir, tmp_path, quant_type, blocksize):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    out = tmp_path / "out"
+    quantize_checkpoint(llama_dir, out, quant_type=quant_type, blocksize=blocksize, progress=False)
+    original = _all_tensors(llama_dir)
+    modules = {n: m for n, m in _load(out).named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(modules) == 14
+    for name, module in modules.items():
+        assert module.weight.quant_state.blocksize == blocksize
+        packed, state = F.quantize_4bit(
+            original[f"{name}.weight"], blocksize=blocksize, compress_statistics=True, quant_type=quant_type
+        )
+        loaded = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        assert torch.equal(loaded, F.dequantize_4bit(packed, state)), name
+
+
 def test_sharded_output_has_an_index_that_matches_the_shards(llama_dir, tmp_path):
     out = tmp_path / "out"
     summary = quantize_checkpoint(llama_dir, out, max_shard_size="40KB", progress=False)

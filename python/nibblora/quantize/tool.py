@@ -41,7 +41,7 @@ _DECODER_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
 LINEAR_LEAF_NAMES = frozenset(
     """q_proj k_proj v_proj o_proj qkv_proj query_key_value query key value dense out_proj in_proj
     gate_proj up_proj down_proj gate_up_proj fc1 fc2 fc_in fc_out dense_h_to_4h dense_4h_to_h w1 w2 w3
-    q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj x_proj dt_proj linear_attn""".split()
+    q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj x_proj dt_proj""".split()
 )
 # Weight formats next to the safetensors that would be stale in the output folder.
 _STALE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
