@@ -89,7 +89,9 @@ class DeferredSpec:
         return self.max_numel * dtype_itemsize(self.dtype)
 
 
-def _header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int, int]], metadata: Mapping[str, str] | None) -> bytes:
+def _header_bytes(
+    entries: Iterable[tuple[str, str, Sequence[int], int, int]], metadata: Mapping[str, str] | None
+) -> bytes:
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
