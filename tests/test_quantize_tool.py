@@ -411,6 +411,26 @@ def test_empty_existing_output_folder_is_filled(tmp_path, capsys):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_interrupt_midway_leaves_neither_output_nor_temporary_folder(tmp_path, capsys, monkeypatch):
+    import nibblora.quantize.tool as tool
+
+    model = _write_checkpoint(tmp_path / "m", _small_tensors())
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return quantize_4bit(*args, **kwargs)
+
+    from nibblora.quant import quantize_4bit
+
+    monkeypatch.setattr(tool, "quantize_4bit", interrupted)
+    rc, err = _run_cli(capsys, "--model", str(model), "--out", str(tmp_path / "out"))
+    assert rc == 130 and err == "nibblora.quantize: interrupted; nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_cli_reports_user_error_in_one_line_with_exit_code_2_and_no_traceback(tmp_path):
     model = _write_checkpoint(tmp_path / "m", _small_tensors())
     (model / "model.safetensors").write_bytes(b"")
