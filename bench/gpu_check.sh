@@ -28,10 +28,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 
 # Tests run against the installed wheel: copy them out of the tree so `python/` is not imported instead.
 rm -rf /tmp/nibblora_tests && cp -r tests /tmp/nibblora_tests
-step "cuda tests" 150 python3 -m pytest -q -m cuda -p no:cacheprovider /tmp/nibblora_tests -x -W ignore::DeprecationWarning
+step "cuda tests" 150 python3 -m pytest -q -m cuda -p no:cacheprovider /tmp/nibblora_tests -W ignore::DeprecationWarning
 step "quant bench (cuda)" 60 python3 bench/bench_quant.py --device cuda --repeat 10
 if [ -f bench/bench_lora.py ]; then
-    step "lora bench (cuda)" 120 python3 bench/bench_lora.py --device cuda
+    step "lora bench (cuda)" 120 python3 bench/bench_lora.py --device cuda --batch 4 --seq 2048 --layers 4 --steps 10 --warmup 2
 fi
 
 echo; echo "=== summary ==="
