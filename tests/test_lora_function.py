@@ -56,9 +56,10 @@ def test_matches_plain_composition_forward_and_grads(device, quantized, dropout_
     y = lora_linear(x, weight, state, bias, lora_A, lora_B, 0.5, dropout_p, 99)
     mask = None
     if dropout_p:
-        from nibblora.lora.function import dropout_mask
+        from nibblora.lora.function import dropout_keep
 
-        mask = dropout_mask(x.detach().reshape(-1, IN), dropout_p, 99).view(x.shape)
+        keep, scale = dropout_keep(x.detach().reshape(-1, IN), dropout_p, 99)
+        mask = (keep * scale).view(x.shape)
         assert 0 < int((mask == 0).sum()) < mask.numel()
     y_ref = reference(*ref_inputs, 0.5, mask)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -109,13 +110,21 @@ def test_dense_base_saves_the_weight_itself_not_a_copy():
 
 
 def test_dropout_mask_is_redrawn_identically_from_its_seed():
-    from nibblora.lora.function import dropout_mask
+    from nibblora.lora.function import dropout_keep
 
     like = torch.empty(64, 32)
-    first, second = dropout_mask(like, 0.2, 7), dropout_mask(like, 0.2, 7)
-    assert torch.equal(first, second)
-    assert set(first.unique().tolist()) == {0.0, 1.25}
-    assert not torch.equal(first, dropout_mask(like, 0.2, 8))
+    (first, scale), (second, _) = dropout_keep(like, 0.2, 7), dropout_keep(like, 0.2, 7)
+    assert torch.equal(first, second) and first.dtype == torch.bool and first.shape == (64, 32)
+    assert scale == 65536 / (65536 - 13107)  # p rounded to a multiple of 1/65536
+    assert not torch.equal(first, dropout_keep(like, 0.2, 8)[0])
+
+
+def test_dropout_keeps_the_expected_fraction():
+    from nibblora.lora.function import dropout_keep
+
+    keep, scale = dropout_keep(torch.empty(1000, 1000), 0.1, 3)
+    assert abs(keep.float().mean().item() - 0.9) < 0.002
+    assert abs(keep.float().mean().item() * scale - 1.0) < 0.003
 
 
 def test_lora_linear_rejects_half_an_adapter():
