@@ -9,6 +9,11 @@ import torch
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def pytest_configure(config):
+    # Registered here too, so the marker is known when the tests run outside the repository (the GPU check).
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped where none is present")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -60,10 +60,14 @@ def test_cuda_tensors_quantize_to_the_cpu_bytes_and_dequantize_on_device(dtype):
     assert gpu.device.type == "cuda"
     assert torch.equal(gpu.packed.cpu(), cpu.packed)
     assert torch.equal(gpu.state.absmax.cpu(), cpu.state.absmax)
-    assert torch.equal(gpu.state.nested_absmax.cpu(), cpu.state.nested_absmax)
+    # The offset is torch's float32 mean, whose CUDA reduction order differs from the CPU's: the last bits of
+    # the offset and the nested scales may differ (as they do between bitsandbytes on GPU and on CPU).
+    torch.testing.assert_close(gpu.state.offset.cpu(), cpu.state.offset, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gpu.state.nested_absmax.cpu(), cpu.state.nested_absmax, rtol=1e-5, atol=0)
     out = dequantize_4bit(gpu)
-    assert out.device.type == "cuda"
-    assert torch.equal(out.cpu(), dequantize_4bit(cpu))
+    assert out.device.type == "cuda" and out.dtype == dtype
+    torch.testing.assert_close(out.cpu().float(), dequantize_4bit(cpu).float(), rtol=1e-2, atol=1e-5)
+    # With the same state, GPU and CPU dequantization agree exactly.
     assert torch.equal(dequantize_4bit(cpu.to("cuda")).cpu(), dequantize_4bit(cpu))
 
 
