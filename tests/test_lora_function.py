@@ -119,10 +119,13 @@ def test_dropout_mask_is_redrawn_identically_from_its_seed():
     assert not torch.equal(first, dropout_keep(like, 0.2, 8)[0])
 
 
-def test_dropout_keeps_the_expected_fraction():
+@pytest.mark.parametrize("method", ["uniform16", "bernoulli"])
+def test_dropout_keeps_the_expected_fraction_and_is_reproducible(method):
     from nibblora.lora.function import dropout_keep
 
-    keep, scale = dropout_keep(torch.empty(1000, 1000), 0.1, 3)
+    like = torch.empty(1000, 1000)
+    keep, scale = dropout_keep(like, 0.1, 3, method)
+    assert torch.equal(keep, dropout_keep(like, 0.1, 3, method)[0])
     assert abs(keep.float().mean().item() - 0.9) < 0.002
     assert abs(keep.float().mean().item() * scale - 1.0) < 0.003
 

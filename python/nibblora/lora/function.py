@@ -78,16 +78,23 @@ def dequantize_pairs(packed: torch.Tensor, state: QuantState, dtype: torch.dtype
     return out.view(state.shape)
 
 
-def dropout_keep(like: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, float]:
-    """(keep, scale): a bool mask shaped like `like`, fully determined by `seed` (so backward can redraw it), and
-    the factor 1 / (1 - p) that keeps the expectation. Dropped-out x is `x * keep * scale`.
+def dropout_keep(like: torch.Tensor, p: float, seed: int, method: str | None = None) -> tuple[torch.Tensor, float]:
+    """(keep, scale): a 0/1 mask shaped like `like`, fully determined by `seed` (so backward can redraw it), and
+    the factor that keeps the expectation. Dropped-out x is `x * keep * scale`.
 
-    Why not bernoulli_: on CPU it draws one 32-bit number per element and was a quarter of a QLoRA step. Here
-    each 64-bit draw gives four 16-bit uniforms, so p is rounded to a multiple of 1/65536 (the scale uses the
-    rounded p, so the mask stays unbiased).
+    method "uniform16" (CPU default): each 64-bit draw gives four 16-bit uniforms and keep is a bool tensor; p is
+    rounded to a multiple of 1/65536 and the scale uses the rounded p, so the mask stays unbiased. On CPU
+    `bernoulli_` draws one number per element and was a quarter of a QLoRA step. method "bernoulli" (GPU
+    default, where bernoulli_ is one fast kernel and the extra kernels of "uniform16" cost more than they save):
+    keep is a 0/1 tensor in like's dtype and scale is 1 / (1 - p).
     """
+    method = method or ("uniform16" if like.device.type == "cpu" else "bernoulli")
     generator = torch.Generator(device=like.device)
     generator.manual_seed(seed)
+    if method == "bernoulli":
+        return torch.empty_like(like).bernoulli_(1.0 - p, generator=generator), 1.0 / (1.0 - p)
+    if method != "uniform16":
+        raise ValueError(f"dropout method must be 'uniform16' or 'bernoulli', got {method!r}")
     n = like.numel()
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64,
                           device=like.device)
