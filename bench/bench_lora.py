@@ -208,14 +208,15 @@ class Contender:
         saved, lora_saved, with_params = measure_saved(self.model, self.lora_types, self.forward_loss)
         for p in self.model.parameters():
             p.grad = None
-        return Result(self.name, step_s, median_s, self.args.batch * self.args.seq / step_s, saved, lora_saved, with_params,
-                      peak)
+        tokens_per_s = self.args.batch * self.args.seq / step_s
+        return Result(self.name, step_s, median_s, tokens_per_s, saved, lora_saved, with_params, peak)
 
 
 def format_results(results: dict[str, Result], args: argparse.Namespace) -> str:
     mb = 1e6
     cuda = args.device.startswith("cuda")
-    head = f"{'contender':<18} {'best s':>8} {'median s':>8} {'tok/s':>9} {'saved MB':>9} {'LoRA MB':>8} {'+params MB':>10}"
+    head = (f"{'contender':<18} {'best s':>8} {'median s':>8} {'tok/s':>9} {'saved MB':>9} {'LoRA MB':>8} "
+            f"{'+params MB':>10}")
     head += f" {'peak MB':>9}" if cuda else ""
     lines = [head]
     for r in results.values():

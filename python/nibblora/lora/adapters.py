@@ -198,7 +198,8 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         _check_base_model(config, model, config_path)
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
-        hint = " (found adapter_model.bin: re-save it as safetensors)" if (directory / "adapter_model.bin").exists() else ""
+        has_bin = (directory / "adapter_model.bin").exists()
+        hint = " (found adapter_model.bin: re-save it as safetensors)" if has_bin else ""
         raise FileNotFoundError(f"reading adapter: {weights_path} does not exist{hint}")
     tensors = load_file(str(weights_path))
 

@@ -16,6 +16,7 @@ grad = sum of grad_output over tokens.
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 
 import torch
@@ -78,6 +79,19 @@ def dequantize_pairs(packed: torch.Tensor, state: QuantState, dtype: torch.dtype
     return out.view(state.shape)
 
 
+_generators = threading.local()  # per thread: forward and the autograd engine's device threads never share one
+
+
+def _seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A reusable generator for `device`, re-seeded (creating one per call cost more than the draw on small layers)."""
+    cache = _generators.__dict__.setdefault("by_device", {})
+    generator = cache.get(device)
+    if generator is None:
+        generator = cache[device] = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
 def dropout_keep(like: torch.Tensor, p: float, seed: int, method: str | None = None) -> tuple[torch.Tensor, float]:
     """(keep, scale): a 0/1 mask shaped like `like`, fully determined by `seed` (so backward can redraw it), and
     the factor that keeps the expectation. Dropped-out x is `x * keep * scale`.
@@ -89,8 +103,7 @@ def dropout_keep(like: torch.Tensor, p: float, seed: int, method: str | None = N
     keep is a 0/1 tensor in like's dtype and scale is 1 / (1 - p).
     """
     method = method or ("uniform16" if like.device.type == "cpu" else "bernoulli")
-    generator = torch.Generator(device=like.device)
-    generator.manual_seed(seed)
+    generator = _seeded_generator(like.device, seed)
     if method == "bernoulli":
         return torch.empty_like(like).bernoulli_(1.0 - p, generator=generator), 1.0 / (1.0 - p)
     if method != "uniform16":

@@ -63,9 +63,11 @@ class NF4Linear(nn.Module):
         if not isinstance(qweight, QuantizedTensor):
             raise TypeError(f"from_quantized expects a nibblora.quant.QuantizedTensor, got {type(qweight).__name__}")
         if len(qweight.shape) != 2:
-            raise ValueError(f"a linear weight must be 2-D [out, in]; this QuantizedTensor has shape {list(qweight.shape)}")
+            raise ValueError(f"a linear weight must be 2-D [out, in]; this QuantizedTensor has shape "
+                             f"{list(qweight.shape)}")
         if qweight.quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"NF4Linear holds nf4 or fp4 weights, got {qweight.quant_type!r}; quantize with nf4 or fp4")
+            raise ValueError(f"NF4Linear holds nf4 or fp4 weights, got {qweight.quant_type!r}; "
+                             "quantize with quant_type='nf4' or 'fp4'")
         _check_compute_dtype(compute_dtype)
         out_features, in_features = qweight.shape
         if bias is not None and tuple(bias.shape) != (out_features,):
@@ -351,7 +353,8 @@ class LoRALinear(nn.Module):
         weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, active_adapter={self.active_adapter!r}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"active_adapter={self.active_adapter!r}")
 
 
 def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
