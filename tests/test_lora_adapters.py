@@ -218,3 +218,20 @@ def test_gpt2_conv1d_adapter_from_peft_loads_with_fan_in_fan_out(tmp_path):
     model = transformers.GPT2LMHeadModel(config).eval()
     load_adapter(model, tmp_path)
     torch.testing.assert_close(model(IDS).logits, peft_model(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_adapter_loads_onto_a_4bit_base_like_peft_on_the_dequantized_weights(tmp_path):
+    from nibblora.lora import NF4Linear
+
+    peft_adapter_dir(tmp_path)
+    quantized, reference = tiny_llama(), tiny_llama()
+    for name, module in list(quantized.named_modules()):
+        if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "down_proj"):
+            nf4 = NF4Linear.from_linear(module, compute_dtype=torch.float32)
+            parent, _, child = name.rpartition(".")
+            setattr(quantized.get_submodule(parent), child, nf4)
+            with torch.no_grad():
+                reference.get_submodule(name).weight.copy_(nf4.dequantized_weight(torch.float32))
+    load_adapter(quantized, tmp_path)
+    expected = peft.PeftModel.from_pretrained(reference, tmp_path).eval()(IDS).logits
+    torch.testing.assert_close(quantized(IDS).logits, expected, rtol=1e-5, atol=1e-5)
