@@ -63,29 +63,33 @@ fn quantize_4bit<'py>(
     dtype: &str,
     quant_type: &str,
     blocksize: usize,
-) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>)> {
+) -> PyResult<(Bound<'py, PyUntypedArray>, Bound<'py, PyArray1<f32>>)> {
     let qt = parse_quant_type(quant_type)?;
+    quant::check_blocksize(blocksize).map_err(|e| to_py_err("quantizing to 4 bits", e))?;
     let src = source(values, dtype)?;
-    let result = match &src {
+    let (input, n) = match &src {
         Source::F32(a) => {
             let s = a.as_slice().map_err(|_| not_contiguous())?;
-            py.allow_threads(|| quant::quantize_4bit(Floats::F32(s), qt, blocksize))
+            (Floats::F32(s), s.len())
         }
         Source::Bits(a, is_bf16) => {
             let s = a.as_slice().map_err(|_| not_contiguous())?;
-            let input = if *is_bf16 {
-                Floats::Bf16(s)
-            } else {
-                Floats::F16(s)
-            };
-            py.allow_threads(|| quant::quantize_4bit(input, qt, blocksize))
+            (
+                if *is_bf16 {
+                    Floats::Bf16(s)
+                } else {
+                    Floats::F16(s)
+                },
+                s.len(),
+            )
         }
     };
-    let (packed, absmax) = result.map_err(|e| to_py_err("quantizing to 4 bits", e))?;
-    Ok((
-        PyArray1::from_vec(py, packed),
-        PyArray1::from_vec(py, absmax),
-    ))
+    let mut absmax = vec![0f32; quant::num_blocks(n, blocksize)];
+    let packed =
+        pooled_array::<u8, _>(py, "quantizing to 4 bits", quant::packed_len(n), |packed| {
+            quant::quantize_4bit_into(input, qt, blocksize, packed, &mut absmax)
+        })?;
+    Ok((packed, PyArray1::from_vec(py, absmax)))
 }
 
 /// dequantize_4bit_into(packed, absmax, quant_type, blocksize, out, dtype): writes `out` in place.
@@ -137,8 +141,9 @@ fn dequantize_4bit_into(
     result.map_err(|e| to_py_err("dequantizing 4-bit codes", e))
 }
 
-/// Dequantized results are handed out from a pool of buffers (up to 1 GiB by default) so the same weight
-/// dequantized again reuses mapped memory; the buffer returns to the pool when numpy / torch drop it.
+/// Large results (dequantized weights, packed codes) are handed out from a pool of buffers (up to 1 GiB by
+/// default), so the same shape produced again reuses mapped memory; a buffer returns to the pool when numpy /
+/// torch drop the last view of it.
 static OUTPUT_POOL: BufferPool = BufferPool::new(1 << 30);
 
 /// Owner of a pooled buffer behind a numpy array; gives the memory back to the pool when the array dies.
@@ -153,10 +158,11 @@ impl Drop for PooledBuffer {
     }
 }
 
-/// Lay `n` elements of `E` (2 or 4 bytes) over a pooled buffer, fill them with `fill`, and wrap the result in
+/// Lay `n` elements of `E` (1, 2 or 4 bytes) over a pooled buffer, fill them with `fill`, and wrap the result in
 /// a numpy array that owns the buffer (no copy).
 fn pooled_array<'py, E: numpy::Element, F>(
     py: Python<'py>,
+    phase: &str,
     n: usize,
     fill: F,
 ) -> PyResult<Bound<'py, PyUntypedArray>>
@@ -164,16 +170,13 @@ where
     F: FnOnce(&mut [E]) -> nibblora_core::Result<()> + Send,
 {
     let size = std::mem::size_of::<E>();
-    assert!(
-        size == 2 || size == 4,
-        "pooled arrays hold 2- or 4-byte elements"
-    );
+    assert!(size <= 4, "pooled arrays hold 1-, 2- or 4-byte elements");
     let mut words = OUTPUT_POOL.take((n * size).div_ceil(4));
     // SAFETY: the u32 storage is 4-byte aligned and holds at least n * size bytes; E is a plain number type
     // for which any bit pattern is valid, and `words` is not otherwise touched while the slice lives.
     let elements = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut E, n) };
     py.allow_threads(|| fill(elements))
-        .map_err(|e| to_py_err("dequantizing 4-bit codes", e))?;
+        .map_err(|e| to_py_err(phase, e))?;
     let ptr = words.as_ptr() as *const E;
     let owner = Bound::new(py, PooledBuffer { words })?;
     // SAFETY: the view points into the heap buffer now owned by `owner` (moving the Vec did not move its
@@ -184,6 +187,8 @@ where
     };
     Ok(array.into_any().downcast_into::<PyUntypedArray>()?)
 }
+
+const PHASE_DEQUANT: &str = "dequantizing 4-bit codes";
 
 /// dequantize_4bit(packed, absmax, quant_type, blocksize, n, dtype) -> a new float32 or uint16 (bf16/f16
 /// bits) array of n elements, in pooled memory handed to numpy without a copy.
@@ -201,13 +206,13 @@ fn dequantize_4bit<'py>(
     let packed = packed.as_slice().map_err(|_| not_contiguous())?;
     let absmax = absmax.as_slice().map_err(|_| not_contiguous())?;
     match dtype {
-        "float32" => pooled_array::<f32, _>(py, n, |o| {
+        "float32" => pooled_array::<f32, _>(py, PHASE_DEQUANT, n, |o| {
             quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F32(o))
         }),
-        "bfloat16" => pooled_array::<u16, _>(py, n, |o| {
+        "bfloat16" => pooled_array::<u16, _>(py, PHASE_DEQUANT, n, |o| {
             quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::Bf16(o))
         }),
-        "float16" => pooled_array::<u16, _>(py, n, |o| {
+        "float16" => pooled_array::<u16, _>(py, PHASE_DEQUANT, n, |o| {
             quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F16(o))
         }),
         other => Err(PyValueError::new_err(format!(
