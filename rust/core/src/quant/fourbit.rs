@@ -507,3 +507,49 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn blocksizes() -> impl Strategy<Value = usize> {
+        prop::sample::select(vec![32usize, 64, 128, 256, 1024, 4096])
+    }
+
+    fn quant_types() -> impl Strategy<Value = QuantType> {
+        prop::sample::select(vec![QuantType::Nf4, QuantType::Fp4, QuantType::Int4])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Dequantize(quantize(x)) stays within half the widest code gap of each block's absmax, and
+        /// quantizing the dequantized values again gives the same bytes (codes are fixed points).
+        #[test]
+        fn round_trip_is_bounded_and_requantization_is_stable(
+            values in prop::collection::vec(-1e4f32..1e4, 1..3000),
+            blocksize in blocksizes(),
+            quant_type in quant_types(),
+        ) {
+            let (packed, absmax) = quantize_4bit(Floats::F32(&values), quant_type, blocksize).unwrap();
+            prop_assert_eq!(packed.len(), values.len().div_ceil(2));
+            let mut back = vec![0f32; values.len()];
+            dequantize_4bit_into(&packed, &absmax, quant_type, blocksize, FloatsMut::F32(&mut back)).unwrap();
+            let enc = Encoder::new(quant_type);
+            let sorted: Vec<f32> = (0..16).map(|i| quant_type.code()[enc.order[i] as usize]).collect();
+            let half_gap = sorted.windows(2).map(|w| w[1] - w[0]).fold(0f32, f32::max) / 2.0;
+            for (i, (&x, &y)) in values.iter().zip(&back).enumerate() {
+                let scale = absmax[i / blocksize];
+                prop_assert!((x - y).abs() <= scale * half_gap * 1.0001 + 1e-30, "element {i}: {x} -> {y}");
+            }
+            let (packed2, _) = quantize_4bit(Floats::F32(&back), quant_type, blocksize).unwrap();
+            let mut back2 = vec![0f32; values.len()];
+            let (p2, a2) = quantize_4bit(Floats::F32(&back), quant_type, blocksize).unwrap();
+            dequantize_4bit_into(&p2, &a2, quant_type, blocksize, FloatsMut::F32(&mut back2)).unwrap();
+            // The block absmax survives exactly (it is a code times itself), so values come back unchanged.
+            prop_assert_eq!(back2, back);
+            prop_assert_eq!(packed2.len(), packed.len());
+        }
+    }
+}
