@@ -174,8 +174,10 @@ def dequantize_4bit(
             f"{dtype_name(out.dtype)} {tuple(out.shape)} on {out.device}"
         )
     absmax = state.absmax_float32()
-    native_table = state.quant_type in QUANT_TYPES and torch.equal(state.code.cpu(), _code_cpu(state.quant_type))
-    if q.packed.device.type == "cpu" and native_table:
+    # Only CPU tensors go to Rust (and only with the standard table); checking the table of a CUDA state here
+    # would cost a device sync on every call.
+    on_cpu = q.packed.device.type == "cpu"
+    if on_cpu and state.quant_type in QUANT_TYPES and torch.equal(state.code, _code_cpu(state.quant_type)):
         packed_np = q.packed.reshape(-1).contiguous().numpy()
         absmax_np = absmax.contiguous().numpy()
         if out is None:
