@@ -21,7 +21,7 @@ from functools import cache
 
 import torch
 
-from nibblora.quant import QuantizedTensor, QuantState, dequantize_4bit
+from nibblora.quant import QuantizedTensor, QuantState, dequantize_4bit, torch_ops
 from nibblora.quant.state import SUPPORTED_DTYPES
 
 
@@ -61,22 +61,12 @@ def dequantize_with_bitsandbytes(packed: torch.Tensor, state: QuantState, dtype:
 
 
 def dequantize_pairs(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
-    """Device-side dequantization in four kernels and no host sync: each packed byte indexes a [256, 2] table of
-    (code[high nibble], code[low nibble]), the result is scaled by its block's float32 absmax, then rounded to
-    `dtype` (the same arithmetic as bitsandbytes and nibblora.quant, so the same bits). Used on GPUs, where it
-    runs once per matmul and the generic path's int64 code tensor would double the memory traffic."""
+    """Device-side dequantization with no host sync: nibblora.quant's PyTorch path (each packed byte indexes a
+    [256, 2] table of its two codes, one multiply by the block's float32 absmax, one rounding to `dtype`; the
+    same bits as bitsandbytes). Used on GPUs without bitsandbytes."""
     code = state.code.to(packed.device, torch.float32)
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # [256, 2]
-    n, blocksize = state.numel, state.blocksize
-    values = pairs[packed.reshape(-1).int()].view(-1)[:n]
-    absmax = state.absmax_float32()
-    full = n - n % blocksize
-    if full == n:
-        out = (values.view(-1, blocksize) * absmax.view(-1, 1)).to(dtype)
-    else:
-        head = values[:full].view(-1, blocksize) * absmax[:-1].view(-1, 1)
-        out = torch.cat([head.view(-1), values[full:] * absmax[-1]]).to(dtype)
-    return out.view(state.shape)
+    flat = torch_ops.dequantize_4bit_flat(packed, state.absmax_float32(), code, state.blocksize, state.numel, dtype)
+    return flat.view(state.shape)
 
 
 _generators = threading.local()  # per thread: forward and the autograd engine's device threads never share one
