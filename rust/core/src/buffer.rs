@@ -86,19 +86,12 @@ const POOL_MAX_BUFFERS: usize = 8;
 
 impl BufferPool {
     pub const fn new(limit_bytes: usize) -> Self {
-        BufferPool {
-            state: std::sync::Mutex::new(PoolState {
-                free: Vec::new(),
-                limit_bytes,
-            }),
-        }
+        BufferPool { state: std::sync::Mutex::new(PoolState { free: Vec::new(), limit_bytes }) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         // A panic while holding the lock cannot leave the free list inconsistent, so poisoning is ignored.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A buffer of exactly `words` u32 words: a cached one if there is one of that size, else a fresh zeroed one.
@@ -140,11 +133,7 @@ impl BufferPool {
     /// (buffers cached, bytes cached, byte limit)
     pub fn stats(&self) -> (usize, usize, usize) {
         let state = self.lock();
-        (
-            state.free.len(),
-            state.free.iter().map(|b| b.len() * 4).sum(),
-            state.limit_bytes,
-        )
+        (state.free.len(), state.free.iter().map(|b| b.len() * 4).sum(), state.limit_bytes)
     }
 }
 

@@ -10,11 +10,7 @@ pub enum Error {
     /// The input holds NaN or infinity; `index` is the first offending element in flattened order.
     NonFinite { index: usize },
     /// Two buffers that must agree in length do not.
-    LengthMismatch {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    LengthMismatch { what: &'static str, expected: usize, got: usize },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -28,11 +24,7 @@ impl fmt::Display for Error {
                 "input holds a non-finite value (NaN or infinity) at flat index {index}; \
                  4-bit quantization needs finite weights, so check the checkpoint for overflow"
             ),
-            Error::LengthMismatch {
-                what,
-                expected,
-                got,
-            } => {
+            Error::LengthMismatch { what, expected, got } => {
                 write!(f, "{what}: expected {expected} elements, got {got}")
             }
         }

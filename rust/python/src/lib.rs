@@ -27,22 +27,14 @@ enum Source<'py> {
 
 fn source<'py>(array: &Bound<'py, PyUntypedArray>, dtype: &str) -> PyResult<Source<'py>> {
     let wrong = |want: &str| {
-        PyValueError::new_err(format!(
-            "expected a 1-D contiguous {want} array for dtype {dtype:?}"
-        ))
+        PyValueError::new_err(format!("expected a 1-D contiguous {want} array for dtype {dtype:?}"))
     };
     match dtype {
-        "float32" => Ok(Source::F32(
-            array
-                .downcast::<PyArray1<f32>>()
-                .map_err(|_| wrong("float32"))?
-                .readonly(),
-        )),
+        "float32" => {
+            Ok(Source::F32(array.downcast::<PyArray1<f32>>().map_err(|_| wrong("float32"))?.readonly()))
+        }
         "bfloat16" | "float16" => Ok(Source::Bits(
-            array
-                .downcast::<PyArray1<u16>>()
-                .map_err(|_| wrong("uint16"))?
-                .readonly(),
+            array.downcast::<PyArray1<u16>>().map_err(|_| wrong("uint16"))?.readonly(),
             dtype == "bfloat16",
         )),
         other => Err(PyValueError::new_err(format!(
@@ -74,21 +66,13 @@ fn quantize_4bit<'py>(
         }
         Source::Bits(a, is_bf16) => {
             let s = a.as_slice().map_err(|_| not_contiguous())?;
-            (
-                if *is_bf16 {
-                    Floats::Bf16(s)
-                } else {
-                    Floats::F16(s)
-                },
-                s.len(),
-            )
+            (if *is_bf16 { Floats::Bf16(s) } else { Floats::F16(s) }, s.len())
         }
     };
     let mut absmax = vec![0f32; quant::num_blocks(n, blocksize)];
-    let packed =
-        pooled_array::<u8, _>(py, "quantizing to 4 bits", quant::packed_len(n), |packed| {
-            quant::quantize_4bit_into(input, qt, blocksize, packed, &mut absmax)
-        })?;
+    let packed = pooled_array::<u8, _>(py, "quantizing to 4 bits", quant::packed_len(n), |packed| {
+        quant::quantize_4bit_into(input, qt, blocksize, packed, &mut absmax)
+    })?;
     Ok((packed, PyArray1::from_vec(py, absmax)))
 }
 
@@ -110,14 +94,10 @@ fn dequantize_4bit_into(
         "float32" => {
             let mut arr: PyReadwriteArray1<'_, f32> = out
                 .downcast::<PyArray1<f32>>()
-                .map_err(|_| {
-                    PyValueError::new_err("out must be a float32 array for dtype float32")
-                })?
+                .map_err(|_| PyValueError::new_err("out must be a float32 array for dtype float32"))?
                 .readwrite();
             let o = arr.as_slice_mut().map_err(|_| not_contiguous())?;
-            py.allow_threads(|| {
-                quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F32(o))
-            })
+            py.allow_threads(|| quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F32(o)))
         }
         "bfloat16" | "float16" => {
             let mut arr: PyReadwriteArray1<'_, u16> = out
@@ -125,11 +105,7 @@ fn dequantize_4bit_into(
                 .map_err(|_| PyValueError::new_err("out must be a uint16 view for 16-bit dtypes"))?
                 .readwrite();
             let o = arr.as_slice_mut().map_err(|_| not_contiguous())?;
-            let o = if dtype == "bfloat16" {
-                FloatsMut::Bf16(o)
-            } else {
-                FloatsMut::F16(o)
-            };
+            let o = if dtype == "bfloat16" { FloatsMut::Bf16(o) } else { FloatsMut::F16(o) };
             py.allow_threads(|| quant::dequantize_4bit_into(packed, absmax, qt, blocksize, o))
         }
         other => {
@@ -175,8 +151,7 @@ where
     // SAFETY: the u32 storage is 4-byte aligned and holds at least n * size bytes; E is a plain number type
     // for which any bit pattern is valid, and `words` is not otherwise touched while the slice lives.
     let elements = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut E, n) };
-    py.allow_threads(|| fill(elements))
-        .map_err(|e| to_py_err(phase, e))?;
+    py.allow_threads(|| fill(elements)).map_err(|e| to_py_err(phase, e))?;
     let ptr = words.as_ptr() as *const E;
     let owner = Bound::new(py, PooledBuffer { words })?;
     // SAFETY: the view points into the heap buffer now owned by `owner` (moving the Vec did not move its
@@ -245,11 +220,7 @@ fn double_quantize<'py>(
     let dq = py
         .allow_threads(|| quant::double_quantize_absmax(a, offset))
         .map_err(|e| to_py_err("double-quantizing block scales", e))?;
-    Ok((
-        PyArray1::from_vec(py, dq.codes),
-        PyArray1::from_vec(py, dq.nested_absmax),
-        dq.offset,
-    ))
+    Ok((PyArray1::from_vec(py, dq.codes), PyArray1::from_vec(py, dq.nested_absmax), dq.offset))
 }
 
 /// dequantize_absmax(codes, nested_absmax, offset) -> float32 scales

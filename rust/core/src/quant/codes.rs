@@ -120,34 +120,19 @@ mod tests {
     #[test]
     fn dynamic_map_is_sorted_and_spans_the_documented_range() {
         let m = dynamic_map();
-        assert!(
-            m.windows(2).all(|w| w[0] < w[1]),
-            "dynamic map must be strictly ascending"
-        );
+        assert!(m.windows(2).all(|w| w[0] < w[1]), "dynamic map must be strictly ascending");
         assert_eq!(m[0], -0.992_968_75);
         assert_eq!(m[255], 1.0);
-        let smallest = m
-            .iter()
-            .filter(|v| **v != 0.0)
-            .map(|v| v.abs())
-            .fold(f32::MAX, f32::min);
-        assert!(
-            (smallest - 5.5e-7).abs() < 1e-8,
-            "smallest magnitude {smallest}"
-        );
+        let smallest = m.iter().filter(|v| **v != 0.0).map(|v| v.abs()).fold(f32::MAX, f32::min);
+        assert!((smallest - 5.5e-7).abs() < 1e-8, "smallest magnitude {smallest}");
     }
 
     #[test]
     fn fp4_sorted_order_sorts_the_table() {
-        let sorted: Vec<f32> = FP4_SORTED_ORDER
-            .iter()
-            .map(|&i| FP4_CODE[i as usize])
-            .collect();
+        let sorted: Vec<f32> = FP4_SORTED_ORDER.iter().map(|&i| FP4_CODE[i as usize]).collect();
         assert!(sorted.windows(2).all(|w| w[0] <= w[1]));
         let mut seen = [false; 16];
-        FP4_SORTED_ORDER
-            .iter()
-            .for_each(|&i| seen[i as usize] = true);
+        FP4_SORTED_ORDER.iter().for_each(|&i| seen[i as usize] = true);
         assert!(seen.iter().all(|s| *s));
     }
 

@@ -73,26 +73,12 @@ mod tests {
 
     #[test]
     fn bf16_round_trip_and_ties_to_even() {
-        for v in [
-            0.0f32,
-            1.0,
-            -2.5,
-            3.140625,
-            2f32.powi(-70),
-            -1.5 * 2f32.powi(100),
-        ] {
-            assert_eq!(
-                bf16_to_f32(f32_to_bf16(v)),
-                v,
-                "{v} is representable in bf16"
-            );
+        for v in [0.0f32, 1.0, -2.5, 3.140625, 2f32.powi(-70), -1.5 * 2f32.powi(100)] {
+            assert_eq!(bf16_to_f32(f32_to_bf16(v)), v, "{v} is representable in bf16");
         }
         // 1 + 2^-8 lies exactly between two bf16 values: ties to the even one (1.0).
         assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0);
         // 1 + 3 * 2^-8 lies between 1 + 2^-7 (odd mantissa) and 1 + 2^-6 (even): goes up.
-        assert_eq!(
-            bf16_to_f32(f32_to_bf16(1.0 + 3.0 / 256.0)),
-            1.0 + 1.0 / 64.0
-        );
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 1.0 / 64.0);
     }
 }

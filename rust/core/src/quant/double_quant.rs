@@ -39,18 +39,14 @@ pub fn mean_of(absmax: &[f32]) -> f32 {
 /// torch's own float32 mean so the offset matches bitsandbytes to the last bit.
 pub fn double_quantize_absmax(absmax: &[f32], offset: Option<f32>) -> Result<DoubleQuantized> {
     if absmax.is_empty() {
-        return Err(Error::InvalidArgument(
-            "double quantization needs at least one block scale".into(),
-        ));
+        return Err(Error::InvalidArgument("double quantization needs at least one block scale".into()));
     }
     if let Some(i) = absmax.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite { index: i });
     }
     let offset = offset.unwrap_or_else(|| mean_of(absmax));
     if !offset.is_finite() {
-        return Err(Error::InvalidArgument(format!(
-            "double quantization offset {offset} is not finite"
-        )));
+        return Err(Error::InvalidArgument(format!("double quantization offset {offset} is not finite")));
     }
     let lut = bin_lut();
     let mut codes = vec![0u8; absmax.len()];
@@ -75,11 +71,7 @@ pub fn double_quantize_absmax(absmax: &[f32], offset: Option<f32>) -> Result<Dou
                 *o = lut[bin_of((a - offset) * reciprocal)];
             }
         });
-    Ok(DoubleQuantized {
-        codes,
-        nested_absmax,
-        offset,
-    })
+    Ok(DoubleQuantized { codes, nested_absmax, offset })
 }
 
 const BINS: usize = 65536;
@@ -112,12 +104,7 @@ fn bin_lut() -> &'static [u8; BINS] {
 }
 
 /// Recover float32 scales: `map[code] * nested_absmax[i / 256] + offset`, computed in float32.
-pub fn dequantize_absmax(
-    codes: &[u8],
-    nested_absmax: &[f32],
-    offset: f32,
-    out: &mut [f32],
-) -> Result<()> {
+pub fn dequantize_absmax(codes: &[u8], nested_absmax: &[f32], offset: f32, out: &mut [f32]) -> Result<()> {
     if nested_absmax.len() != codes.len().div_ceil(NESTED_BLOCKSIZE) {
         return Err(Error::LengthMismatch {
             what: "nested absmax",
@@ -133,10 +120,8 @@ pub fn dequantize_absmax(
         });
     }
     let map = dynamic_map();
-    for ((o, c), &scale) in out
-        .chunks_mut(NESTED_BLOCKSIZE)
-        .zip(codes.chunks(NESTED_BLOCKSIZE))
-        .zip(nested_absmax)
+    for ((o, c), &scale) in
+        out.chunks_mut(NESTED_BLOCKSIZE).zip(codes.chunks(NESTED_BLOCKSIZE)).zip(nested_absmax)
     {
         for (v, &q) in o.iter_mut().zip(c) {
             *v = map[q as usize] * scale + offset;
@@ -151,9 +136,7 @@ mod tests {
 
     #[test]
     fn round_trip_error_is_small_relative_to_the_block_range() {
-        let absmax: Vec<f32> = (0..1000)
-            .map(|i| 0.5 + ((i * 37) % 101) as f32 / 100.0)
-            .collect();
+        let absmax: Vec<f32> = (0..1000).map(|i| 0.5 + ((i * 37) % 101) as f32 / 100.0).collect();
         let dq = double_quantize_absmax(&absmax, None).unwrap();
         assert_eq!(dq.codes.len(), 1000);
         assert_eq!(dq.nested_absmax.len(), 4);

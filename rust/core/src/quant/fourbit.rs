@@ -130,6 +130,29 @@ pub fn num_blocks(n: usize, blocksize: usize) -> usize {
     n.div_ceil(blocksize)
 }
 
+/// Check that `n` elements, the packed codes and the block scales agree, before any work.
+fn check_layout(n: usize, blocksize: usize, packed: usize, absmax: usize, action: &str) -> Result<()> {
+    check_blocksize(blocksize)?;
+    if n == 0 {
+        return Err(Error::InvalidArgument(format!("cannot {action} an empty tensor")));
+    }
+    if packed != packed_len(n) {
+        return Err(Error::LengthMismatch {
+            what: "packed 4-bit codes",
+            expected: packed_len(n),
+            got: packed,
+        });
+    }
+    if absmax != num_blocks(n, blocksize) {
+        return Err(Error::LengthMismatch {
+            what: "absmax",
+            expected: num_blocks(n, blocksize),
+            got: absmax,
+        });
+    }
+    Ok(())
+}
+
 fn chunk_elems(blocksize: usize) -> usize {
     CHUNK_ELEMS.max(blocksize)
 }
@@ -144,27 +167,8 @@ pub fn quantize_4bit_into(
     packed: &mut [u8],
     absmax: &mut [f32],
 ) -> Result<()> {
-    check_blocksize(blocksize)?;
     let n = input.len();
-    if n == 0 {
-        return Err(Error::InvalidArgument(
-            "cannot quantize an empty tensor".into(),
-        ));
-    }
-    if packed.len() != packed_len(n) {
-        return Err(Error::LengthMismatch {
-            what: "packed output",
-            expected: packed_len(n),
-            got: packed.len(),
-        });
-    }
-    if absmax.len() != num_blocks(n, blocksize) {
-        return Err(Error::LengthMismatch {
-            what: "absmax output",
-            expected: num_blocks(n, blocksize),
-            got: absmax.len(),
-        });
-    }
+    check_layout(n, blocksize, packed.len(), absmax.len(), "quantize")?;
     let encoder = Encoder::new(quant_type);
     match input {
         Floats::F32(x) => quantize_parallel(x, |v| v, &encoder, blocksize, packed, absmax),
@@ -211,9 +215,7 @@ where
                 #[inline(always)]
                 || quantize_chunk(xs, to_f32, encoder, blocksize, ps, ams),
             )
-            .map_err(|local| Error::NonFinite {
-                index: chunk_index * chunk + local,
-            })
+            .map_err(|local| Error::NonFinite { index: chunk_index * chunk + local })
         })
 }
 
@@ -229,11 +231,7 @@ fn quantize_chunk<T: Copy, C: Fn(T) -> f32 + Copy>(
     absmax: &mut [f32],
 ) -> std::result::Result<(), usize> {
     let mut positions = vec![0u32; blocksize + 1];
-    let identity_order = encoder
-        .order
-        .iter()
-        .enumerate()
-        .all(|(i, &o)| i == o as usize);
+    let identity_order = encoder.order.iter().enumerate().all(|(i, &o)| i == o as usize);
     for (block_index, block) in xs.chunks(blocksize).enumerate() {
         let len = block.len();
         // Pass 1: absmax on the bit patterns. For |x| the IEEE bits order like the values, and an integer
@@ -244,10 +242,7 @@ fn quantize_chunk<T: Copy, C: Fn(T) -> f32 + Copy>(
             max_bits = max_bits.max(to_f32(v).to_bits() & 0x7fff_ffff);
         }
         if max_bits >= f32::INFINITY.to_bits() {
-            let first = block
-                .iter()
-                .position(|&v| !to_f32(v).is_finite())
-                .unwrap_or(0);
+            let first = block.iter().position(|&v| !to_f32(v).is_finite()).unwrap_or(0);
             return Err(block_index * blocksize + first);
         }
         let block_max = f32::from_bits(max_bits);
@@ -295,27 +290,8 @@ pub fn dequantize_4bit_into(
     blocksize: usize,
     out: FloatsMut<'_>,
 ) -> Result<()> {
-    check_blocksize(blocksize)?;
     let n = out.len();
-    if n == 0 {
-        return Err(Error::InvalidArgument(
-            "cannot dequantize into an empty tensor".into(),
-        ));
-    }
-    if packed.len() != packed_len(n) {
-        return Err(Error::LengthMismatch {
-            what: "packed 4-bit codes",
-            expected: packed_len(n),
-            got: packed.len(),
-        });
-    }
-    if absmax.len() != num_blocks(n, blocksize) {
-        return Err(Error::LengthMismatch {
-            what: "absmax",
-            expected: num_blocks(n, blocksize),
-            got: absmax.len(),
-        });
-    }
+    check_layout(n, blocksize, packed.len(), absmax.len(), "dequantize")?;
     let lut = pair_table(quant_type.code());
     match out {
         FloatsMut::F32(o) => dequantize_parallel(packed, absmax, &lut, blocksize, o, |v| v),
@@ -394,14 +370,8 @@ mod tests {
         let values: Vec<f32> = NF4_CODE.iter().map(|c| c * 4.0).collect();
         let (packed, absmax) = quantize_4bit(Floats::F32(&values), QuantType::Nf4, 32).unwrap();
         assert_eq!(absmax, vec![4.0]);
-        assert_eq!(
-            packed[..8],
-            [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]
-        );
-        assert_eq!(
-            dequant_f32(&packed, &absmax, QuantType::Nf4, 32, 16),
-            values
-        );
+        assert_eq!(packed[..8], [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]);
+        assert_eq!(dequant_f32(&packed, &absmax, QuantType::Nf4, 32, 16), values);
     }
 
     #[test]
@@ -409,16 +379,8 @@ mod tests {
         let enc = Encoder::new(QuantType::Nf4);
         for i in 0..15 {
             let m = enc.midpoints[i];
-            assert_eq!(
-                enc.encode(m),
-                i as u8,
-                "a value on midpoint {i} takes the lower code"
-            );
-            let above =
-                f32::from_bits(
-                    m.to_bits()
-                        .wrapping_add(if m >= 0.0 { 1 } else { u32::MAX }),
-                );
+            assert_eq!(enc.encode(m), i as u8, "a value on midpoint {i} takes the lower code");
+            let above = f32::from_bits(m.to_bits().wrapping_add(if m >= 0.0 { 1 } else { u32::MAX }));
             assert_eq!(enc.encode(above), i as u8 + 1);
         }
     }
@@ -429,10 +391,7 @@ mod tests {
         let (packed, absmax) = quantize_4bit(Floats::F32(&values), QuantType::Nf4, 32).unwrap();
         assert_eq!(packed.len(), 17);
         assert_eq!(absmax, vec![1.0, 1.0]);
-        assert_eq!(
-            packed[16], 0xf7,
-            "last element in the high nibble, pad code 7 (0.0) in the low"
-        );
+        assert_eq!(packed[16], 0xf7, "last element in the high nibble, pad code 7 (0.0) in the low");
         assert_eq!(QuantType::Nf4.zero_code(), 7);
         assert_eq!(QuantType::Fp4.zero_code(), 0);
     }
@@ -442,10 +401,7 @@ mod tests {
         let values = vec![0f32; 40];
         let (packed, absmax) = quantize_4bit(Floats::F32(&values), QuantType::Nf4, 32).unwrap();
         assert_eq!(absmax[0], 0.0);
-        assert_eq!(
-            absmax[1], 1e-38f32,
-            "the tail block stores bitsandbytes' clamped divisor"
-        );
+        assert_eq!(absmax[1], 1e-38f32, "the tail block stores bitsandbytes' clamped divisor");
         assert!(packed.iter().all(|&b| b == 0x77));
     }
 
@@ -465,10 +421,7 @@ mod tests {
     #[test]
     fn bad_blocksizes_and_empty_inputs_are_refused() {
         for bs in [0, 16, 48, 8192] {
-            assert!(
-                matches!(check_blocksize(bs), Err(Error::InvalidArgument(_))),
-                "{bs}"
-            );
+            assert!(matches!(check_blocksize(bs), Err(Error::InvalidArgument(_))), "{bs}");
         }
         assert!(quantize_4bit(Floats::F32(&[]), QuantType::Nf4, 64).is_err());
         assert!(QuantType::from_name("nf5").is_err());
@@ -478,9 +431,7 @@ mod tests {
     fn parallel_chunks_agree_with_a_single_chunk() {
         // More than one chunk, with a tail: results must not depend on how the work was split.
         let n = CHUNK_ELEMS * 3 + 77;
-        let values: Vec<f32> = (0..n)
-            .map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 97) as f32))
-            .collect();
+        let values: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 97) as f32)).collect();
         let (packed, absmax) = quantize_4bit(Floats::F32(&values), QuantType::Nf4, 64).unwrap();
         let enc = Encoder::new(QuantType::Nf4);
         let mut p2 = vec![0u8; packed.len()];
@@ -492,9 +443,7 @@ mod tests {
 
     #[test]
     fn bf16_and_f16_inputs_match_their_float32_values() {
-        let bits: Vec<u16> = (0..1000u32)
-            .map(|i| f32_to_bf16((i as f32 * 0.013).cos() * 3.0))
-            .collect();
+        let bits: Vec<u16> = (0..1000u32).map(|i| f32_to_bf16((i as f32 * 0.013).cos() * 3.0)).collect();
         let as_f32: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
         let a = quantize_4bit(Floats::Bf16(&bits), QuantType::Nf4, 128).unwrap();
         let b = quantize_4bit(Floats::F32(&as_f32), QuantType::Nf4, 128).unwrap();

@@ -12,10 +12,8 @@ pub mod fourbit;
 mod simd;
 
 pub use convert::{Floats, FloatsMut};
-pub use double_quant::{
-    dequantize_absmax, double_quantize_absmax, DoubleQuantized, NESTED_BLOCKSIZE,
-};
+pub use double_quant::{dequantize_absmax, double_quantize_absmax, DoubleQuantized, NESTED_BLOCKSIZE};
 pub use fourbit::{
-    check_blocksize, dequantize_4bit_into, num_blocks, packed_len, quantize_4bit,
-    quantize_4bit_into, QuantType,
+    check_blocksize, dequantize_4bit_into, num_blocks, packed_len, quantize_4bit, quantize_4bit_into,
+    QuantType,
 };

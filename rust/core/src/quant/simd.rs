@@ -9,10 +9,7 @@
 pub(crate) fn dispatch<R>(wide: bool, kernel: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        if wide
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-        {
+        if wide && std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
             // SAFETY: the CPU supports AVX-512 F and BW, checked just above.
             return unsafe { with_avx512(kernel) };
         }
