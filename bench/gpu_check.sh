@@ -31,7 +31,9 @@ rm -rf /tmp/nibblora_tests && cp -r tests /tmp/nibblora_tests
 step "cuda tests" 150 python3 -m pytest -q -m cuda -p no:cacheprovider /tmp/nibblora_tests -W ignore::DeprecationWarning
 step "quant bench (cuda)" 60 python3 bench/bench_quant.py --device cuda --repeat 10
 if [ -f bench/bench_lora.py ]; then
-    step "lora bench (cuda)" 120 python3 bench/bench_lora.py --device cuda --batch 4 --seq 2048 --layers 4 --steps 10 --warmup 2
+    step "lora bench (cuda)" 90 python3 bench/bench_lora.py --device cuda --batch 4 --seq 2048 --layers 4 --steps 10 --warmup 2
+    step "lora bench 7B-wide (cuda)" 90 python3 bench/bench_lora.py --device cuda --hidden 4096 --intermediate 11008 \
+        --heads 32 --kv-heads 32 --layers 2 --batch 4 --seq 1024 --steps 6 --warmup 1
 fi
 
 echo; echo "=== summary ==="
