@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from nibblora.quantize.source import QuantizeError
+from nibblora.export import ExportError
 from nibblora.quantize.tool import BLOCKSIZES, COMPUTE_DTYPES, QUANT_TYPES, quantize_checkpoint
 
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-    except QuantizeError as err:
+    except ExportError as err:  # QuantizeError and the output-folder checks
         print(f"nibblora.quantize: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

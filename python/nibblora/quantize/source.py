@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 
+from nibblora.export import INDEX_NAME, SINGLE_NAME, ExportError
 from nibblora.safetensors_writer import SAFETENSORS_DTYPES
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 _MAX_HEADER_BYTES = 100 << 20
 
 
-class QuantizeError(ValueError):
+class QuantizeError(ExportError):
     """A problem with the user's input (files, config, options): reported as one line, exit code 2."""
 
 
