@@ -54,6 +54,8 @@ class AdapterSource:
     shapes: dict[str, tuple[str, tuple[int, ...]]]  # key -> (dtype, shape)
     modules: dict[str, LoRAModule] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter key
+    # <module>.base_layer.weight: peft's copy of an adapted embedding's base weight (save_embedding_layers)
+    saved_base_layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def weights_path(self) -> Path:
@@ -102,6 +104,9 @@ def read_adapter(directory: str | Path) -> AdapterSource:
         if match is None:
             if "lora_" in inner:
                 raise MergeError(f"{weights_path}: unknown LoRA tensor {key!r}")
+            if inner.endswith(".base_layer.weight"):
+                source.saved_base_layers[inner.removesuffix(".base_layer.weight") + ".weight"] = key
+                continue
             source.replacements[inner] = key  # modules_to_save (or a trained bias): replaces the base tensor
             continue
         entry = source.modules.setdefault(match["module"], LoRAModule(match["module"]))

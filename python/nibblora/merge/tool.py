@@ -236,6 +236,12 @@ def _match_adapters(base: _Base, adapters: list[AdapterSource]) -> tuple[dict, d
                 raise MergeError(f"{where}: {inner!r} is replaced by two adapters (modules_to_save); merge them one "
                                  "at a time")
             replacements[inner] = (i, key)
+    for i, adapter in enumerate(adapters):
+        for inner, key in adapter.saved_base_layers.items():
+            target = _target_of(base, inner.removesuffix(".weight"))
+            if target is None or adapter.shapes[key][1] != _logical(base, target)[1]:
+                raise MergeError(f"{adapter.weights_path}: {key!r} (the embedding peft saved with the adapter) does "
+                                 "not match the base checkpoint's; merging into a resized vocabulary is not supported")
     for name in set(updates) & set(replacements):
         raise MergeError(f"{name!r} is both replaced (modules_to_save) and LoRA-adapted; that adapter is inconsistent")
     for i, adapter in enumerate(adapters):
