@@ -35,6 +35,36 @@ class ExportError(ValueError):
     """A problem with the user's input (files, config, options): the tools report it as one line, exit code 2."""
 
 
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder as a dict; ExportError naming the file when missing or not an object."""
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing (is {model_dir} a Hugging Face checkpoint?)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{path}: not a JSON object")
+    return config
+
+
+def run_tool(prog: str, job: Callable[[], Any]) -> int:
+    """Run a tool's job and print its summary: exit 0; input errors one line on stderr, exit 2; Ctrl-C, 130."""
+    import sys
+
+    try:
+        summary = job()
+    except ExportError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(summary.format())
+    return 0
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":

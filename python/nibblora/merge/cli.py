@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from nibblora.export import ExportError
+from nibblora.export import run_tool
 from nibblora.merge.methods import METHODS
 from nibblora.merge.tool import OUT_DTYPES, merge_checkpoint
 from nibblora.quantize.tool import BLOCKSIZES, QUANT_TYPES
@@ -46,29 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = merge_checkpoint(
-            args.base,
-            args.adapter,
-            args.out,
-            weights=args.weight,
-            method=args.method,
-            density=args.density,
-            rank=args.rank,
-            seed=args.seed,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            blocksize=args.blocksize,
-            double_quant=args.double_quant,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    except ExportError as err:
-        print(f"nibblora.merge: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("nibblora.merge: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(summary.format())
-    return 0
+    return run_tool("nibblora.merge", lambda: merge_checkpoint(
+        args.base,
+        args.adapter,
+        args.out,
+        weights=args.weight,
+        method=args.method,
+        density=args.density,
+        rank=args.rank,
+        seed=args.seed,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        blocksize=args.blocksize,
+        double_quant=args.double_quant,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    ))

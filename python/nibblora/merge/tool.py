@@ -26,6 +26,7 @@ from nibblora.export import (
     human_bytes,
     parse_size,
     prepare_out_dir,
+    read_config_json,
     release_freed_memory,
     shard_names,
     split_shards,
@@ -145,14 +146,7 @@ def _read_base(model_dir: Path) -> _Base:
     if not model_dir.is_dir():
         raise MergeError(f"{model_dir}: base model folder does not exist")
     config_path = model_dir / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MergeError(f"{config_path}: missing (is {model_dir} a Hugging Face checkpoint?)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MergeError(f"{config_path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise MergeError(f"{config_path}: not a JSON object")
+    config = read_config_json(model_dir)
     quant = config.get("quantization_config") or {}
     if quant and (quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", True)
                   or quant.get("load_in_8bit")):
@@ -177,7 +171,10 @@ def _read_base(model_dir: Path) -> _Base:
     for name in tensors:
         state = find_quant_state_key(set(tensors), name) if tensors[name].dtype == "U8" else None
         if state is not None:
-            meta = json.loads(bytes(files[tensors[state].path].read(state)).decode("utf-8"))
+            try:
+                meta = json.loads(bytes(files[tensors[state].path].read(state)).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise MergeError(f"{tensors[state].path}: {state!r} is not a JSON quant state ({err})") from None
             dtype = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(meta.get("dtype"), "F32")
             quantized[name] = (meta["quant_type"], dtype, tuple(int(d) for d in meta["shape"]))
     return _Base(model_dir, config, files, tensors, quantized)
