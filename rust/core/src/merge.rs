@@ -107,7 +107,7 @@ pub fn merge_into(
             let mut acc = vec![0f32; nrows * cols];
             decode(&base[r0 * in_row..(r0 + nrows) * in_row], base_dtype, &mut acc);
             for t in &update.terms {
-                with_fma(|| add_low_rank(&mut acc, r0, nrows, cols, t));
+                add_low_rank_dispatch(&mut acc, r0, nrows, cols, t);
             }
             if let Some(d) = update.dense {
                 for (a, &x) in acc.iter_mut().zip(&d[r0 * cols..(r0 + nrows) * cols]) {
@@ -171,24 +171,24 @@ fn add_low_rank(acc: &mut [f32], r0: usize, nrows: usize, cols: usize, t: &LowRa
     }
 }
 
-/// Run `kernel` compiled with hardware FMA where the CPU has it. `mul_add` is always fused (a software fma
-/// elsewhere), so results do not depend on the CPU; only the speed does.
-#[inline(always)]
-fn with_fma<R>(kernel: impl FnOnce() -> R) -> R {
+/// `add_low_rank` compiled with hardware FMA where the CPU has it. `mul_add` is always fused (a software fma
+/// elsewhere, much slower), so results do not depend on the CPU; only the speed does. The kernel is inlined
+/// into a `target_feature` function directly: through a closure, LLVM may leave it outside, without FMA.
+fn add_low_rank_dispatch(acc: &mut [f32], r0: usize, nrows: usize, cols: usize, t: &LowRank<'_>) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { with_avx2_fma(kernel) };
+            return unsafe { add_low_rank_avx2_fma(acc, r0, nrows, cols, t) };
         }
     }
-    kernel()
+    add_low_rank(acc, r0, nrows, cols, t)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn with_avx2_fma<R>(kernel: impl FnOnce() -> R) -> R {
-    kernel()
+unsafe fn add_low_rank_avx2_fma(acc: &mut [f32], r0: usize, nrows: usize, cols: usize, t: &LowRank<'_>) {
+    add_low_rank(acc, r0, nrows, cols, t)
 }
 
 /// Little-endian bytes of a float dtype to float32 (exact for all three).
