@@ -1,5 +1,6 @@
 """Type stubs for nibblora's private Rust extension. Import the public wrappers from nibblora.quant instead."""
 
+import os
 import numpy as np
 import numpy.typing as npt
 
@@ -54,3 +55,32 @@ def code_table(quant_type: str) -> list[float]:
 
 def dynamic_map() -> npt.NDArray[np.float32]:
     """bitsandbytes' signed 8-bit dynamic map (256 sorted float32 values)."""
+
+class SafetensorsFile:
+    """A safetensors file whose header was checked (sizes, offsets, overlaps, dtype widths, truncation), then
+    memory-mapped. ValueError for a corrupt or hostile file; FileNotFoundError / OSError when unreadable."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None: ...
+    @property
+    def path(self) -> str: ...
+    def tensors(self) -> list[tuple[str, str, list[int], int, int]]: ...  # name, dtype, shape, offset, nbytes
+    def metadata(self) -> list[tuple[str, str]]: ...
+    def read(self, name: str) -> np.ndarray: ...  # uint8 copy of the tensor's bytes
+    def merge(
+        self,
+        name: str,
+        out_dtype: str,
+        terms: list[tuple[np.ndarray, np.ndarray, int, float]],
+        dense: np.ndarray | None = None,
+        magnitude: np.ndarray | None = None,
+    ) -> np.ndarray: ...
+
+def merge_array(
+    base: np.ndarray,
+    base_dtype: str,
+    shape: list[int],
+    out_dtype: str,
+    terms: list[tuple[np.ndarray, np.ndarray, int, float]],
+    dense: np.ndarray | None = None,
+    magnitude: np.ndarray | None = None,
+) -> np.ndarray: ...

@@ -157,6 +157,17 @@ def read_adapter_config(directory: str | Path) -> dict:
     return config
 
 
+def lora_config_from_peft(config: dict) -> LoRAConfig:
+    """The LoRAConfig of a peft adapter_config.json dict: r, lora_alpha, lora_dropout, target_modules, use_rslora,
+    rank_pattern and alpha_pattern (so `rank_for` / `alpha_for` resolve per-module values as peft does)."""
+    return LoRAConfig(
+        r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
+        target_modules=config.get("target_modules") or ALL_LINEAR, rslora=bool(config.get("use_rslora", False)),
+        rank_pattern={k: int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+        alpha_pattern={k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
+    )
+
+
 def _check_supported(config: dict, path: Path) -> None:
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; nibblora loads LORA adapters only")
@@ -212,12 +223,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
                              "'<module>.lora_A.weight' and '<module>.lora_B.weight' keys")
         found.setdefault(match["module"], {})[match["which"]] = key
 
-    lora_config = LoRAConfig(
-        r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
-        target_modules=config["target_modules"], rslora=bool(config.get("use_rslora", False)),
-        rank_pattern={k: int(v) for k, v in (config.get("rank_pattern") or {}).items()},
-        alpha_pattern={k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
-    )
+    lora_config = lora_config_from_peft(config)
     module_names = dict(model.named_modules())
     for name, pair in sorted(found.items()):
         key = next(iter(pair.values()))

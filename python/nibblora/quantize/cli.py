@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from nibblora.quantize.source import QuantizeError
+from nibblora.export import run_tool
 from nibblora.quantize.tool import BLOCKSIZES, COMPUTE_DTYPES, QUANT_TYPES, quantize_checkpoint
 
 
@@ -37,24 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = quantize_checkpoint(
-            args.model,
-            args.out,
-            quant_type=args.quant_type,
-            blocksize=args.blocksize,
-            double_quant=args.double_quant,
-            compute_dtype=args.compute_dtype,
-            skip_modules=args.skip,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    except QuantizeError as err:
-        print(f"nibblora.quantize: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("nibblora.quantize: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(summary.format())
-    return 0
+    return run_tool("nibblora.quantize", lambda: quantize_checkpoint(
+        args.model,
+        args.out,
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        double_quant=args.double_quant,
+        compute_dtype=args.compute_dtype,
+        skip_modules=args.skip,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    ))

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 
+from nibblora.export import INDEX_NAME, SINGLE_NAME, ExportError, read_config_json
 from nibblora.safetensors_writer import SAFETENSORS_DTYPES
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 _MAX_HEADER_BYTES = 100 << 20
 
 
-class QuantizeError(ValueError):
+class QuantizeError(ExportError):
     """A problem with the user's input (files, config, options): reported as one line, exit code 2."""
 
 
@@ -125,14 +123,7 @@ def read_tensor(tensor: SourceTensor) -> torch.Tensor:
 def load_config(model_dir: Path) -> dict[str, object]:
     """config.json of a causal LM that is not already quantized."""
     path = model_dir / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QuantizeError(f"{path}: missing (is {model_dir} a Hugging Face checkpoint?)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise QuantizeError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise QuantizeError(f"{path}: not a JSON object")
+    config = read_config_json(model_dir)
     if not config.get("model_type"):
         raise QuantizeError(f"{path}: no model_type; only causal language models (…ForCausalLM) are supported")
     architectures = config.get("architectures") or []

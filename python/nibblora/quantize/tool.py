@@ -8,24 +8,31 @@ hidden sibling folder that is renamed into place only once complete.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache
 from math import ceil
 from pathlib import Path
 
 from nibblora.quant import QuantizedTensor, quantize_4bit, to_bnb_state_dict
 from nibblora.quant.state import NESTED_BLOCKSIZE
-from nibblora.quantize.source import INDEX_NAME, SINGLE_NAME, QuantizeError, SourceTensor, read_checkpoint, read_tensor
+from nibblora.export import (
+    atomic_output_dir,
+    copy_side_files,
+    human_bytes,
+    parse_size,
+    prepare_out_dir,
+    release_freed_memory,
+    shard_names,
+    split_shards,
+    write_shards,
+    write_config,
+    write_index,
+)
+from nibblora.quantize.source import QuantizeError, SourceTensor, read_checkpoint, read_tensor
 from nibblora.safetensors_writer import DeferredSpec, SafetensorsWriter, TensorSpec
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -43,8 +50,6 @@ LINEAR_LEAF_NAMES = frozenset(
     gate_proj up_proj down_proj gate_up_proj fc1 fc2 fc_in fc_out dense_h_to_4h dense_4h_to_h w1 w2 w3
     q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj x_proj dt_proj""".split()
 )
-# Weight formats next to the safetensors that would be stale in the output folder.
-_STALE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 # Longest repr of a float (sign, 17 digits, point, "e-308"): bounds the JSON quant state's length.
 _LONGEST_FLOAT = -1.2345678901234567e-308
 
@@ -78,7 +83,7 @@ class QuantizeSummary:
                 f"quantized {self.tensors_quantized} of {self.tensors_total} tensors "
                 f"({self.quant_type}, blocksize {self.blocksize}, {dq}) in {self.seconds:.1f} s",
                 f"parameters: {self.params_total:,} total, {self.params_quantized:,} quantized ({share:.1f}%)",
-                f"size: {_human(self.bytes_before)} -> {_human(self.bytes_after)} ({ratio:.2f}x smaller)",
+                f"size: {human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)} ({ratio:.2f}x smaller)",
                 f"quantized weights: {self.bits_per_param:.3f} bits/parameter",
                 f"wrote {self.out_dir} ({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''})",
             ]
@@ -89,31 +94,6 @@ class QuantizeSummary:
                 + ", ".join(self.unfamiliar)
             )
         return "\n".join(lines)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from 2000000000, "2GB" (10**9) or "2GiB" (2**30), as transformers' max_shard_size reads them."""
-    if isinstance(size, int):
-        value = size
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
-        if not match:
-            raise QuantizeError(f"cannot read size {size!r}: use bytes or a number with KB, MB, GB, GiB, ...")
-        number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-        powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-        powers |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-        value = int(number * powers[unit])
-    if value <= 0:
-        raise QuantizeError(f"max shard size must be positive, got {size!r}")
-    return value
 
 
 def module_name(tensor_name: str) -> str:
@@ -166,10 +146,11 @@ class _Item:
         return sum(s.nbytes for s in self.specs) + sum(d.max_nbytes for d in self.deferred)
 
 
-def _quantized_specs(
+def bnb_specs(
     t: SourceTensor, quant_type: str, blocksize: int, double_quant: bool
 ) -> tuple[list[TensorSpec], list[DeferredSpec]]:
-    """The tensors bitsandbytes' Linear4bit saves for weight `t` (see nibblora.quant.to_bnb_state_dict)."""
+    """The tensors bitsandbytes' Linear4bit saves for weight `t` (see nibblora.quant.to_bnb_state_dict); only
+    t.name, t.dtype and t.shape are read."""
     n = t.numel
     blocks = ceil(n / blocksize)
     p = t.name
@@ -222,7 +203,7 @@ def _plan(
                 )
             if t.numel == 0:
                 raise QuantizeError(f"{t.path}: tensor {t.name!r} is empty (shape {list(t.shape)})")
-            specs, deferred = _quantized_specs(t, quant_type, blocksize, double_quant)
+            specs, deferred = bnb_specs(t, quant_type, blocksize, double_quant)
             items.append(_Item(t, True, specs, deferred))
         else:
             items.append(_Item(t, False, [TensorSpec(t.name, t.dtype, t.shape)], []))
@@ -231,20 +212,7 @@ def _plan(
     return items
 
 
-def _split_shards(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
-    """Greedy, in reading order; a quantized weight's tensors stay together; an oversized item gets its own."""
-    shards: list[list[_Item]] = [[]]
-    size = 0
-    for item in items:
-        if shards[-1] and size + item.planned_bytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item.planned_bytes
-    return shards
-
-
-def _skip_modules_for_config(items: list[_Item], skip: Sequence[str]) -> list[str] | None:
+def skip_modules_for_config(items: list[_Item], skip: Sequence[str]) -> list[str] | None:
     """llm_int8_skip_modules to write. transformers converts every nn.Linear not matched by it, and with an
     explicit list it no longer adds its default (lm_head), so the list must name every 2-D weight we left
     unquantized outside the decoder layers. None (transformers' default) when that default covers them."""
@@ -307,42 +275,6 @@ def _check_options(quant_type: str, blocksize: int, compute_dtype: str) -> None:
         raise QuantizeError(f"compute dtype {compute_dtype!r} is not supported: use float32, bfloat16 or float16")
 
 
-def _prepare_out_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.resolve() == model_dir.resolve():
-        raise QuantizeError(f"{out_dir}: output folder is the input folder")
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise QuantizeError(f"{out_dir}: exists and is not a folder")
-        if any(out_dir.iterdir()):
-            if not overwrite:
-                raise QuantizeError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
-            if model_dir.resolve().is_relative_to(out_dir.resolve()):
-                raise QuantizeError(f"{out_dir}: --overwrite would delete the input folder {model_dir}")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / out_dir.name)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.rename(tmp, out_dir)
-
-
-def _copy_side_files(model_dir: Path, tmp: Path) -> None:
-    """Tokenizer files, generation_config.json, chat templates, README...: every plain file but the weights."""
-    for path in sorted(model_dir.iterdir()):
-        name = path.name
-        if not path.is_file() or name.startswith(".") or name == "config.json":
-            continue
-        if name.endswith(_STALE_WEIGHT_SUFFIXES) or name.endswith(".index.json"):
-            continue
-        shutil.copy2(path, tmp / name)
-
-
 def quantize_checkpoint(
     model_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -378,38 +310,18 @@ def quantize_checkpoint(
     skip = list(dict.fromkeys(skip_modules))
     config, tensors = read_checkpoint(model_dir)
     items = _plan(tensors, quant_type, blocksize, double_quant, skip)
-    _prepare_out_dir(model_dir, out_dir, overwrite)
-    shards = _split_shards(items, max_shard_bytes)
-    names = (
-        [SINGLE_NAME]
-        if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    )
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+    prepare_out_dir([model_dir], out_dir, overwrite)
+    shards = split_shards(items, max_shard_bytes)
+    names = shard_names(len(shards))
+    with atomic_output_dir(out_dir) as tmp:
         stats = _write_shards(tmp, shards, names, quant_type, blocksize, double_quant, progress)
         out_config = dict(config)
         out_config["quantization_config"] = bnb_quantization_config(
-            quant_type, double_quant, compute_dtype, _skip_modules_for_config(items, skip)
+            quant_type, double_quant, compute_dtype, skip_modules_for_config(items, skip)
         )
-        (tmp / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if len(shards) > 1:
-            weight_map = {name: file for file, names_in in stats.shard_tensors.items() for name in names_in}
-            index = {
-                "metadata": {"total_parameters": stats.params_saved, "total_size": stats.bytes_after},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _copy_side_files(model_dir, tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_config(tmp, out_config)
+        write_index(tmp, stats.shard_tensors, stats.bytes_after, stats.params_saved)
+        copy_side_files(model_dir, tmp)
     return QuantizeSummary(
         out_dir=out_dir,
         quant_type=quant_type,
@@ -426,23 +338,6 @@ def quantize_checkpoint(
         shards=names,
         unfamiliar=unfamiliar_patterns(items, skip),
     )
-
-
-@cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None  # not glibc
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc). Without it, glibc's adaptive mmap threshold puts tensors
-    of tens of MB on the heap once one such tensor has been freed, and the heap only grows: a 0.8B model then
-    peaks 700 MB higher. With it, the peak stays near the largest tensor."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 @dataclass
@@ -463,31 +358,17 @@ def _write_shards(
     double_quant: bool,
     progress: bool,
 ) -> _WriteStats:
-    """Read, quantize and write every item. Writing runs on one background thread, one item behind, so the
-    disk works while the next tensor is read and quantized; at most one finished item waits in memory."""
-    from tqdm.auto import tqdm
-
+    """Read, quantize and write every item (see nibblora.export.write_shards)."""
     stats = _WriteStats()
-    total = sum(i.source.nbytes for shard in shards for i in shard)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantizing", disable=not progress)
-    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="nibblora-write") as pool:
-        for items, name in zip(shards, names, strict=True):
-            specs = [s for i in items for s in i.specs]
-            deferred = [d for i in items for d in i.deferred]
-            with SafetensorsWriter(tmp / name, specs, deferred=deferred, metadata={"format": "pt"}) as writer:
-                pending: Future[None] | None = None
-                try:
-                    for item in items:
-                        job = _prepare_item(item, quant_type, blocksize, double_quant, stats)
-                        if pending is not None:
-                            pending.result()
-                        pending = pool.submit(job, writer)
-                        bar.update(item.source.nbytes)
-                finally:
-                    if pending is not None:
-                        pending.result()
-            stats.shard_tensors[name] = writer.names
-            stats.bytes_after += sum(s.nbytes for s in specs) + writer.deferred_nbytes
+    written = write_shards(
+        tmp,
+        shards,
+        names,
+        lambda item: _prepare_item(item, quant_type, blocksize, double_quant, stats),
+        desc="quantizing",
+        progress=progress,
+    )
+    stats.shard_tensors, stats.bytes_after = written.shard_tensors, written.nbytes
     return stats
 
 
@@ -504,7 +385,7 @@ def _prepare_item(
                 writer.copy_from(t.name, f, t.offset)
 
         return copy
-    _release_freed_memory()
+    release_freed_memory()
     weight = read_tensor(t)
     try:
         q: QuantizedTensor = quantize_4bit(weight, quant_type, blocksize, double_quant, name=t.name)

@@ -11,6 +11,21 @@ pub enum Error {
     NonFinite { index: usize },
     /// Two buffers that must agree in length do not.
     LengthMismatch { what: &'static str, expected: usize, got: usize },
+    /// The operating system refused a file operation; `path` names the file (maps to `OSError`, or
+    /// `FileNotFoundError` when `not_found`).
+    Io { path: String, message: String, not_found: bool },
+    /// A file's contents break its format (a corrupt or hostile safetensors header, a truncated file).
+    Format { path: String, message: String },
+}
+
+impl Error {
+    pub fn io(path: &std::path::Path, err: &std::io::Error) -> Self {
+        Error::Io {
+            path: path.display().to_string(),
+            message: err.to_string(),
+            not_found: err.kind() == std::io::ErrorKind::NotFound,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -27,6 +42,8 @@ impl fmt::Display for Error {
             Error::LengthMismatch { what, expected, got } => {
                 write!(f, "{what}: expected {expected} elements, got {got}")
             }
+            Error::Io { path, message, .. } => write!(f, "{path}: {message}"),
+            Error::Format { path, message } => write!(f, "{path}: {message}"),
         }
     }
 }

@@ -4,9 +4,13 @@
 //!
 //! - [`quant`]: blockwise 4-bit quantization (NF4, FP4, INT4) and double quantization of the block scales,
 //!   byte-compatible with bitsandbytes.
+//! - [`safetensors`]: checked, memory-mapped reading of safetensors files (hostile headers are refused).
+//! - [`merge`]: W + sum of scaled low-rank LoRA updates, accumulated in float32 and cast once, in parallel.
 
 pub mod buffer;
 pub mod error;
+pub mod merge;
 pub mod quant;
+pub mod safetensors;
 
 pub use error::{Error, Result};

@@ -1,0 +1,261 @@
+"""Writing a checkpoint folder, shared by the offline tools (`nibblora.quantize`, `nibblora.merge`).
+
+Output goes into a hidden sibling folder that is renamed into place only once complete (`atomic_output_dir`),
+so an error or Ctrl-C leaves nothing behind. Tensors are split greedily into shards of at most a given size,
+named as transformers names them, with a `model.safetensors.index.json` when there is more than one. Tokenizer
+files, generation_config.json, chat templates and the like are copied from the input folder.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from nibblora.safetensors_writer import DeferredSpec, SafetensorsWriter, TensorSpec
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Weight formats next to the safetensors that would be stale in the output folder.
+_STALE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+class ExportError(ValueError):
+    """A problem with the user's input (files, config, options): the tools report it as one line, exit code 2."""
+
+
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder as a dict; ExportError naming the file when missing or not an object."""
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing (is {model_dir} a Hugging Face checkpoint?)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{path}: not a JSON object")
+    return config
+
+
+def run_tool(prog: str, job: Callable[[], Any]) -> int:
+    """Run a tool's job and print its summary: exit 0; input errors one line on stderr, exit 2; Ctrl-C, 130."""
+    import sys
+
+    try:
+        summary = job()
+    except ExportError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(summary.format())
+    return 0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 2000000000, "2GB" (10**9) or "2GiB" (2**30), as transformers' max_shard_size reads them."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if not match:
+            raise ExportError(f"cannot read size {size!r}: use bytes or a number with KB, MB, GB, GiB, ...")
+        number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+        powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+        powers |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        value = int(number * powers[unit])
+    if value <= 0:
+        raise ExportError(f"max shard size must be positive, got {size!r}")
+    return value
+
+
+class Sized(Protocol):
+    @property
+    def planned_bytes(self) -> int: ...
+
+
+ItemT = TypeVar("ItemT", bound=Sized)
+
+
+def split_shards(items: Sequence[ItemT], max_shard_bytes: int) -> list[list[ItemT]]:
+    """Greedy, in reading order; an item's tensors stay together; an oversized item gets its own shard."""
+    shards: list[list[ItemT]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.planned_bytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.planned_bytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """model.safetensors, or model-00001-of-0000N.safetensors ... as transformers names shards."""
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_index(folder: Path, shard_tensors: dict[str, list[str]], total_size: int, total_parameters: int) -> None:
+    """model.safetensors.index.json for more than one shard (nothing for a single file)."""
+    if len(shard_tensors) <= 1:
+        return
+    weight_map = {name: file for file, names in shard_tensors.items() for name in names}
+    index = {
+        "metadata": {"total_parameters": total_parameters, "total_size": total_size},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_config(folder: Path, config: dict[str, object]) -> None:
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def prepare_out_dir(inputs: Sequence[Path], out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output folder that is an input, is a non-empty folder (without `overwrite`), or holds an input."""
+    for model_dir in inputs:
+        if out_dir.resolve() == model_dir.resolve():
+            raise ExportError(f"{out_dir}: output folder is the input folder")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ExportError(f"{out_dir}: exists and is not a folder")
+        if any(out_dir.iterdir()):
+            if not overwrite:
+                raise ExportError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+            for model_dir in inputs:
+                if model_dir.resolve().is_relative_to(out_dir.resolve()):
+                    raise ExportError(f"{out_dir}: --overwrite would delete the input folder {model_dir}")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / out_dir.name)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.rename(tmp, out_dir)
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of `out_dir`; on success it replaces `out_dir`, on any exception
+    (KeyboardInterrupt included) it is deleted and `out_dir` is left as it was."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(model_dir: Path, folder: Path) -> None:
+    """Tokenizer files, generation_config.json, chat templates, README...: every plain file but the weights."""
+    for path in sorted(model_dir.iterdir()):
+        name = path.name
+        if not path.is_file() or name.startswith(".") or name == "config.json":
+            continue
+        if name.endswith(_STALE_WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        shutil.copy2(path, folder / name)
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None  # not glibc
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). Without it, glibc's adaptive mmap threshold puts tensors
+    of tens of MB on the heap once one such tensor has been freed, and the heap only grows: a 0.8B model then
+    peaks 700 MB higher. With it, the peak stays near the largest tensor."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class ShardItem(Protocol):
+    """What `write_shards` needs of an item: its output tensors and its input size (for the progress bar)."""
+
+    specs: list[TensorSpec]
+    deferred: list[DeferredSpec]
+
+    @property
+    def source(self) -> Any: ...  # anything with .nbytes
+
+
+@dataclass
+class WrittenShards:
+    shard_tensors: dict[str, list[str]] = field(default_factory=dict)  # shard file -> tensor names
+    nbytes: int = 0  # tensor bytes written, headers excluded
+
+
+def write_shards(
+    folder: Path,
+    shards: Sequence[Sequence[ShardItem]],
+    names: Sequence[str],
+    prepare: Callable[[Any], Callable[[SafetensorsWriter], None]],
+    *,
+    desc: str,
+    progress: bool,
+) -> WrittenShards:
+    """Write every shard. `prepare(item)` does the item's reading and computing now and returns what is left:
+    writing it. Writing runs on one background thread, one item behind, so the disk works while the next item
+    is computed; at most one finished item waits in memory. A progress bar (tqdm, stderr) counts input bytes."""
+    from tqdm.auto import tqdm
+
+    written = WrittenShards()
+    total = sum(i.source.nbytes for shard in shards for i in shard)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="nibblora-write") as pool:
+        for items, name in zip(shards, names, strict=True):
+            specs = [s for i in items for s in i.specs]
+            deferred = [d for i in items for d in i.deferred]
+            with SafetensorsWriter(folder / name, specs, deferred=deferred, metadata={"format": "pt"}) as writer:
+                pending: Future[None] | None = None
+                try:
+                    for item in items:
+                        job = prepare(item)
+                        if pending is not None:
+                            pending.result()
+                        pending = pool.submit(job, writer)
+                        bar.update(item.source.nbytes)
+                finally:
+                    if pending is not None:
+                        pending.result()
+            written.shard_tensors[name] = writer.names
+            written.nbytes += sum(s.nbytes for s in specs) + writer.deferred_nbytes
+    return written

@@ -1,0 +1,3 @@
+from nibblora.merge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from nibblora.verify.check import main
+
+raise SystemExit(main())
