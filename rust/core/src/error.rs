@@ -11,6 +11,16 @@ pub enum Error {
     NonFinite { index: usize },
     /// Two buffers that must agree in length do not.
     LengthMismatch { what: &'static str, expected: usize, got: usize },
+    /// A file could not be opened, read or written (maps to `FileNotFoundError` when `not_found`, else `OSError`).
+    Io { path: String, message: String, not_found: bool },
+    /// A chat template failed to compile or render; the message says where and why (maps to `ValueError`).
+    Template(String),
+    /// The tokenizer file is missing pieces or cannot be read (maps to `ValueError`).
+    Tokenizer(String),
+    /// One input row is malformed; `location` is `file:line` or `row N` (maps to `ValueError`).
+    Input { location: String, message: String },
+    /// The caller asked to stop (Ctrl-C reached the progress callback); nothing was kept.
+    Interrupted,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -27,8 +37,21 @@ impl fmt::Display for Error {
             Error::LengthMismatch { what, expected, got } => {
                 write!(f, "{what}: expected {expected} elements, got {got}")
             }
+            Error::Io { path, message, .. } => write!(f, "{path}: {message}"),
+            Error::Template(msg) | Error::Tokenizer(msg) => write!(f, "{msg}"),
+            Error::Input { location, message } => write!(f, "{location}: {message}"),
+            Error::Interrupted => write!(f, "interrupted"),
         }
     }
 }
 
 impl std::error::Error for Error {}
+
+impl Error {
+    /// An I/O failure on `path`, phrased for a user.
+    pub fn io(path: &std::path::Path, err: &std::io::Error) -> Error {
+        let not_found = err.kind() == std::io::ErrorKind::NotFound;
+        let message = if not_found { "no such file or folder".to_string() } else { err.to_string() };
+        Error::Io { path: path.display().to_string(), message, not_found }
+    }
+}

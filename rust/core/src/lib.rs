@@ -4,8 +4,10 @@
 //!
 //! - [`quant`]: blockwise 4-bit quantization (NF4, FP4, INT4) and double quantization of the block scales,
 //!   byte-compatible with bitsandbytes.
+//! - [`data`]: SFT data preparation: chat templates, tokenization, loss masks, packing, the prepared format.
 
 pub mod buffer;
+pub mod data;
 pub mod error;
 pub mod quant;
 
