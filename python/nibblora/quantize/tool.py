@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +22,7 @@ from functools import cache
 from math import ceil
 from pathlib import Path
 
+from nibblora.outdir import check_out_dir, human_bytes, move_into_place, temp_sibling
 from nibblora.quant import QuantizedTensor, quantize_4bit, to_bnb_state_dict
 from nibblora.quant.state import NESTED_BLOCKSIZE
 from nibblora.quantize.source import INDEX_NAME, SINGLE_NAME, QuantizeError, SourceTensor, read_checkpoint, read_tensor
@@ -78,7 +78,7 @@ class QuantizeSummary:
                 f"quantized {self.tensors_quantized} of {self.tensors_total} tensors "
                 f"({self.quant_type}, blocksize {self.blocksize}, {dq}) in {self.seconds:.1f} s",
                 f"parameters: {self.params_total:,} total, {self.params_quantized:,} quantized ({share:.1f}%)",
-                f"size: {_human(self.bytes_before)} -> {_human(self.bytes_after)} ({ratio:.2f}x smaller)",
+                f"size: {human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)} ({ratio:.2f}x smaller)",
                 f"quantized weights: {self.bits_per_param:.3f} bits/parameter",
                 f"wrote {self.out_dir} ({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''})",
             ]
@@ -89,14 +89,6 @@ class QuantizeSummary:
                 + ", ".join(self.unfamiliar)
             )
         return "\n".join(lines)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError
 
 
 def parse_size(size: int | str) -> int:
@@ -308,28 +300,7 @@ def _check_options(quant_type: str, blocksize: int, compute_dtype: str) -> None:
 
 
 def _prepare_out_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.resolve() == model_dir.resolve():
-        raise QuantizeError(f"{out_dir}: output folder is the input folder")
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise QuantizeError(f"{out_dir}: exists and is not a folder")
-        if any(out_dir.iterdir()):
-            if not overwrite:
-                raise QuantizeError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
-            if model_dir.resolve().is_relative_to(out_dir.resolve()):
-                raise QuantizeError(f"{out_dir}: --overwrite would delete the input folder {model_dir}")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / out_dir.name)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.rename(tmp, out_dir)
+    check_out_dir(out_dir, overwrite, [model_dir], QuantizeError)
 
 
 def _copy_side_files(model_dir: Path, tmp: Path) -> None:
@@ -386,12 +357,8 @@ def quantize_checkpoint(
         else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_sibling(out_dir)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         stats = _write_shards(tmp, shards, names, quant_type, blocksize, double_quant, progress)
         out_config = dict(config)
         out_config["quantization_config"] = bnb_quantization_config(
@@ -406,7 +373,7 @@ def quantize_checkpoint(
             }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _copy_side_files(model_dir, tmp)
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -39,6 +39,7 @@ impl fmt::Display for Error {
             }
             Error::Io { path, message, .. } => write!(f, "{path}: {message}"),
             Error::Template(msg) | Error::Tokenizer(msg) => write!(f, "{msg}"),
+            Error::Input { location, message } if location.is_empty() => write!(f, "{message}"),
             Error::Input { location, message } => write!(f, "{location}: {message}"),
             Error::Interrupted => write!(f, "interrupted"),
         }

@@ -138,6 +138,15 @@ impl Encoder {
         Ok(Example { ids: encoded.ids, mask })
     }
 
+    /// The rendered text alone (e.g. a prompt with `add_generation_prompt`), as transformers renders it.
+    pub fn render_plain(&self, messages: &Json, add_generation_prompt: bool) -> Result<String> {
+        let Some(template) = &self.template else {
+            return Err(row_error("conversation rows need a chat template (--template)"));
+        };
+        let escaped = self.check_messages(messages)?;
+        Ok(strip_markers(&template.render_raw(escaped.as_ref().unwrap_or(messages), add_generation_prompt)?).text)
+    }
+
     /// The rendered conversation and the byte spans the loss looks at (before the `All` policy applies).
     pub fn render_with_spans(&self, messages: &Json) -> Result<(Rendered, Vec<Range<usize>>)> {
         let Some(template) = &self.template else {
