@@ -47,6 +47,12 @@ def convert(model: Path, out_dir: Path) -> Path:
     proto.ParseFromString(model.read_bytes())
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    # Control pieces (<s>, </s>) and <unk> become special added tokens, as in the tokenizer.json files models
+    # ship: a chat template's "<s>" then maps to BOS instead of being spelled out in pieces.
+    from tokenizers import AddedToken
+
+    specials = [p.piece for p in proto.pieces if p.type in (2, 3)]  # UNKNOWN, CONTROL
+    tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "tokenizer.json"
     tokenizer.save(str(path))
