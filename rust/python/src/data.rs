@@ -59,14 +59,19 @@ impl DataPipeline {
             .map(|source| ChatTemplate::new(&source, variables))
             .transpose()
             .map_err(|e| to_py_err("compiling the chat template", e))?;
-        let encoder = Encoder::new(template, tokenizer, train_on, content_specials_as_text, eos_token.as_deref());
+        let encoder =
+            Encoder::new(template, tokenizer, train_on, content_specials_as_text, eos_token.as_deref());
         Ok(DataPipeline { encoder })
     }
 
     /// render(messages_json, add_generation_prompt=False) -> (text, spans): the assistant spans the loss
     /// looks at, as (start, end) character offsets (generation tags, or role spans without them).
     #[pyo3(signature = (messages_json, add_generation_prompt=false))]
-    fn render(&self, messages_json: &str, add_generation_prompt: bool) -> PyResult<(String, Vec<(usize, usize)>)> {
+    fn render(
+        &self,
+        messages_json: &str,
+        add_generation_prompt: bool,
+    ) -> PyResult<(String, Vec<(usize, usize)>)> {
         let messages: serde_json::Value = serde_json::from_str(messages_json)
             .map_err(|e| to_py_err("reading messages", Error::InvalidArgument(e.to_string())))?;
         if add_generation_prompt {
@@ -77,10 +82,14 @@ impl DataPipeline {
                 .map_err(|e| to_py_err("rendering the chat template", e))?;
             return Ok((rendered, vec![]));
         }
-        let (rendered, spans) =
-            self.encoder.render_with_spans(&messages).map_err(|e| to_py_err("rendering the chat template", e))?;
-        let spans =
-            spans.iter().map(|s| (char_offset(&rendered.text, s.start), char_offset(&rendered.text, s.end))).collect();
+        let (rendered, spans) = self
+            .encoder
+            .render_with_spans(&messages)
+            .map_err(|e| to_py_err("rendering the chat template", e))?;
+        let spans = spans
+            .iter()
+            .map(|s| (char_offset(&rendered.text, s.start), char_offset(&rendered.text, s.end)))
+            .collect();
         Ok((rendered.text, spans))
     }
 
@@ -92,14 +101,21 @@ impl DataPipeline {
     ) -> PyResult<(Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u8>>)> {
         let row: serde_json::Value = serde_json::from_str(row_json)
             .map_err(|e| to_py_err("reading the row", Error::InvalidArgument(e.to_string())))?;
-        let example = py.allow_threads(|| self.encoder.encode_row(&row)).map_err(|e| to_py_err("encoding the row", e))?;
+        let example = py
+            .allow_threads(|| self.encoder.encode_row(&row))
+            .map_err(|e| to_py_err("encoding the row", e))?;
         Ok((PyArray1::from_vec(py, example.ids), PyArray1::from_vec(py, example.mask)))
     }
 
     /// tokenize(text, add_special_tokens=False) -> list of ids, as the tokenizers package would.
     #[pyo3(signature = (text, add_special_tokens=false))]
     fn tokenize(&self, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
-        Ok(self.encoder.tokenizer().encode(text, add_special_tokens).map_err(|e| to_py_err("tokenizing", e))?.ids)
+        Ok(self
+            .encoder
+            .tokenizer()
+            .encode(text, add_special_tokens)
+            .map_err(|e| to_py_err("tokenizing", e))?
+            .ids)
     }
 
     /// prepare(sources, out_dir, ..., progress=None) -> stats dict. `sources` is a list of ("jsonl", path) or
@@ -126,11 +142,20 @@ impl DataPipeline {
             let kind: String = source.get_item(0)?.extract()?;
             owned.push(match kind.as_str() {
                 "jsonl" => Source::JsonLines(source.get_item(1)?.extract()?),
-                _ => Source::Rows { name: source.get_item(1)?.extract()?, rows: source.get_item(2)?.extract()? },
+                _ => Source::Rows {
+                    name: source.get_item(1)?.extract()?,
+                    rows: source.get_item(2)?.extract()?,
+                },
             });
         }
-        let options =
-            PrepareOptions { max_length, truncation, pack, shard, skip_bad_lines, batch_rows: batch_rows.max(1) };
+        let options = PrepareOptions {
+            max_length,
+            truncation,
+            pack,
+            shard,
+            skip_bad_lines,
+            batch_rows: batch_rows.max(1),
+        };
         let mut callback_error: Option<PyErr> = None;
         let result = py.allow_threads(|| {
             let mut report = |stats: &PrepareStats| -> nibblora_core::Result<()> {

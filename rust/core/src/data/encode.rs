@@ -34,7 +34,8 @@ impl TrainOn {
 }
 
 /// Roles a message may have; anything else is refused as a likely typo.
-pub const KNOWN_ROLES: [&str; 7] = ["system", "user", "assistant", "tool", "developer", "function", "ipython"];
+pub const KNOWN_ROLES: [&str; 7] =
+    ["system", "user", "assistant", "tool", "developer", "function", "ipython"];
 
 /// A tokenized training example: token ids and a 0/1 loss mask of the same length.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -144,7 +145,8 @@ impl Encoder {
             return Err(row_error("conversation rows need a chat template (--template)"));
         };
         let escaped = self.check_messages(messages)?;
-        Ok(strip_markers(&template.render_raw(escaped.as_ref().unwrap_or(messages), add_generation_prompt)?).text)
+        Ok(strip_markers(&template.render_raw(escaped.as_ref().unwrap_or(messages), add_generation_prompt)?)
+            .text)
     }
 
     /// The rendered conversation and the byte spans the loss looks at (before the `All` policy applies).
@@ -226,7 +228,8 @@ impl Encoder {
                 if text.contains(MARKERS) {
                     bad = Some("holds a Unicode noncharacter U+FDD0..U+FDD3, which nibblora reserves");
                 }
-                if self.content_specials_as_text && self.tokenizer.special_strings().any(|s| text.contains(s)) {
+                if self.content_specials_as_text && self.tokenizer.special_strings().any(|s| text.contains(s))
+                {
                     needs_escape = true;
                 }
             });

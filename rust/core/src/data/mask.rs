@@ -15,7 +15,8 @@ pub fn build_loss_mask(offsets: &[(usize, usize)], spans: &[Range<usize>]) -> Ve
             span += 1;
         }
         let Some(s) = spans.get(span) else { break };
-        let overlaps = if start == end { s.start <= start && start < s.end } else { start < s.end && end > s.start };
+        let overlaps =
+            if start == end { s.start <= start && start < s.end } else { start < s.end && end > s.start };
         mask[token] = u8::from(overlaps);
     }
     mask

@@ -131,15 +131,15 @@ pub fn prepare(
                     keep
                 })
                 .collect();
-            let encoded: Vec<Result<Example>> = mine
-                .par_iter()
-                .map(|(location, line)| encode_line(encoder, location, line))
-                .collect();
+            let encoded: Vec<Result<Example>> =
+                mine.par_iter().map(|(location, line)| encode_line(encoder, location, line)).collect();
             for ((location, _), result) in mine.iter().zip(encoded) {
                 stats.rows_in += 1;
                 let example = match result {
                     Ok(example) => example,
-                    Err(Error::Input { message, .. }) if options.skip_bad_lines && message.starts_with(BAD_JSON) => {
+                    Err(Error::Input { message, .. })
+                        if options.skip_bad_lines && message.starts_with(BAD_JSON) =>
+                    {
                         stats.skipped_bad_lines += 1;
                         continue;
                     }
@@ -175,7 +175,9 @@ const BAD_JSON: &str = "malformed JSON";
 fn encode_line(encoder: &Encoder, location: &str, line: &str) -> Result<Example> {
     let row: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Input {
         location: location.to_string(),
-        message: format!("{BAD_JSON} ({e}); fix the line or pass --skip-bad-lines to skip and count such lines"),
+        message: format!(
+            "{BAD_JSON} ({e}); fix the line or pass --skip-bad-lines to skip and count such lines"
+        ),
     })?;
     encoder.encode_row(&row).map_err(|e| match e {
         Error::Input { message, .. } => Error::Input { location: location.to_string(), message },
@@ -277,7 +279,11 @@ impl<'a> RowReader<'a> {
                         not_found: false,
                     });
                 }
-                RowReader::File { path: path.clone(), reader: BufReader::with_capacity(1 << 20, file), line: 0 }
+                RowReader::File {
+                    path: path.clone(),
+                    reader: BufReader::with_capacity(1 << 20, file),
+                    line: 0,
+                }
             }
             Source::Rows { name, rows } => RowReader::Rows { name, rows, next: 0 },
         })

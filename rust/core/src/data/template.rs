@@ -122,9 +122,12 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_filter("_nibblora_generation", |body: String| format!("{GEN_OPEN}{body}{GEN_CLOSE}"));
-        env.add_function("raise_exception", |message: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("{RAISED_PREFIX}{message}")))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("{RAISED_PREFIX}{message}")))
+            },
+        );
         env.add_function("strftime_now", |format: String| strftime_now(&format));
         env.add_template_owned(TEMPLATE_NAME, rewritten)
             .map_err(|e| Error::Template(format!("chat template does not compile: {}", describe(&e))))?;
@@ -137,7 +140,11 @@ impl ChatTemplate {
     }
 
     /// Render `messages` (a JSON array of message objects) with markers left in place.
-    pub(crate) fn render_raw(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<String> {
+    pub(crate) fn render_raw(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -355,7 +362,11 @@ fn python_float_repr(f: f64) -> String {
     let exponent: i32 = exponent.parse().unwrap_or(0);
     if (-4..16).contains(&exponent) {
         let plain = format!("{f}");
-        if plain.contains('.') { plain } else { format!("{plain}.0") }
+        if plain.contains('.') {
+            plain
+        } else {
+            format!("{plain}.0")
+        }
     } else {
         let sign = if exponent < 0 { '-' } else { '+' };
         format!("{mantissa}e{sign}{:02}", exponent.abs())
@@ -364,14 +375,25 @@ fn python_float_repr(f: f64) -> String {
 
 /// `strftime_now(format)`: the current UTC time, for the directives chat templates use.
 fn strftime_now(format: &str) -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     format_time(secs as i64, format)
 }
 
 pub(crate) fn format_time(secs: i64, format: &str) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
     let days = secs.div_euclid(86_400);
@@ -448,8 +470,10 @@ mod tests {
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let t = ChatTemplate::new("{{ messages | tojson }}|{{ messages | tojson(indent=2) }}", vec![]).unwrap();
-        let r = t.render(&json!([{"a": 1.5, "b": "é<\"x\">\n", "c": [true, null], "d": 1e-7}]), false).unwrap();
+        let t =
+            ChatTemplate::new("{{ messages | tojson }}|{{ messages | tojson(indent=2) }}", vec![]).unwrap();
+        let r =
+            t.render(&json!([{"a": 1.5, "b": "é<\"x\">\n", "c": [true, null], "d": 1e-7}]), false).unwrap();
         assert_eq!(
             r.text,
             "[{\"a\": 1.5, \"b\": \"é<\\\"x\\\">\\n\", \"c\": [true, null], \"d\": 1e-07}]|[\n  {\n    \"a\": 1.5,\n    \
