@@ -84,3 +84,40 @@ def merge_array(
     dense: np.ndarray | None = None,
     magnitude: np.ndarray | None = None,
 ) -> np.ndarray: ...
+
+# Data preparation (nibblora.data wraps these).
+TEMPLATE_NAMES: list[str]
+
+def named_template_source(name: str) -> str | None:
+    """The Jinja source of a named chat format (chatml, llama-2, llama-3, mistral, alpaca), or None."""
+
+class DataPipeline:
+    """A tokenizer.json + chat template + policies, compiled once; all calls release the GIL for long work."""
+
+    def __init__(
+        self,
+        tokenizer_path: str,
+        template_source: str | None,
+        variables: list[tuple[str, str]],
+        train_on: str = "assistant",
+        content_specials_as_text: bool = True,
+        eos_token: str | None = None,
+    ) -> None: ...
+    def render(self, messages_json: str, add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """(text, loss spans as character offsets)."""
+    def encode(self, row_json: str) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint8]]:
+        """(input_ids, loss_mask) of one row."""
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+    def prepare(
+        self,
+        sources: list[tuple],
+        out_dir: str,
+        max_length: int | None = None,
+        truncation: str = "keep-start",
+        pack: bool = False,
+        shard: tuple[int, int] = (0, 1),
+        skip_bad_lines: bool = False,
+        batch_rows: int = 2048,
+        progress: object | None = None,
+    ) -> dict[str, int]:
+        """Prepare ("jsonl", path) / ("rows", name, [json]) sources into out_dir; returns the counts."""

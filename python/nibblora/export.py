@@ -11,10 +11,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from nibblora.outdir import check_out_dir, human_bytes, move_into_place, temp_sibling  # noqa: F401 (human_bytes re-exported)
 from nibblora.safetensors_writer import DeferredSpec, SafetensorsWriter, TensorSpec
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -63,14 +62,6 @@ def run_tool(prog: str, job: Callable[[], Any]) -> int:
         return 130
     print(summary.format())
     return 0
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError
 
 
 def parse_size(size: int | str) -> int:
@@ -136,44 +127,17 @@ def write_config(folder: Path, config: dict[str, object]) -> None:
 
 def prepare_out_dir(inputs: Sequence[Path], out_dir: Path, overwrite: bool) -> None:
     """Refuse an output folder that is an input, is a non-empty folder (without `overwrite`), or holds an input."""
-    for model_dir in inputs:
-        if out_dir.resolve() == model_dir.resolve():
-            raise ExportError(f"{out_dir}: output folder is the input folder")
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ExportError(f"{out_dir}: exists and is not a folder")
-        if any(out_dir.iterdir()):
-            if not overwrite:
-                raise ExportError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
-            for model_dir in inputs:
-                if model_dir.resolve().is_relative_to(out_dir.resolve()):
-                    raise ExportError(f"{out_dir}: --overwrite would delete the input folder {model_dir}")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / out_dir.name)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.rename(tmp, out_dir)
+    check_out_dir(out_dir, overwrite, inputs, ExportError)
 
 
 @contextmanager
 def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a hidden temporary sibling of `out_dir`; on success it replaces `out_dir`, on any exception
     (KeyboardInterrupt included) it is deleted and `out_dir` is left as it was."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_sibling(out_dir)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         yield tmp
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

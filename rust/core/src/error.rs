@@ -11,21 +11,18 @@ pub enum Error {
     NonFinite { index: usize },
     /// Two buffers that must agree in length do not.
     LengthMismatch { what: &'static str, expected: usize, got: usize },
-    /// The operating system refused a file operation; `path` names the file (maps to `OSError`, or
-    /// `FileNotFoundError` when `not_found`).
+    /// A file could not be opened, read or written (maps to `FileNotFoundError` when `not_found`, else `OSError`).
     Io { path: String, message: String, not_found: bool },
+    /// A chat template failed to compile or render; the message says where and why (maps to `ValueError`).
+    Template(String),
+    /// The tokenizer file is missing pieces or cannot be read (maps to `ValueError`).
+    Tokenizer(String),
+    /// One input row is malformed; `location` is `file:line` or `row N` (maps to `ValueError`).
+    Input { location: String, message: String },
+    /// The caller asked to stop (Ctrl-C reached the progress callback); nothing was kept.
+    Interrupted,
     /// A file's contents break its format (a corrupt or hostile safetensors header, a truncated file).
     Format { path: String, message: String },
-}
-
-impl Error {
-    pub fn io(path: &std::path::Path, err: &std::io::Error) -> Self {
-        Error::Io {
-            path: path.display().to_string(),
-            message: err.to_string(),
-            not_found: err.kind() == std::io::ErrorKind::NotFound,
-        }
-    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -44,8 +41,21 @@ impl fmt::Display for Error {
             }
             Error::Io { path, message, .. } => write!(f, "{path}: {message}"),
             Error::Format { path, message } => write!(f, "{path}: {message}"),
+            Error::Template(msg) | Error::Tokenizer(msg) => write!(f, "{msg}"),
+            Error::Input { location, message } if location.is_empty() => write!(f, "{message}"),
+            Error::Input { location, message } => write!(f, "{location}: {message}"),
+            Error::Interrupted => write!(f, "interrupted"),
         }
     }
 }
 
 impl std::error::Error for Error {}
+
+impl Error {
+    /// An I/O failure on `path`, phrased for a user.
+    pub fn io(path: &std::path::Path, err: &std::io::Error) -> Error {
+        let not_found = err.kind() == std::io::ErrorKind::NotFound;
+        let message = if not_found { "no such file or folder".to_string() } else { err.to_string() };
+        Error::Io { path: path.display().to_string(), message, not_found }
+    }
+}

@@ -6,8 +6,10 @@
 //!   byte-compatible with bitsandbytes.
 //! - [`safetensors`]: checked, memory-mapped reading of safetensors files (hostile headers are refused).
 //! - [`merge`]: W + sum of scaled low-rank LoRA updates, accumulated in float32 and cast once, in parallel.
+//! - [`data`]: SFT data preparation: chat templates, tokenization, loss masks, packing, the prepared format.
 
 pub mod buffer;
+pub mod data;
 pub mod error;
 pub mod merge;
 pub mod quant;

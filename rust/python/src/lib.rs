@@ -6,6 +6,7 @@
 
 use pyo3::prelude::*;
 
+mod data;
 mod errors;
 mod merge;
 mod pool;
@@ -15,6 +16,7 @@ mod quant;
 /// area (merge, data) adds one `mod` line and one `register` call here.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    data::register(m)?;
     merge::register(m)?;
     pool::register(m)?;
     quant::register(m)?;

@@ -1,0 +1,3 @@
+from nibblora.prepare.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""The command line of `python -m nibblora.prepare`: argparse over `nibblora.data.prepare_dataset`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from nibblora.data import TEMPLATE_NAMES, TRAIN_ON, TRUNCATION, DataError, combine_shards, prepare_dataset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nibblora.prepare",
+        description="Render chat templates, tokenize and build loss masks (and pack) in Rust, into a folder of "
+        "memory-mappable arrays that nibblora.data.PreparedDataset reads.",
+    )
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json (+ tokenizer_config.json), or the file")
+    parser.add_argument("--template", default=None,
+                        help=f"a name ({', '.join(TEMPLATE_NAMES)}), a .jinja file, a tokenizer_config.json, or "
+                        "omit for the tokenizer's own chat template")
+    parser.add_argument("--input", nargs="+", action="extend", default=[], metavar="FILE",
+                        help="JSON Lines or Parquet files: rows of messages, prompt/completion or text")
+    parser.add_argument("--output", required=True, help="output folder (written atomically)")
+    parser.add_argument("--max-length", type=int, default=None, metavar="N", help="longest row, in tokens")
+    parser.add_argument("--truncation", default="keep-start", choices=TRUNCATION,
+                        help="for documents over --max-length (default keep-start)")
+    parser.add_argument("--pack", action="store_true", help="pack documents into rows of --max-length tokens")
+    parser.add_argument("--train-on", default="assistant", choices=TRAIN_ON,
+                        help="which turns the loss looks at (default assistant)")
+    parser.add_argument("--shard", default="0/1", metavar="I/N", help="prepare only rows p with p %% N == I")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed JSON lines")
+    parser.add_argument("--special-tokens-in-content", default="text", choices=("text", "special"),
+                        help="tokenize special-token strings inside messages as plain text (default) or as "
+                        "the special tokens")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="DIR",
+                        help="instead of preparing: concatenate prepared shard folders into --output")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.combine:
+            ds = combine_shards(args.combine, args.output, overwrite=args.overwrite)
+            print(f"combined {len(args.combine)} shards into {args.output}: {len(ds):,} rows, "
+                  f"{len(ds.input_ids):,} tokens")
+            return 0
+        if not args.tokenizer or not args.input:
+            parser.error("--tokenizer and --input are required (or --combine DIR...)")
+        summary = prepare_dataset(
+            args.input,
+            args.output,
+            tokenizer=args.tokenizer,
+            template=args.template,
+            max_length=args.max_length,
+            pack=args.pack,
+            train_on=args.train_on,
+            truncation=args.truncation,
+            shard=args.shard,
+            skip_bad_lines=args.skip_bad_lines,
+            special_tokens_in_content=args.special_tokens_in_content,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except DataError as err:
+        print(f"nibblora.prepare: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nibblora.prepare: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(summary.format())
+    return 0
