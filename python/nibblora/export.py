@@ -48,13 +48,14 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def run_tool(prog: str, job: Callable[[], Any]) -> int:
-    """Run a tool's job and print its summary: exit 0; input errors one line on stderr, exit 2; Ctrl-C, 130."""
+def run_tool(prog: str, job: Callable[[], Any], errors: tuple[type[Exception], ...] = (ExportError,)) -> int:
+    """Run a tool's job and print its summary (`.format()`): exit 0; one of `errors` (the user's input was
+    wrong) prints one line on stderr and exits 2; Ctrl-C exits 130."""
     import sys
 
     try:
         summary = job()
-    except ExportError as err:
+    except errors as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

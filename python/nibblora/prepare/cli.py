@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from nibblora.export import run_tool
 from nibblora.data import TEMPLATE_NAMES, TRAIN_ON, TRUNCATION, DataError, combine_shards, prepare_dataset
 
 
@@ -40,37 +41,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class CombineSummary:
+    shards: int
+    output: str
+    rows: int
+    tokens: int
+
+    def format(self) -> str:
+        return f"combined {self.shards} shards into {self.output}: {self.rows:,} rows, {self.tokens:,} tokens"
+
+
+def run(args: argparse.Namespace) -> CombineSummary | object:
+    """The job behind the command line: combine shards, or prepare a dataset. Returns a summary."""
+    if args.combine:
+        ds = combine_shards(args.combine, args.output, overwrite=args.overwrite)
+        return CombineSummary(len(args.combine), str(args.output), len(ds), len(ds.input_ids))
+    return prepare_dataset(
+        args.input,
+        args.output,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        max_length=args.max_length,
+        pack=args.pack,
+        train_on=args.train_on,
+        truncation=args.truncation,
+        shard=args.shard,
+        skip_bad_lines=args.skip_bad_lines,
+        special_tokens_in_content=args.special_tokens_in_content,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.combine:
-            ds = combine_shards(args.combine, args.output, overwrite=args.overwrite)
-            print(f"combined {len(args.combine)} shards into {args.output}: {len(ds):,} rows, "
-                  f"{len(ds.input_ids):,} tokens")
-            return 0
-        if not args.tokenizer or not args.input:
-            parser.error("--tokenizer and --input are required (or --combine DIR...)")
-        summary = prepare_dataset(
-            args.input,
-            args.output,
-            tokenizer=args.tokenizer,
-            template=args.template,
-            max_length=args.max_length,
-            pack=args.pack,
-            train_on=args.train_on,
-            truncation=args.truncation,
-            shard=args.shard,
-            skip_bad_lines=args.skip_bad_lines,
-            special_tokens_in_content=args.special_tokens_in_content,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    except DataError as err:
-        print(f"nibblora.prepare: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("nibblora.prepare: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(summary.format())
-    return 0
+    if not args.combine and (not args.tokenizer or not args.input):
+        parser.error("--tokenizer and --input are required (or --combine DIR...)")
+    return run_tool("nibblora.prepare", lambda: run(args), errors=(DataError,))
