@@ -17,6 +17,7 @@ import contextlib
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,9 +237,12 @@ def _train(config: TrainConfig, train_dataset, eval_datasets, info: DistInfo, wr
 
     train_model: nn.Module = model
     if info.enabled:
-        # Every rank built the same model from the same seed, so nothing needs broadcasting.
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)
+        # Every rank built the same model from the same seed, so nothing needs broadcasting. broadcast_buffers is
+        # deprecated in favour of forward_sync_buffers, which still syncs at init; we want no sync at all.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
 
     result = TrainResult(output_dir, "finished", start_step, trainable_params=trainable)
     longest_seen = 0
