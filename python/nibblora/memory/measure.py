@@ -1,23 +1,33 @@
-"""Measured training memory: the CUDA caching allocator's counters on a GPU, the process's resident set on a CPU.
+"""Measured training memory: the CUDA caching allocator's counters on a GPU, the process's anonymous memory on a CPU.
 
 On CUDA, allocated/reserved/peak are torch.cuda.memory_allocated / memory_reserved / max_memory_allocated.
-PyTorch's CPU allocator keeps no statistics, so on a CPU we use the kernel's: resident set size (RSS) now, and its
-high-water mark (getrusage ru_maxrss), both minus the RSS measured just before the model was loaded. glibc keeps
-freed blocks for reuse, so like CUDA's "reserved" this counts memory the allocator holds, not only live tensors.
+PyTorch's CPU allocator keeps no statistics, so on a CPU we read the kernel's: the process's anonymous resident
+memory (RssAnon in /proc/self/status: heap and mmapped tensors, not the code pages of libtorch that the first
+backward pulls in), minus its value just before the model was loaded. A sampler thread reads it every 2 ms and
+keeps the highest value, so a short spike between two samples can be missed. glibc keeps freed blocks for reuse,
+so like CUDA's "reserved" this counts memory the allocator holds, not only live tensors. Where /proc is missing
+(macOS), the resident set size stands in.
 """
 
 from __future__ import annotations
 
-import resource
-import sys
+import threading
 
 import psutil
 import torch
 
+SAMPLE_SECONDS = 0.002
 
-def _max_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports kilobytes, macOS bytes
+
+def _anonymous_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return psutil.Process().memory_info().rss
 
 
 class MemoryMeter:
@@ -25,18 +35,28 @@ class MemoryMeter:
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        self._process = psutil.Process()
         self.baseline = 0
+        self._peak = 0
+        self._stop = threading.Event()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.baseline = self._process.memory_info().rss
+            self.baseline = _anonymous_rss()
+            self._peak = self.baseline
+            threading.Thread(target=self._sample, name="nibblora-memory-sampler", daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self._peak = max(self._peak, _anonymous_rss())
+
+    def stop(self) -> None:
+        self._stop.set()
 
     @property
     def method(self) -> str:
         if self.device.type == "cuda":
             return "torch.cuda.max_memory_allocated"
-        return "process RSS high-water mark (getrusage) minus RSS before the model was loaded"
+        return "peak anonymous RSS (sampled every 2 ms) minus its value before the model was loaded"
 
     def read(self) -> dict[str, int]:
         if self.device.type == "cuda":
@@ -45,9 +65,10 @@ class MemoryMeter:
                 "mem_reserved_bytes": torch.cuda.memory_reserved(self.device),
                 "mem_peak_bytes": torch.cuda.max_memory_allocated(self.device),
             }
-        rss = self._process.memory_info().rss - self.baseline
+        now = _anonymous_rss()
+        self._peak = max(self._peak, now)
         return {
-            "mem_allocated_bytes": rss,
-            "mem_reserved_bytes": rss,
-            "mem_peak_bytes": max(rss, _max_rss_bytes() - self.baseline),
+            "mem_allocated_bytes": now - self.baseline,
+            "mem_reserved_bytes": now - self.baseline,
+            "mem_peak_bytes": self._peak - self.baseline,
         }
