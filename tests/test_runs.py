@@ -13,6 +13,7 @@ from nibblora.runs import RunWriter, effective_status, list_runs, open_run, requ
 
 
 def test_writer_and_reader_round_trip_metrics_events_logs(tmp_path):
+    root, tmp_path = tmp_path, tmp_path / "r1"
     writer = RunWriter.open(tmp_path, "r1", "r1", {"train": {"lr": 0.1}}, total_steps=3)
     reader = open_run(tmp_path)  # opened while the writer is live
     writer.log_metrics(1, {"loss": 2.0, "lr": 0.1})
@@ -32,7 +33,7 @@ def test_writer_and_reader_round_trip_metrics_events_logs(tmp_path):
     writer.finish("finished", step=2)
     assert reader.run().status == "finished"
     reader.close()
-    assert [r.run_id for r in list_runs(tmp_path.parent)] == ["r1"]
+    assert [r.run_id for r in list_runs(root)] == ["r1"]
 
 
 def test_a_reader_holding_a_transaction_never_blocks_the_writer(tmp_path):
