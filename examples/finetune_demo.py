@@ -193,7 +193,7 @@ resume = false
         ("general-text loss (held-out stdlib)", f"{general_before:.3f}", f"{general_after:.3f}"),
         ("trainable parameters", "", f"{trainable:,}"),
         ("adapter size on disk", "", f"{adapter_bytes / 1e6:.2f} MB"),
-        ("peak memory (RSS) / estimate", "", f"{last['mem_peak_bytes'] / 1e6:.0f} MB / "
+        ("peak memory (measured) / estimate", "", f"{last['mem_peak_bytes'] / 1e6:.0f} MB / "
                                              f"{last['mem_estimate_bytes'] / 1e6:.0f} MB"),
         ("training tokens/s (median)", "", f"{sorted(speeds)[len(speeds) // 2]:.0f}"),
         ("run status", "", info.status),
