@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 
-.PHONY: demo test test-rust test-python bench wheel clean install gpu-wheels
+.PHONY: demo demo-quantize test test-rust test-python bench wheel clean install gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ $(VENV)/.native-built: $(VENV)/.deps-installed $(RUST_SOURCES)
 
 install: $(VENV)/.native-built
 
+# Pretrain a tiny Llama on the stdlib's source, QLoRA fine-tune it on generated tasks, merge, report (CPU, minutes).
 demo: install
+	$(PY) examples/finetune_demo.py
+
+demo-quantize: install
 	$(PY) examples/quantize_demo.py
 
 test-rust:

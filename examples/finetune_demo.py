@@ -1,0 +1,209 @@
+"""nibblora end to end on two CPU cores, nothing downloaded (`make demo`, a few minutes):
+
+1. pretrain a tiny Llama on the Python standard library's source (examples/pretrain_tiny.py), with its own BPE
+2. generate an instruction set with checkable answers (arithmetic, sorting, dates, JSON...), ChatML, prompt masked
+3. QLoRA fine-tuning with `python -m nibblora.train`, recorded in the run store (watch it with qlora-tui)
+4. exact-match accuracy on held-out tasks and loss on held-out stdlib text, before and after
+5. merge the adapter into a dense copy of the base and check the merged model answers exactly as the adapter does
+6. a closing table
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_tasks  # noqa: E402
+import pretrain_tiny  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+from nibblora.lora import LoRALinear, load_adapter  # noqa: E402
+from nibblora.models import generate, load_model  # noqa: E402
+from nibblora.runs import open_run  # noqa: E402
+from nibblora.train import TokenizedRows, evaluate  # noqa: E402
+from nibblora.train.distributed import DistInfo  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def exact_match(model: nn.Module, tokenizer: Tokenizer, examples: list[dict], batch_size: int = 32) -> float:
+    """Share of held-out prompts whose greedy answer (up to <|im_end|>) is exactly the expected one."""
+    end_id = tokenizer.token_to_id(demo_tasks.IM_END)
+    pad_id = tokenizer.token_to_id("<pad>")
+    correct = 0
+    model.eval()
+    for begin in range(0, len(examples), batch_size):
+        chunk = examples[begin:begin + batch_size]
+        prompts = [tokenizer.encode(demo_tasks.render_prompt(e["prompt"]), add_special_tokens=False).ids
+                   for e in chunk]
+        longest = max(map(len, prompts))
+        ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts])  # left-padded
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = generate(model, ids, max_new_tokens=16, attention_mask=mask, eos_token_id=end_id, pad_token_id=pad_id)
+        for e, row in zip(chunk, out[:, longest:].tolist()):
+            answer = tokenizer.decode([t for t in row if t not in (end_id, pad_id)], skip_special_tokens=False)
+            correct += answer.strip() == e["answer"]
+    return correct / len(examples)
+
+
+def general_rows(tokenizer: Tokenizer, n_rows: int = 48, seq_len: int = 64) -> TokenizedRows:
+    """Held-out stdlib source (files pretraining never saw), in chunks: the "general distribution"."""
+    _, held_out = pretrain_tiny.stdlib_files()
+    ids = tokenizer.encode(pretrain_tiny.read_text(held_out, 200_000), add_special_tokens=False).ids
+    return TokenizedRows([{"input_ids": ids[i:i + seq_len]} for i in range(0, n_rows * seq_len, seq_len)])
+
+
+def mean_loss(model: nn.Module, rows: TokenizedRows, pad_id: int) -> float:
+    import contextlib
+
+    return evaluate(model, rows, 16, 0, pad_id, DistInfo(0, 1, 0, torch.device("cpu")), contextlib.nullcontext)[0]
+
+
+def merge_into_dense(model: nn.Module) -> nn.Module:
+    """Replace each QLoRA layer by a dense nn.Linear holding dequantize(base) + scaling * B @ A (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=False)
+            with torch.no_grad():
+                dense.weight.copy_(module.base.dequantized_weight(torch.float32) + module.delta_weight())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="nibblora's fine-tuning demo")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo")
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--reuse-base", action="store_true", help="keep an already pretrained base model")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    work = args.work
+    base_dir, run_dir = work / "base", work / "run"
+
+    print("== 1. pretraining a tiny Llama on the Python standard library")
+    if not (args.reuse_base and (base_dir / "model.safetensors").is_file()):
+        pretrain_tiny.pretrain(base_dir, steps=args.pretrain_steps)
+    tokenizer = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    pad_id = tokenizer.token_to_id("<pad>")
+
+    print("== 2. generating the instruction set")
+    train_examples = demo_tasks.make_examples(3000, seed=1)
+    # Held-out rows are fresh draws; prompts seen in training are dropped, except for the addition table (100
+    # prompts in all, every one of them in the training set).
+    seen = {e["prompt"] for e in train_examples}
+    held_out = [e for e in demo_tasks.make_examples(600, seed=2)
+                if e["task"] == "add" or e["prompt"] not in seen][:120]
+    data_dir = work / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokenize = lambda examples: TokenizedRows(  # noqa: E731
+        [demo_tasks.tokenize_example(tokenizer, e["prompt"], e["answer"]) for e in examples])
+    tokenize(train_examples).to_jsonl(data_dir / "train.jsonl")
+    tokenize(held_out).to_jsonl(data_dir / "task_eval.jsonl")
+    general = general_rows(tokenizer)
+    general.to_jsonl(data_dir / "general_eval.jsonl")
+    print(f"   {len(train_examples)} training rows, {len(held_out)} held-out rows over {len(demo_tasks.TASKS)} tasks")
+
+    print("== 3. before fine-tuning (the 4-bit base alone)")
+    base = load_model(base_dir, torch.float32, quantize="nf4")
+    acc_before, general_before = exact_match(base, tokenizer, held_out), mean_loss(base, general, pad_id)
+    print(f"   exact match {acc_before:.1%}, general-text loss {general_before:.3f}")
+
+    print("== 4. QLoRA fine-tuning: python -m nibblora.train (run store: build/demo/run/runs.sqlite)")
+    config = work / "qlora.toml"
+    config.write_text(f"""\
+output_dir = "{run_dir}"
+run_name = "finetune-demo"
+[model]
+path = "{base_dir}"
+dtype = "float32"            # CPU: float32 or bfloat16
+gradient_checkpointing = false   # a tiny model: recomputing costs more than it saves
+[lora]
+r = 16
+alpha = 32.0
+dropout = 0.05
+target_modules = "all-linear"
+[data]
+train = "{data_dir / 'train.jsonl'}"
+eval = {{ task = "{data_dir / 'task_eval.jsonl'}", general = "{data_dir / 'general_eval.jsonl'}" }}
+batch_size = 16
+pad_token_id = {pad_id}
+[train]
+mode = "qlora"
+max_steps = {args.steps}
+lr = 2e-3
+warmup_steps = 10
+grad_accum = 1
+max_grad_norm = 1.0
+log_every = 25
+device = "cpu"
+[eval]
+every = 50
+[checkpoint]
+every = 50
+resume = false
+""")
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-m", "nibblora.train", str(config)], check=True, env=env)
+
+    print("== 5. after fine-tuning")
+    tuned = load_model(base_dir, torch.float32, quantize="nf4")
+    load_adapter(tuned, run_dir / "adapter")
+    acc_after, general_after = exact_match(tuned, tokenizer, held_out), mean_loss(tuned, general, pad_id)
+    print(f"   exact match {acc_after:.1%}, general-text loss {general_after:.3f}")
+    per_task = {t: exact_match(tuned, tokenizer, [e for e in held_out if e["task"] == t]) if any(
+        e["task"] == t for e in held_out) else None for t in demo_tasks.TASKS}
+    print("   by task: " + ", ".join(f"{t} {a:.0%}" for t, a in per_task.items() if a is not None))
+
+    print("== 6. merging the adapter into a dense copy of the base")
+    probe = torch.tensor([tokenizer.encode(demo_tasks.render_prompt(e["prompt"]), add_special_tokens=False).ids[:40]
+                          for e in held_out[:8] if True][:1])
+    with torch.no_grad():
+        adapter_logits = tuned(probe)
+        merged = merge_into_dense(tuned)
+        merged_logits = merged(probe)
+    max_diff = (adapter_logits - merged_logits).abs().max().item()
+    acc_merged = exact_match(merged, tokenizer, held_out)
+    assert max_diff < 1e-3 and acc_merged == acc_after, (max_diff, acc_merged, acc_after)
+    print(f"   merged logits within {max_diff:.1e} of the adapter's; merged exact match {acc_merged:.1%} (same)")
+
+    with open_run(run_dir) as store:
+        last = store.metrics()[max(store.metrics())]
+        info = store.run()
+        speeds = [v for _, v in store.metric("tokens_per_s")]
+    adapter_bytes = sum(p.stat().st_size for p in (run_dir / "adapter").iterdir())
+    trainable = sum(m.adapter.lora_A.numel() + m.adapter.lora_B.numel()
+                    for m in load_adapter(load_model(base_dir, torch.float32, quantize="nf4"),
+                                          run_dir / "adapter").values())
+    rows = [
+        ("exact-match accuracy (held out)", f"{acc_before:.1%}", f"{acc_after:.1%}"),
+        ("general-text loss (held-out stdlib)", f"{general_before:.3f}", f"{general_after:.3f}"),
+        ("trainable parameters", "", f"{trainable:,}"),
+        ("adapter size on disk", "", f"{adapter_bytes / 1e6:.2f} MB"),
+        ("peak memory (measured) / estimate", "", f"{last['mem_peak_bytes'] / 1e6:.0f} MB / "
+                                             f"{last['mem_estimate_bytes'] / 1e6:.0f} MB"),
+        ("training tokens/s (median)", "", f"{sorted(speeds)[len(speeds) // 2]:.0f}"),
+        ("run status", "", info.status),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'':<{width}}  {'before':>10}  {'after':>20}")
+    for name, before, after in rows:
+        print(f"{name:<{width}}  {before:>10}  {after:>20}")
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; run store: {run_dir / 'runs.sqlite'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Training-memory estimates by component (`python -m nibblora.memory` prints the 1B/7B/13B/70B table).
+
+    from nibblora.memory import estimate_memory
+    print(estimate_memory("path/to/config.json", "qlora", r=64, batch_size=4, seq_len=1024).format())
+"""
+
+from nibblora.memory.estimate import (
+    COMPONENTS,
+    DTYPE_BYTES,
+    MemoryEstimate,
+    activation_bytes,
+    estimate_memory,
+    lesson_table,
+)
+from nibblora.memory.measure import MemoryMeter
+
+__all__ = ["COMPONENTS", "DTYPE_BYTES", "MemoryEstimate", "MemoryMeter", "activation_bytes", "estimate_memory",
+           "lesson_table", "main"]
+
+
+def main(argv=None) -> int:
+    from nibblora.memory.cli import main as cli_main
+
+    return cli_main(argv)

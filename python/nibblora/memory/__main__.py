@@ -1,0 +1,3 @@
+from nibblora.memory.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Training-memory estimates by component for full fine-tuning, LoRA and QLoRA of a Llama-family decoder.
+
+    est = estimate_memory("llama-2-7b", mode="qlora", r=64, target_modules="all-linear", batch_size=1, seq_len=512)
+    print(est.format())            # one line per component, and the total
+    est.total_bytes
+
+Components (bytes on the training device):
+    weights            the base model as stored: dtype bytes per parameter; QLoRA: 0.5 per quantized parameter
+    quant_constants    QLoRA: the per-block scales (double quantization: ~0.127 bits per parameter)
+    master_weights     full FT with mixed precision: an fp32 copy of every parameter (4 bytes)
+    gradients          one per trainable parameter (fp32 for LoRA adapters, the model's dtype for full FT)
+    optimizer_states   AdamW: two moments per trainable parameter, in the trainable parameter's precision
+                       (0 on the device when paged to host memory)
+    adapter            LoRA / QLoRA: A and B of every adapted projection, kept in fp32
+    activations        what backward needs: per layer, all saved tensors, or only the layer input with gradient
+                       checkpointing (plus one layer being recomputed); plus the logits and their fp32 gradient
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nibblora.lora.params import ALL_SEVEN, DecoderShape, projection_lora_params
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MODES = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "sgd")
+COMPONENTS = ("weights", "quant_constants", "master_weights", "gradients", "optimizer_states", "adapter",
+              "activations")
+# Nominal sizes for the no-argument table.
+TABLE_MODELS = {"1B": "llama-3.2-1b", "7B": "llama-2-7b", "13B": "llama-2-13b", "70B": "llama-2-70b"}
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per component (see the module docstring) and the inputs that produced them."""
+
+    mode: str
+    params: int
+    trainable_params: int
+    components: dict[str, int] = field(default_factory=dict)
+    inputs: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+    def format(self) -> str:
+        lines = [f"{self.mode}: {self.params / 1e9:.2f} B parameters, {self.trainable_params:,} trainable"]
+        for name in COMPONENTS:
+            lines.append(f"  {name:<17} {self.components.get(name, 0) / 1e9:>9.3f} GB")
+        lines.append(f"  {'total':<17} {self.total_bytes / 1e9:>9.3f} GB")
+        return "\n".join(lines)
+
+
+def _shape(model: object) -> DecoderShape:
+    """A DecoderShape from a preset name, a config.json path / folder, a dict or a config object."""
+    if isinstance(model, (str, Path)) and (Path(model).is_dir() or str(model).endswith(".json")):
+        from nibblora.checkpoint import read_config
+
+        path = Path(model)
+        if path.is_dir():
+            return DecoderShape.from_config(read_config(path))
+        import json
+
+        return DecoderShape.from_config(json.loads(path.read_text()))
+    return DecoderShape.from_config(model)
+
+
+def _targets(target_modules: str | list[str]) -> tuple[str, ...]:
+    if target_modules == "all-linear":
+        return ALL_SEVEN
+    names = tuple(t.rsplit(".", 1)[-1] for t in target_modules)
+    unknown = [n for n in names if n not in ALL_SEVEN]
+    if unknown:
+        raise ValueError(f"target_modules {unknown} are not projections of a Llama decoder ({', '.join(ALL_SEVEN)})")
+    return names
+
+
+def activation_bytes(shape: DecoderShape, batch_size: int, seq_len: int, dtype_bytes: int,
+                     gradient_checkpointing: bool, lora_rank_sum: int = 0) -> int:
+    """Bytes of saved activations for one micro-batch (an estimate; see the module docstring).
+
+    Per layer and token, nibblora's decoder saves about 14 hidden-size vectors (norm inputs and outputs, q, the
+    attention output and its log-sum-exp, the o_proj input, the residuals), 2 key/value-size vectors, and 4
+    intermediate-size vectors (gate and up outputs, silu(gate), their product), plus each adapter's r-wide A(x).
+    The logits cost dtype bytes, an fp32 copy for the loss and an fp32 gradient per vocabulary entry.
+    """
+    tokens = batch_size * seq_len
+    head_dim = shape.head_dim or shape.hidden_size // shape.num_attention_heads
+    kv = shape.num_key_value_heads * head_dim
+    per_layer = tokens * ((14 * shape.hidden_size + 4 * shape.intermediate_size + 2 * kv) * dtype_bytes
+                          + lora_rank_sum * 4)
+    if gradient_checkpointing:
+        layers = shape.num_hidden_layers * tokens * shape.hidden_size * dtype_bytes + per_layer
+    else:
+        layers = shape.num_hidden_layers * per_layer
+    logits = tokens * shape.vocab_size * (dtype_bytes + 8)
+    return layers + logits
+
+
+def estimate_memory(
+    model: object,
+    mode: str = "qlora",
+    *,
+    r: int = 64,
+    target_modules: str | list[str] = "all-linear",
+    batch_size: int = 1,
+    seq_len: int = 512,
+    dtype: str = "bfloat16",
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = True,
+    mixed_precision: bool = True,
+    paged_optimizer: bool = False,
+    double_quant: bool = True,
+    blocksize: int = 64,
+) -> MemoryEstimate:
+    """Estimate training memory by component.
+
+    model: a preset ("llama-2-7b", ...), a config.json (file or folder), a dict or an HF config object.
+    mode: full | lora | qlora. r / target_modules: the adapter (LoRA, QLoRA). batch_size, seq_len: one
+    micro-batch. dtype: weights and activations (float32 | bfloat16 | float16). optimizer: adamw (2 states) or
+    sgd (none). mixed_precision: full FT in a 16-bit dtype keeps fp32 master weights and fp32 Adam states (the
+    16 bytes/parameter recipe); False is pure 16-bit training (what nibblora.train does). paged_optimizer:
+    optimizer states live in host memory, not on the device.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    shape = _shape(model)
+    e = DTYPE_BYTES[dtype]
+    total = shape.total_params()
+    projections = shape.projections()
+    quantizable = shape.num_hidden_layers * sum(a * b for a, b in projections.values())
+    states_per_param = 2 if optimizer == "adamw" else 0
+    c = dict.fromkeys(COMPONENTS, 0)
+    rank_sum = 0
+    if mode == "full":
+        trainable = total
+        master = mixed_precision and e < 4
+        c["weights"] = total * e
+        c["master_weights"] = total * 4 if master else 0
+        c["gradients"] = total * e  # computed in the model's dtype (then added into the master copy)
+        c["optimizer_states"] = total * states_per_param * (4 if master else e)
+    else:
+        names = _targets(target_modules)
+        trainable = shape.num_hidden_layers * sum(projection_lora_params(*projections[n], r) for n in names)
+        rank_sum = r * len(names)
+        c["adapter"] = trainable * 4
+        c["gradients"] = trainable * 4
+        c["optimizer_states"] = trainable * states_per_param * 4
+        if mode == "lora":
+            c["weights"] = total * e
+        else:
+            c["weights"] = (total - quantizable) * e + (quantizable + 1) // 2
+            blocks = -(-quantizable // blocksize)
+            # Double quantization: one uint8 per block + an fp32 scale and offset per 256 blocks; else fp32 per block.
+            c["quant_constants"] = blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks
+    if paged_optimizer:
+        c["optimizer_states"] = 0
+    c["activations"] = activation_bytes(shape, batch_size, seq_len, e, gradient_checkpointing, rank_sum)
+    inputs = dict(mode=mode, r=r, target_modules=target_modules, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+                  optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
+                  paged_optimizer=paged_optimizer)
+    return MemoryEstimate(mode, total, trainable, c, inputs)
+
+
+def lesson_table(batch_size: int = 1, seq_len: int = 512, r: int = 16,
+                 models: Mapping[str, str] | None = None) -> str:
+    """The table for 1B, 7B, 13B and 70B: full FT (bf16 + fp32 master + AdamW), LoRA (bf16 base) and QLoRA (NF4
+    base), in GB, with each column explained under it."""
+    models = dict(models or TABLE_MODELS)
+    header = (f"{'model':<6} {'params':>8} {'full FT':>9} {'16 B/param':>10} {'LoRA':>8} {'QLoRA':>8} "
+              f"{'QLoRA weights':>13} {'QLoRA adapter+opt':>17}")
+    lines = [header, "-" * len(header)]
+    for label, preset in models.items():
+        kw = dict(batch_size=batch_size, seq_len=seq_len, r=r, target_modules="all-linear")
+        full = estimate_memory(preset, "full", **kw)
+        lora = estimate_memory(preset, "lora", **kw)
+        qlora = estimate_memory(preset, "qlora", **kw)
+        qc = qlora.components
+        lines.append(
+            f"{label:<6} {full.params / 1e9:>7.2f}B {full.total_bytes / 1e9:>8.1f}G {16 * full.params / 1e9:>9.1f}G "
+            f"{lora.total_bytes / 1e9:>7.1f}G {qlora.total_bytes / 1e9:>7.1f}G "
+            f"{(qc['weights'] + qc['quant_constants']) / 1e9:>12.2f}G "
+            f"{(qc['adapter'] + qc['gradients'] + qc['optimizer_states']) / 1e9:>16.2f}G"
+        )
+    lines += [
+        "",
+        f"Assumptions: batch {batch_size} x {seq_len} tokens, gradient checkpointing, AdamW; LoRA/QLoRA r={r} on all "
+        "seven projections (adapters in fp32).",
+        "params       base-model parameters of the preset (llama-3.2-1b, llama-2-7b, llama-2-13b, llama-2-70b).",
+        "full FT      mixed precision: bf16 weights (2 B) + bf16 gradients (2 B) + fp32 master copy (4 B) + two",
+        "             fp32 Adam moments (8 B) = 16 bytes per parameter, plus activations.",
+        "16 B/param   the rule of thumb alone: 16 x parameters (7B nominal: 112 GB). Only weights, gradients",
+        "             and Adam states; no activations.",
+        "LoRA         frozen bf16 base (2 B/param) + fp32 adapter, its gradient and 2 Adam states (16 B per",
+        "             adapter parameter) + activations.",
+        "QLoRA        the same with the base in NF4: 0.5 B/param + double-quantized scales (~0.127 bit/param);",
+        "             embeddings, norms and lm_head stay bf16.",
+        "QLoRA weights  the 4-bit base alone; QLoRA adapter+opt  adapter + gradients + Adam states.",
+    ]
+    return "\n".join(lines)

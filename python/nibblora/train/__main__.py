@@ -1,0 +1,3 @@
+from nibblora.train.cli import main
+
+raise SystemExit(main())

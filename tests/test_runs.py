@@ -1,0 +1,76 @@
+"""The run store: SQLite in WAL mode, readers beside a live writer, dead runs shown as failed."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nibblora.runs import RunWriter, effective_status, list_runs, open_run, request_stop
+
+
+def test_writer_and_reader_round_trip_metrics_events_logs(tmp_path):
+    root, tmp_path = tmp_path, tmp_path / "r1"
+    writer = RunWriter.open(tmp_path, "r1", "r1", {"train": {"lr": 0.1}}, total_steps=3)
+    reader = open_run(tmp_path)  # opened while the writer is live
+    writer.log_metrics(1, {"loss": 2.0, "lr": 0.1})
+    writer.log_metrics(2, {"loss": 1.5, "lr": 0.05})
+    writer.event("checkpoint", "checkpoint at step 2", 2, {"path": "x"})
+    writer.log("hello")
+    assert reader.metric("loss") == [(1, 2.0), (2, 1.5)]
+    assert reader.metric("loss", since_step=1) == [(2, 1.5)]
+    assert reader.metrics()[2] == {"loss": 1.5, "lr": 0.05}
+    assert reader.events()[-1]["data"] == {"path": "x"}
+    assert reader.logs()[-1]["message"] == "hello"
+    info = reader.run()
+    assert (info.status, info.config, info.total_steps) == ("running", {"train": {"lr": 0.1}}, 3)
+    assert reader.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    writer.log_metrics(2, {"loss": 1.25})  # a resumed run rewrites the steps after its checkpoint
+    assert reader.metric("loss")[-1] == (2, 1.25)
+    writer.finish("finished", step=2)
+    assert reader.run().status == "finished"
+    reader.close()
+    assert [r.run_id for r in list_runs(root)] == ["r1"]
+
+
+def test_a_reader_holding_a_transaction_never_blocks_the_writer(tmp_path):
+    writer = RunWriter.open(tmp_path, "r", "r", {})
+    reader = sqlite3.connect(str(tmp_path / "runs.sqlite"))
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM metrics").fetchone()  # a read snapshot stays open
+    start = time.perf_counter()
+    for step in range(50):
+        writer.log_metrics(step, {"loss": 1.0})
+    assert time.perf_counter() - start < 5.0
+    reader.close()
+    writer.finish("finished")
+
+
+def test_a_run_whose_process_died_reads_as_failed(tmp_path):
+    code = ("import sys, os; sys.path.insert(0, sys.argv[2]); from nibblora.runs import RunWriter; "
+            "RunWriter.open(sys.argv[1], 'dead', 'dead', {}); os._exit(0)")
+    python_dir = str(__import__("nibblora").__path__[0].rsplit("/", 1)[0])
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), python_dir], check=True)
+    with open_run(tmp_path) as store:
+        info = store.run()
+    assert (info.stored_status, info.status) == ("running", "failed")
+
+
+def test_a_stale_heartbeat_on_another_host_reads_as_failed():
+    now = 10_000.0
+    assert effective_status("running", 123, "elsewhere", now - 10, now) == "running"
+    assert effective_status("running", 123, "elsewhere", now - 3600, now) == "failed"
+    assert effective_status("finished", 123, "elsewhere", now - 3600, now) == "finished"
+
+
+def test_request_stop_sets_the_flag_the_writer_polls(tmp_path):
+    writer = RunWriter.open(tmp_path, "r", "r", {})
+    assert not writer.stop_requested()
+    request_stop(tmp_path)
+    assert writer.stop_requested()
+    writer.finish("stopped")
+    with pytest.raises(FileNotFoundError):
+        request_stop(tmp_path / "nowhere")
