@@ -3,6 +3,7 @@ start / stop dialogs. Every read of a run store or of NVML runs in a worker thre
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -12,12 +13,13 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
+from textual.suggester import SuggestFromList
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, RichLog, Static
 
 from nibblora.runs import request_stop
 from nibblora.tui.hardware import HardwareMonitor, HardwareSnapshot
 from nibblora.tui.jobs import Job, JobIndex, RunSeries
-from nibblora.tui.launch import LaunchedJob, console_tail
+from nibblora.tui.launch import LaunchedJob, console_tail, find_configs
 from nibblora.tui.plot import Series
 from nibblora.tui.text import fmt_bytes, fmt_duration, fmt_number, fmt_step, fmt_time
 from nibblora.tui.widgets import STATUS_STYLES, Cell, HardwarePanel, PlotPanel, sort_key
@@ -37,10 +39,10 @@ def job_row(job: Job, marked: bool) -> dict[str, Cell]:
         "name": Cell(job.name, job.name.lower(), "bold"),
         "method": Cell(job.method, job.method),
         "status": Cell(job.status, job.status, STATUS_STYLES.get(job.status, "")),
-        "step": Cell(fmt_step(job), job.step),
-        "loss": Cell(fmt_number(job.loss), job.loss),
-        "tokens_per_s": Cell("-" if tps is None else f"{tps:,.0f}", tps),
-        "eta": Cell(fmt_duration(job.eta_seconds), job.eta_seconds),
+        "step": Cell(fmt_step(job), job.step, justify="right"),
+        "loss": Cell(fmt_number(job.loss), job.loss, justify="right"),
+        "tokens_per_s": Cell("-" if tps is None else f"{tps:,.0f}", tps, justify="right"),
+        "eta": Cell(fmt_duration(job.eta_seconds), job.eta_seconds, justify="right"),
         "started": Cell(fmt_time(job.info.created_at), job.info.created_at),
     }
 
@@ -322,14 +324,17 @@ class StartJobScreen(ModalScreen[str | None]):
     DEFAULT_CSS = """
     StartJobScreen { align: center middle; }
     StartJobScreen > Vertical { width: 80; height: auto; border: thick $primary; padding: 1 2; background: $surface; }
+    StartJobScreen Label { width: 100%; }
     StartJobScreen #error { color: $error; height: auto; }
     StartJobScreen Horizontal { height: auto; margin-top: 1; }
     """
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label("Start a training job: the path of its TOML config (relative to the current directory)")
-            yield Input(placeholder="path/to/config.toml", id="config")
+            yield Label(f"Start a training job: the path of its TOML config, relative to {os.getcwd()} "
+                        "(\u2192 accepts a suggestion)")
+            yield Input(placeholder="path/to/config.toml", id="config",
+                        suggester=SuggestFromList(find_configs(Path.cwd()), case_sensitive=False))
             yield Label("", id="error")
             with Horizontal():
                 yield Button("Start", variant="primary", id="start")
@@ -359,6 +364,7 @@ class ConfirmScreen(ModalScreen[bool]):
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
     ConfirmScreen > Vertical { width: 70; height: auto; border: thick $warning; padding: 1 2; background: $surface; }
+    ConfirmScreen Label { width: 100%; }
     ConfirmScreen Horizontal { height: auto; margin-top: 1; }
     """
 

@@ -49,6 +49,18 @@ def start_job(config_path: str | Path, runs_dir: str | Path) -> tuple[LaunchedJo
     return LaunchedJob(process, config_path, output_dir, console_log), message
 
 
+def find_configs(directory: Path, limit: int = 200) -> list[str]:
+    """TOML files up to two folders down (not pyproject.toml), as relative paths: suggestions for the dialog."""
+    found = []
+    for pattern in ("*.toml", "*/*.toml", "*/*/*.toml"):
+        for path in sorted(directory.glob(pattern)):
+            if path.name != "pyproject.toml" and not any(p.startswith(".") for p in path.relative_to(directory).parts):
+                found.append(str(path.relative_to(directory)))
+            if len(found) >= limit:
+                return found
+    return found
+
+
 def console_tail(path: Path, lines: int = 3) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])

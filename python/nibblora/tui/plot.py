@@ -63,6 +63,10 @@ def render_plot(series: list[Series], width: int, height: int, y_format: Callabl
         y_lo, y_hi = y_lo - pad, y_hi + pad
     shown = (lambda v: y_format(10**v)) if log_y else y_format
     labels = [shown(y_hi), shown((y_hi + y_lo) / 2), shown(y_lo)]
+    if len(set(labels)) < 3 and not log_y:
+        # A range too narrow for the given format (lr during a constant phase): show the digits that differ.
+        digits = min(12, 3 + max(0, math.ceil(math.log10(max(abs(y_hi), abs(y_lo)) / (y_hi - y_lo)))))
+        labels = [f"{v:.{digits}g}" for v in (y_hi, (y_hi + y_lo) / 2, y_lo)]
     label_w = max(len(s) for s in labels)
     plot_w, plot_h = width - label_w - 1, height - 1
     if plot_w < 4:

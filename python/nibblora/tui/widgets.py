@@ -19,12 +19,13 @@ STATUS_STYLES = {"running": "bold green", "finished": "cyan", "failed": "bold re
 class Cell(Text):
     """A table cell that sorts by a value of its own (a number, a time), not by its text."""
 
-    def __init__(self, text: str, sort_value, style: str = ""):
-        super().__init__(text, style=style, no_wrap=True, overflow="ellipsis")
+    def __init__(self, text: str, sort_value, style: str = "", justify: str = "left"):
+        super().__init__(text, style=style, justify=justify, no_wrap=True, overflow="ellipsis")
         self.sort_value = sort_value
 
     def same_as(self, other: object) -> bool:
-        return isinstance(other, Cell) and other.plain == self.plain and other.style == self.style
+        return (isinstance(other, Cell) and other.plain == self.plain and other.style == self.style
+                and other.justify == self.justify)
 
 
 def sort_key(cell: Cell):
