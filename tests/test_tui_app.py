@@ -217,3 +217,34 @@ def test_empty_runs_directory_says_what_to_do(tmp_path):
         assert "no runs under" in text and "does not exist yet" in text and "Press n" in text
 
     drive(app, scenario)
+
+
+def test_screens_follow_a_run_that_keeps_writing(synthetic):
+    """New steps appear in the job list and on the open job screen at the next poll, without reopening."""
+    from nibblora.runs import RunWriter
+
+    app = QloraTUI(synthetic, hardware=monitor(), poll_seconds=0.1)
+    run_dir = synthetic / "llama-qlora-r64"
+
+    async def scenario(pilot):
+        writer = RunWriter.open(run_dir, run_id="llama-qlora-r64", name="llama-qlora-r64",
+                                config={"train": {"mode": "qlora"}}, total_steps=100)
+        try:
+            writer.log_metrics(31, {"loss": 1.5, "tokens_per_s": 999.0})
+            await wait_for(pilot, lambda: table_rows(app)[3][4] == "31/100")
+            assert table_rows(app)[3][5:7] == ["1.5", "999"]
+            await pilot.press("down", "down", "down", "enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, JobScreen))
+            await settle(pilot)
+            loss = app.screen.query_one("#loss", PlotPanel)
+            assert loss.series[0].points[-1] == (31, 1.5)
+            writer.log_metrics(32, {"loss": 1.25})
+            writer.log("step 32 done")
+            await wait_for(pilot, lambda: loss.series[0].points[-1] == (32, 1.25))
+            log = app.screen.query_one("#log", RichLog)
+            await wait_for(pilot, lambda: any("step 32 done" in line.text for line in log.lines))
+        finally:
+            writer.finish("finished")
+        await wait_for(pilot, lambda: "finished" in str(app.screen.query_one("#info", Static).render()))
+
+    drive(app, scenario)
