@@ -140,7 +140,7 @@ class JobScreen(Screen):
 
     DEFAULT_CSS = """
     JobScreen #info { height: auto; padding: 0 1; }
-    JobScreen #plots { grid-size: 3 2; height: 1fr; min-height: 16; }
+    JobScreen #plots { grid-size: 3 2; height: 1fr; }
     JobScreen #loss { column-span: 2; }
     JobScreen #log { height: 9; border: round $primary-darken-2; }
     """
@@ -168,8 +168,17 @@ class JobScreen(Screen):
 
     def on_mount(self) -> None:
         self.sub_title = self.series.run_id
+        self._fit_log()
         self.poll()
         self.set_interval(self.app.poll_seconds, self.poll)
+
+    def on_resize(self) -> None:
+        self._fit_log()
+
+    def _fit_log(self) -> None:
+        # On a small terminal (80 x 24) the plots need the rows more than the log does; nothing scrolls.
+        height = self.app.size.height
+        self.query_one("#log", RichLog).styles.height = 9 if height >= 36 else 6 if height >= 22 else 3
 
     def poll(self) -> None:
         if not self._polling:
