@@ -1,12 +1,13 @@
 """Reading run stores for the dashboard: a real training run's store, incremental polling, `--once`, and a
 reader that opens the store while a trainer writes to it."""
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from helpers_tui import synthetic_runs, trained_runs, utc
+from helpers_tui import GIB, h200, monitor, synthetic_runs, trained_runs, utc
 
 from nibblora.tui import cli, jobs
 from nibblora.tui.jobs import JobIndex, RunSeries
@@ -42,7 +43,7 @@ def test_once_prints_a_plain_summary(real_root, capsys):
     assert cli.main(["--once", str(real_root)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"runs under {real_root}: 1"
-    assert out[1].split() == ["name", "method", "status", "step", "loss", "tok/s", "ETA", "started"]
+    assert out[1].split() == ["name", "method", "status", "step", "loss", "tok/s", "GPU", "mem", "ETA", "started"]
     assert out[2].split()[:4] == ["tiny-lora", "lora", "finished", "6/6"]
     assert any(line.startswith("CPU ") for line in out)
     assert "\x1b" not in "".join(out)  # plain text, no colour codes
@@ -58,14 +59,19 @@ def test_once_summary_of_synthetic_runs(tmp_path, monkeypatch):
     root = synthetic_runs(tmp_path)
     from nibblora.tui.text import summary
 
-    text = summary(JobIndex(root).poll(), None, "runs")
+    # The running job's process (this one) holds 3 GiB on the GPU; other pids are not ours.
+    snapshot = monitor([h200(procs={os.getpid(): 3 * GIB, 1: GIB})]).read()
+    text = summary(JobIndex(root).poll(), snapshot, "runs")
     assert text.splitlines() == [
         "runs under runs: 4",
-        "name             method  status    step     loss   tok/s  ETA    started",
-        "llama-lora-r16   lora    finished  100/100  2.112  1,000  -      2024-05-01 12:00",
-        "qwen-qlora       qlora   stopped   40/100   1.857  1,000  -      2024-05-01 12:01",
-        "mistral-full     full    failed    12/200   2.146  1,000  -      2024-05-01 12:05",
-        "llama-qlora-r64  qlora   running   30/100   2.019  1,050  2m20s  2024-05-01 12:10",
+        "name             method  status    step     loss   tok/s  GPU mem  ETA    started",
+        "llama-lora-r16   lora    finished  100/100  2.112  1,000  -        -      2024-05-01 12:00",
+        "qwen-qlora       qlora   stopped   40/100   1.857  1,000  -        -      2024-05-01 12:01",
+        "mistral-full     full    failed    12/200   2.146  1,000  -        -      2024-05-01 12:05",
+        "llama-qlora-r64  qlora   running   30/100   2.019  1,050  3.0 GiB  2m20s  2024-05-01 12:10",
+        "",
+        "GPU0 NVIDIA H200  mem 40.0 GiB / 141.0 GiB (28%)  util 87%  temp 61C  power 512/700 W",
+        "CPU 12% of 16 cores  RAM 20.0 GiB / 128.0 GiB",
     ]
 
 

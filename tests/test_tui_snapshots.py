@@ -1,10 +1,11 @@
 """Snapshots of the main screens (pytest-textual-snapshot) on fixed run stores and a fake one-GPU NVML.
 After an intended change of the look: pytest tests/test_tui_snapshots.py --snapshot-update, and review the SVGs."""
 
+import os
 from pathlib import Path
 
 import pytest
-from helpers_tui import NVMLError, h200, monitor, settle, synthetic_runs, utc
+from helpers_tui import GIB, NVMLError, h200, monitor, settle, synthetic_runs, utc
 
 pytest.importorskip("pytest_textual_snapshot")
 
@@ -30,7 +31,9 @@ async def _settled(pilot):
 
 
 def test_job_list_with_one_gpu(runs, snap_compare):
-    assert snap_compare(app_for(runs, [h200()]), terminal_size=SIZE, run_before=_settled)
+    # The running job's process (this test) holds 3 GiB on the GPU: the job list's GPU mem column.
+    gpus = [h200(procs={os.getpid(): 3 * GIB})]
+    assert snap_compare(app_for(runs, gpus), terminal_size=SIZE, run_before=_settled)
 
 
 def test_job_list_with_no_gpu_and_a_broken_gpu_field(runs, snap_compare):

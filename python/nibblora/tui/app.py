@@ -18,7 +18,7 @@ from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Ric
 
 from nibblora.runs import request_stop
 from nibblora.tui.hardware import HardwareMonitor, HardwareSnapshot
-from nibblora.tui.jobs import Job, JobIndex, RunSeries
+from nibblora.tui.jobs import Job, JobIndex, RunSeries, attach_gpu_memory
 from nibblora.tui.launch import LaunchedJob, console_tail, find_configs
 from nibblora.tui.plot import Series
 from nibblora.tui.text import fmt_bytes, fmt_duration, fmt_number, fmt_step, fmt_time
@@ -26,7 +26,7 @@ from nibblora.tui.widgets import STATUS_STYLES, Cell, HardwarePanel, PlotPanel, 
 
 # (column key, header); the first is the compare mark.
 TABLE_COLUMNS = (("mark", " "), ("name", "name"), ("method", "method"), ("status", "status"), ("step", "step"),
-                 ("loss", "loss"), ("tokens_per_s", "tok/s"), ("eta", "ETA"), ("started", "started"))
+                 ("loss", "loss"), ("tokens_per_s", "tok/s"), ("gpu_mem", "GPU mem"), ("eta", "ETA"), ("started", "started"))
 SORTABLE = [key for key, _ in TABLE_COLUMNS[1:]]
 EVAL_STYLES = ("magenta", "yellow", "green", "red")
 RUN_STYLES = ("cyan", "magenta")
@@ -42,6 +42,8 @@ def job_row(job: Job, marked: bool) -> dict[str, Cell]:
         "step": Cell(fmt_step(job), job.step, justify="right"),
         "loss": Cell(fmt_number(job.loss), job.loss, justify="right"),
         "tokens_per_s": Cell("-" if tps is None else f"{tps:,.0f}", tps, justify="right"),
+        "gpu_mem": Cell("-" if job.gpu_memory_bytes is None else fmt_bytes(job.gpu_memory_bytes),
+                        job.gpu_memory_bytes, justify="right"),
         "eta": Cell(fmt_duration(job.eta_seconds), job.eta_seconds, justify="right"),
         "started": Cell(fmt_time(job.info.created_at), job.info.created_at),
     }
@@ -470,6 +472,8 @@ class QloraTUI(App):
         screen = self._jobs_screen()
         if screen is not None:
             screen.query_one(HardwarePanel).show(snapshot)
+            if self.jobs:
+                self._show_jobs(list(self.jobs.values()))  # the GPU memory column
 
     def _show_jobs(self, jobs: list[Job]) -> None:
         self._check_launched()
@@ -478,6 +482,8 @@ class QloraTUI(App):
             return
         table = screen.table
         selected = screen.selected_key()
+        if self.last_snapshot is not None:
+            attach_gpu_memory(jobs, self.last_snapshot.gpu_memory_by_pid())
         fresh = {job.key: job for job in jobs}
         for key in set(self.jobs) - set(fresh):
             table.remove_row(key)

@@ -44,6 +44,14 @@ class HardwareSnapshot:
     source: str  # "nvml" | "torch.cuda" | "none"
     gpu_note: str = ""  # why there is no GPU reading, in words
 
+    def gpu_memory_by_pid(self) -> dict[int, int]:
+        """{pid: GPU memory bytes} summed over every GPU (empty where NVML does not list processes)."""
+        out: dict[int, int] = {}
+        for gpu in self.gpus:
+            for pid, used in gpu.processes.items():
+                out[pid] = out.get(pid, 0) + used
+        return out
+
 
 def read_system() -> SystemReading:
     """CPU utilisation since the previous call (psutil) and RAM in use."""

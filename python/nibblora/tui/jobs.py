@@ -9,6 +9,7 @@ is never blocked.
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class Job:
     tokens_per_s: float | None = None
     mem_peak_bytes: float | None = None
     steps_per_s: float | None = None
+    gpu_memory_bytes: int | None = None  # what NVML says this job's process holds, over all GPUs
 
     @property
     def key(self) -> str:
@@ -57,6 +59,16 @@ class Job:
         if self.status != "running" or not self.steps_per_s or self.total_steps is None or self.step is None:
             return None
         return max(self.total_steps - self.step, 0) / self.steps_per_s
+
+
+def attach_gpu_memory(jobs: list[Job], processes: dict[int, int]) -> None:
+    """Set each running job's GPU memory from NVML's per-process numbers ({pid: bytes}, summed over GPUs).
+    Only jobs on this host can be matched by pid."""
+    host = socket.gethostname()
+    for job in jobs:
+        pid = job.info.pid
+        ours = job.status == "running" and job.info.host == host and pid in processes
+        job.gpu_memory_bytes = processes[pid] if ours else None
 
 
 def _signature(db: Path) -> tuple:

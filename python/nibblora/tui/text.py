@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 from nibblora.tui.hardware import GpuReading, HardwareSnapshot
-from nibblora.tui.jobs import Job
+from nibblora.tui.jobs import Job, attach_gpu_memory
 
 NA = "n/a"
-COLUMNS = ("name", "method", "status", "step", "loss", "tok/s", "ETA", "started")
+COLUMNS = ("name", "method", "status", "step", "loss", "tok/s", "GPU mem", "ETA", "started")
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -53,7 +53,8 @@ def fmt_step(job: Job) -> str:
 def job_cells(job: Job) -> tuple[str, ...]:
     """The job list's cells, in COLUMNS order, as plain strings."""
     tps = "-" if job.tokens_per_s is None else f"{job.tokens_per_s:,.0f}"
-    return (job.name, job.method, job.status, fmt_step(job), fmt_number(job.loss), tps,
+    gpu = "-" if job.gpu_memory_bytes is None else fmt_bytes(job.gpu_memory_bytes)
+    return (job.name, job.method, job.status, fmt_step(job), fmt_number(job.loss), tps, gpu,
             fmt_duration(job.eta_seconds), fmt_time(job.info.created_at))
 
 
@@ -90,6 +91,8 @@ def hardware_lines(snapshot: HardwareSnapshot) -> list[str]:
 
 def summary(jobs: list[Job], snapshot: HardwareSnapshot | None, root: str) -> str:
     """The `--once` text: a fixed-width job table, then the hardware lines."""
+    if snapshot is not None:
+        attach_gpu_memory(jobs, snapshot.gpu_memory_by_pid())
     rows = [COLUMNS] + [job_cells(j) for j in sorted(jobs, key=lambda j: j.info.created_at)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = [f"runs under {root}: {len(jobs)}"]
