@@ -134,3 +134,27 @@ def test_reading_while_a_run_writes_loses_no_rows(tmp_path):
     assert [line["message"] for line in logs] == [f"step {i}" for i in range(1, 401)]
     [job] = index.poll()
     assert (job.status, job.step) == ("finished", 400)
+
+
+def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(tmp_path):
+    from nibblora.runs import RunWriter
+
+    def open_writer():
+        return RunWriter.open(tmp_path, run_id="r", name="r", config={}, total_steps=5)
+
+    writer = open_writer()
+    for step in (1, 2, 3):
+        writer.log_metrics(step, {"loss": float(step)})
+    series = RunSeries(tmp_path, "r")
+    series.poll()
+    writer.finish("failed")
+    writer = open_writer()  # resumed from the checkpoint at step 1: steps 2 and 3 run again
+    writer.event("resumed", "resumed from step 1", 1)
+    writer.log_metrics(2, {"loss": 20.0})
+    series.poll()
+    # Step 3 is still the first attempt's until the resumed run reaches it: the store says so, and so do we.
+    assert series.series("loss") == [(1, 1.0), (2, 20.0), (3, 3.0)]
+    writer.log_metrics(3, {"loss": 30.0})
+    series.poll()
+    assert series.series("loss") == [(1, 1.0), (2, 20.0), (3, 30.0)]
+    writer.finish("finished")

@@ -172,9 +172,16 @@ class RunSeries:
         """Read what was written since the last poll; returns (new metric rows, new log lines)."""
         with open_run(self.run_dir) as store:
             self.info = store.run(self.run_id)
+            events = store.events(self.run_id, since_id=self.last_event_id)
+            # A resumed run rewrites the steps after its checkpoint: forget ours from there and read them again.
+            resumed = [e["step"] for e in events if e["kind"] == "resumed" and e["step"] is not None]
+            if resumed and min(resumed) < self.last_step:
+                self.last_step = min(resumed)
+                for values in self.metrics.values():
+                    for step in [s for s in values if s > self.last_step]:
+                        del values[step]
             new = store.metrics(self.run_id, since_step=self.last_step)
             logs = store.logs(self.run_id, since_id=self.last_log_id)
-            events = store.events(self.run_id, since_id=self.last_event_id)
         for step, values in new.items():
             for name, value in values.items():
                 self.metrics.setdefault(name, {})[step] = value
