@@ -2,6 +2,7 @@
 reader that opens the store while a trainer writes to it."""
 
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -118,7 +119,7 @@ def test_reading_while_a_run_writes_loses_no_rows(tmp_path):
         if (run_dir / "runs.sqlite").exists():
             try:
                 _, new_logs = series.poll()
-            except KeyError:  # the store exists but the run row is not committed yet
+            except (KeyError, sqlite3.OperationalError):  # the store is being created: no tables or no run yet
                 new_logs = []
             logs += new_logs
             index.poll()

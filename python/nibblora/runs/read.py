@@ -127,6 +127,14 @@ class RunStore:
             out.setdefault(step, {})[name] = value
         return out
 
+    def metric_rows(self, run_id: str | None = None, since_step: int = -1) -> list[tuple[int, str, float, float]]:
+        """[(step, name, value, time)] after `since_step`, by step: the write time tells a resumed run's rewritten
+        steps from the ones its earlier attempt left behind."""
+        run_id = run_id or self.run().run_id
+        return self.conn.execute(
+            "SELECT step, name, value, time FROM metrics WHERE run_id=? AND step>? ORDER BY step, name",
+            (run_id, since_step)).fetchall()
+
     def latest(self, names: list[str] | tuple[str, ...], run_id: str | None = None) -> dict[str, tuple[int, float]]:
         """{name: (step, value)} of each metric's newest step, for a run list (one indexed lookup per name)."""
         run_id = run_id or self.run().run_id

@@ -167,34 +167,38 @@ class RunSeries:
     last_log_id: int = 0
     last_event_id: int = 0
     max_log_lines: int = 2000
+    _cursor: int = -1  # metric rows after this step are read at the next poll
+    _resumed_at: float | None = None  # write time of the latest resume
 
     def poll(self) -> tuple[int, list[dict]]:
         """Read what was written since the last poll; returns (new metric rows, new log lines)."""
         with open_run(self.run_dir) as store:
             self.info = store.run(self.run_id)
             events = store.events(self.run_id, since_id=self.last_event_id)
-            # A resumed run rewrites the steps after its checkpoint: forget ours from there and read them again.
-            resumed = [e["step"] for e in events if e["kind"] == "resumed" and e["step"] is not None]
-            if resumed and min(resumed) < self.last_step:
-                self.last_step = min(resumed)
-                for values in self.metrics.values():
-                    for step in [s for s in values if s > self.last_step]:
-                        del values[step]
-            new = store.metrics(self.run_id, since_step=self.last_step)
+            for event in events:
+                if event["kind"] == "resumed" and event["step"] is not None:
+                    # The resumed run rewrites every step after its checkpoint: read them again as they come.
+                    self._resumed_at = event["time"]
+                    self._cursor = min(self._cursor, event["step"])
+            rows = store.metric_rows(self.run_id, since_step=self._cursor)
             logs = store.logs(self.run_id, since_id=self.last_log_id)
-        for step, values in new.items():
-            for name, value in values.items():
-                self.metrics.setdefault(name, {})[step] = value
-        if new:
-            self.last_step = max(new)
+        for step, name, value, _ in rows:
+            self.metrics.setdefault(name, {})[step] = value
+        # Rows the earlier attempt left beyond the resumed run's progress are shown (the store still has them)
+        # but do not advance the cursor, so their rewrites are read when they come.
+        current = [step for step, _, _, t in rows if self._resumed_at is None or t >= self._resumed_at]
+        if current:
+            self._cursor = max(self._cursor, max(current))
+        if rows:
+            self.last_step = max(self.last_step, max(step for step, *_ in rows))
+        if events:
+            self.last_event_id = events[-1]["id"]
+            self.events.extend(events)
         if logs:
             self.last_log_id = logs[-1]["id"]
             self.logs.extend(logs)
             del self.logs[:-self.max_log_lines]
-        if events:
-            self.last_event_id = events[-1]["id"]
-            self.events.extend(events)
-        return sum(len(v) for v in new.values()), logs
+        return len(rows), logs
 
     def series(self, name: str) -> list[tuple[int, float]]:
         return sorted(self.metrics.get(name, {}).items())
