@@ -1,35 +1,33 @@
-"""The Textual app: the job list with the hardware panel, a job's screen, a comparison of two runs, and the
-start / stop dialogs. Every read of a run store or of NVML runs in a worker thread; the UI thread only draws."""
+"""The Textual app and its first screen, the job list with the hardware panel (the job screen and the
+comparison are in screens.py, the dialogs in dialogs.py). Every read of a run store or of NVML runs in a worker
+thread; the UI thread only draws."""
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
-from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
-from textual.screen import ModalScreen, Screen
-from textual.suggester import SuggestFromList
-from textual.widgets import Button, DataTable, Footer, Header, Input, Label, RichLog, Static
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
 
 from nibblora.runs import request_stop
+from nibblora.tui.dialogs import ConfirmScreen, StartJobScreen
 from nibblora.tui.hardware import HardwareMonitor, HardwareSnapshot
-from nibblora.tui.jobs import Job, JobIndex, RunSeries, attach_gpu_memory
-from nibblora.tui.launch import LaunchedJob, console_tail, find_configs
-from nibblora.tui.plot import Series
+from nibblora.tui.jobs import Job, JobIndex, attach_gpu_memory
+from nibblora.tui.launch import LaunchedJob, console_tail
+from nibblora.tui.screens import CompareScreen, JobScreen
 from nibblora.tui.text import fmt_bytes, fmt_duration, fmt_number, fmt_step, fmt_time
-from nibblora.tui.widgets import STATUS_STYLES, Cell, HardwarePanel, PlotPanel, sort_key
+from nibblora.tui.widgets import STATUS_STYLES, Cell, HardwarePanel, sort_key
+
+__all__ = ["CompareScreen", "ConfirmScreen", "JobScreen", "JobsScreen", "QloraTUI", "StartJobScreen"]
 
 # (column key, header); the first is the compare mark.
 TABLE_COLUMNS = (("mark", " "), ("name", "name"), ("method", "method"), ("status", "status"), ("step", "step"),
-                 ("loss", "loss"), ("tokens_per_s", "tok/s"), ("gpu_mem", "GPU mem"), ("eta", "ETA"), ("started", "started"))
+                 ("loss", "loss"), ("tokens_per_s", "tok/s"), ("gpu_mem", "GPU mem"), ("eta", "ETA"),
+                 ("started", "started"))
 SORTABLE = [key for key, _ in TABLE_COLUMNS[1:]]
-EVAL_STYLES = ("magenta", "yellow", "green", "red")
-RUN_STYLES = ("cyan", "magenta")
 
 
 def job_row(job: Job, marked: bool) -> dict[str, Cell]:
@@ -47,10 +45,6 @@ def job_row(job: Job, marked: bool) -> dict[str, Cell]:
         "eta": Cell(fmt_duration(job.eta_seconds), job.eta_seconds, justify="right"),
         "started": Cell(fmt_time(job.info.created_at), job.info.created_at),
     }
-
-
-def _bytes_axis(v: float) -> str:
-    return fmt_bytes(v)
 
 
 class JobTable(DataTable):
@@ -129,273 +123,6 @@ class JobsScreen(Screen):
 
     def action_sort_reverse(self) -> None:
         self.app.set_sort(self.app.sort_column, not self.app.sort_reverse)
-
-
-class JobScreen(Screen):
-    """One run: loss (train and eval), lr, grad norm, tokens/s, memory against the calculator's estimate, logs."""
-
-    BINDINGS = [
-        Binding("escape", "app.pop_screen", "Back"),
-        Binding("s", "stop_job", "Stop"),
-        Binding("q", "app.quit", "Quit"),
-    ]
-
-    DEFAULT_CSS = """
-    JobScreen #info { height: auto; padding: 0 1; }
-    JobScreen #plots { grid-size: 3 2; height: 1fr; }
-    JobScreen #loss { column-span: 2; }
-    JobScreen #log { height: 9; border: round $primary-darken-2; }
-    """
-
-    def __init__(self, job_key: str):
-        super().__init__()
-        self.job_key = job_key
-        run_dir, run_id = job_key.split("::", 1)
-        self.series = RunSeries(Path(run_dir), run_id)
-        self._polling = False
-
-    def compose(self) -> ComposeResult:
-        yield Header(show_clock=False)
-        yield Static("reading...", id="info")
-        with Grid(id="plots"):
-            yield PlotPanel("loss", id="loss")
-            yield PlotPanel("learning rate", lambda v: f"{v:.2e}", id="lr")
-            yield PlotPanel("grad norm", id="grad_norm")
-            yield PlotPanel("tokens/s", lambda v: f"{v:,.0f}", id="tokens_per_s")
-            yield PlotPanel("memory", _bytes_axis, id="memory")
-        log = RichLog(id="log", max_lines=2000, wrap=False, markup=False)
-        log.border_title = "log"
-        yield log
-        yield Footer()
-
-    def on_mount(self) -> None:
-        self.sub_title = self.series.run_id
-        self._fit_log()
-        self.poll()
-        self.set_interval(self.app.poll_seconds, self.poll)
-
-    def on_resize(self) -> None:
-        self._fit_log()
-
-    def _fit_log(self) -> None:
-        # On a small terminal (80 x 24) the plots need the rows more than the log does; nothing scrolls.
-        height = self.app.size.height
-        self.query_one("#log", RichLog).styles.height = 9 if height >= 36 else 6 if height >= 22 else 3
-
-    def poll(self) -> None:
-        if not self._polling:
-            self._polling = True
-            self._read()
-
-    @work(thread=True, group="job-series")
-    def _read(self) -> None:
-        try:
-            _, logs = self.series.poll()
-            self.app.call_from_thread(self._show, logs)
-        except Exception as err:
-            self.app.call_from_thread(self._show_error, err)
-        finally:
-            self._polling = False
-
-    def _show_error(self, err: Exception) -> None:
-        self.query_one("#info", Static).update(Text(f"cannot read {self.series.run_dir}: {err}", style="red"))
-
-    def _show(self, logs: list[dict]) -> None:
-        s, info = self.series, self.series.info
-        evals = s.eval_sets()
-        loss = [Series("train", s.series("loss"), "cyan")]
-        loss += [Series(f"eval {name}", s.series(f"eval_{name}_loss"), EVAL_STYLES[i % len(EVAL_STYLES)])
-                 for i, name in enumerate(evals)]
-        self.query_one("#loss", PlotPanel).set_series(loss)
-        self.query_one("#lr", PlotPanel).set_series([Series("lr", s.series("lr"), "green")])
-        self.query_one("#grad_norm", PlotPanel).set_series([Series("norm", s.series("grad_norm"), "yellow")])
-        self.query_one("#tokens_per_s", PlotPanel).set_series([Series("tok/s", s.series("tokens_per_s"), "cyan")])
-        self.query_one("#memory", PlotPanel).set_series([
-            Series("peak", s.series("mem_peak_bytes"), "red"),
-            Series("alloc", s.series("mem_allocated_bytes"), "cyan"),
-            Series("est", s.series("mem_estimate_bytes"), "green"),
-        ])
-        self.query_one("#info", Static).update(self._info_text())
-        log = self.query_one("#log", RichLog)
-        for line in logs:
-            style = "red" if line["level"] in ("error", "warning") else ""
-            log.write(Text(f"{time.strftime('%H:%M:%S', time.localtime(line['time']))} {line['message']}", style=style))
-
-    def _info_text(self) -> Text:
-        s, info = self.series, self.series.info
-        text = Text()
-        text.append(info.name, style="bold").append("  ")
-        text.append(info.status, style=STATUS_STYLES.get(info.status, ""))
-        mode = info.config.get("train", {}).get("mode", "?")
-        last = max(s.metrics.get("loss", {0: 0}))
-        total = f"/{info.total_steps}" if info.total_steps else ""
-        text.append(f"  {mode}  step {last}{total}  loss {fmt_number(s.latest('loss'))}")
-        for name in s.eval_sets():
-            text.append(f"  eval {name} {fmt_number(s.latest(f'eval_{name}_loss'))}")
-        peak = max(s.metrics.get("mem_peak_bytes", {}).values(), default=None)
-        estimate = s.latest("mem_estimate_bytes")
-        text.append(f"\nmemory: measured peak {fmt_bytes(peak)}, calculator's estimate {fmt_bytes(estimate)}")
-        if peak and estimate:
-            text.append(f" (estimate/peak {estimate / peak:.2f})")
-        text.append(f"   started {fmt_time(info.created_at)}", style="dim")
-        if info.ended_at:
-            text.append(f", ended {fmt_time(info.ended_at)}", style="dim")
-        text.append(f"   {info.run_dir}", style="dim")
-        return text
-
-    def action_stop_job(self) -> None:
-        self.app.ask_stop(self.job_key)
-
-
-class CompareScreen(Screen):
-    """Two runs' curves on shared axes: train loss, eval loss, tokens/s, memory."""
-
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back"), Binding("q", "app.quit", "Quit")]
-
-    DEFAULT_CSS = """
-    CompareScreen #info { height: auto; padding: 0 1; }
-    CompareScreen #plots { grid-size: 2 2; height: 1fr; }
-    """
-
-    def __init__(self, keys: tuple[str, str]):
-        super().__init__()
-        self.runs = []
-        for key in keys:
-            run_dir, run_id = key.split("::", 1)
-            self.runs.append(RunSeries(Path(run_dir), run_id))
-        self._polling = False
-
-    def compose(self) -> ComposeResult:
-        yield Header(show_clock=False)
-        yield Static("reading...", id="info")
-        with Grid(id="plots"):
-            yield PlotPanel("train loss", id="loss")
-            yield PlotPanel("eval loss", id="eval")
-            yield PlotPanel("tokens/s", lambda v: f"{v:,.0f}", id="tokens_per_s")
-            yield PlotPanel("peak memory", _bytes_axis, id="memory")
-        yield Footer()
-
-    def on_mount(self) -> None:
-        self.sub_title = "compare"
-        self.poll()
-        self.set_interval(self.app.poll_seconds, self.poll)
-
-    def poll(self) -> None:
-        if not self._polling:
-            self._polling = True
-            self._read()
-
-    @work(thread=True, group="compare-series")
-    def _read(self) -> None:
-        try:
-            for run in self.runs:
-                run.poll()
-            self.app.call_from_thread(self._show)
-        except Exception as err:
-            self.app.call_from_thread(self.query_one("#info", Static).update, Text(str(err), style="red"))
-        finally:
-            self._polling = False
-
-    def _label(self, i: int) -> str:
-        run = self.runs[i]
-        # Two runs of the same name (two stores) are told apart by their folder.
-        same = self.runs[0].run_id == self.runs[1].run_id
-        return f"{run.run_id} ({run.run_dir.name})" if same else run.run_id
-
-    def _show(self) -> None:
-        def each(name: str, suffix: str = "") -> list[Series]:
-            return [Series(self._label(i) + suffix, run.series(name), RUN_STYLES[i]) for i, run in enumerate(self.runs)]
-
-        self.query_one("#loss", PlotPanel).set_series(each("loss"))
-        evals = []
-        for i, run in enumerate(self.runs):
-            for name in run.eval_sets():
-                evals.append(Series(f"{self._label(i)} {name}", run.series(f"eval_{name}_loss"), RUN_STYLES[i]))
-        self.query_one("#eval", PlotPanel).set_series(evals, "" if evals else "no eval sets")
-        self.query_one("#tokens_per_s", PlotPanel).set_series(each("tokens_per_s"))
-        self.query_one("#memory", PlotPanel).set_series(each("mem_peak_bytes"))
-        text = Text()
-        for i, run in enumerate(self.runs):
-            info = run.info
-            peak = max(run.metrics.get("mem_peak_bytes", {}).values(), default=None)
-            text.append("\u2501 ", style=RUN_STYLES[i]).append(self._label(i), style="bold")
-            text.append(f"  {info.status}  {info.config.get('train', {}).get('mode', '?')}  "
-                        f"step {run.last_step if run.last_step >= 0 else '-'}"
-                        f"{'/' + str(info.total_steps) if info.total_steps else ''}  "
-                        f"loss {fmt_number(run.latest('loss'))}  peak {fmt_bytes(peak)}\n")
-        text.rstrip()
-        self.query_one("#info", Static).update(text)
-
-
-class StartJobScreen(ModalScreen[str | None]):
-    """Ask for a config file; the app validates it and starts `python -m nibblora.train CONFIG`."""
-
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
-
-    DEFAULT_CSS = """
-    StartJobScreen { align: center middle; }
-    StartJobScreen > Vertical { width: 80; height: auto; border: thick $primary; padding: 1 2; background: $surface; }
-    StartJobScreen Label { width: 100%; }
-    StartJobScreen #error { color: $error; height: auto; }
-    StartJobScreen Horizontal { height: auto; margin-top: 1; }
-    """
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label(f"Start a training job: the path of its TOML config, relative to {os.getcwd()} "
-                        "(\u2192 accepts a suggestion)")
-            yield Input(placeholder="path/to/config.toml", id="config",
-                        suggester=SuggestFromList(find_configs(Path.cwd()), case_sensitive=False))
-            yield Label("", id="error")
-            with Horizontal():
-                yield Button("Start", variant="primary", id="start")
-                yield Button("Cancel", id="cancel")
-
-    @on(Input.Submitted)
-    @on(Button.Pressed, "#start")
-    def _submit(self) -> None:
-        path = self.query_one("#config", Input).value.strip()
-        if not path:
-            self.query_one("#error", Label).update("enter the path of a config file")
-            return
-        error = self.app.start_job(path)
-        if error:
-            self.query_one("#error", Label).update(error)
-        else:
-            self.dismiss(path)
-
-    @on(Button.Pressed, "#cancel")
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-
-class ConfirmScreen(ModalScreen[bool]):
-    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
-
-    DEFAULT_CSS = """
-    ConfirmScreen { align: center middle; }
-    ConfirmScreen > Vertical { width: 70; height: auto; border: thick $warning; padding: 1 2; background: $surface; }
-    ConfirmScreen Label { width: 100%; }
-    ConfirmScreen Horizontal { height: auto; margin-top: 1; }
-    """
-
-    def __init__(self, question: str):
-        super().__init__()
-        self.question = question
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label(self.question)
-            with Horizontal():
-                yield Button("Yes (y)", variant="warning", id="yes")
-                yield Button("No (n)", id="no")
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
-
-    def action_answer(self, yes: bool) -> None:
-        self.dismiss(yes)
 
 
 class QloraTUI(App):
@@ -512,7 +239,7 @@ class QloraTUI(App):
             empty.update(f"no runs under {self.runs_dir}{where}. Press n to start a job from a config file, or run "
                          f"`python -m nibblora.train CONFIG.toml` with output_dir inside {self.runs_dir}.")
         arrow = "\u2193" if self.sort_reverse else "\u2191"
-        table.border_subtitle = f"{len(jobs)} runs \u00b7 sorted by {self.sort_column} {arrow} (o: next column, r: reverse)"
+        table.border_subtitle = f"{len(jobs)} runs \u00b7 sorted by {self.sort_column} {arrow} (o / r / click a header)"
 
     def _sort(self, table: DataTable, keep_selected: str | None) -> None:
         table.sort(self.sort_column, key=sort_key, reverse=self.sort_reverse)

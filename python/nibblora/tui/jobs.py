@@ -204,7 +204,8 @@ class RunSeries:
         return sorted(self.metrics.get(name, {}).items())
 
     def eval_sets(self) -> list[str]:
-        return sorted(n[len("eval_"):-len("_loss")] for n in self.metrics if n.startswith("eval_") and n.endswith("_loss"))
+        names = [n for n in self.metrics if n.startswith("eval_") and n.endswith("_loss")]
+        return sorted(n[len("eval_"):-len("_loss")] for n in names)
 
     def latest(self, name: str) -> float | None:
         values = self.metrics.get(name)
