@@ -248,3 +248,17 @@ def test_screens_follow_a_run_that_keeps_writing(synthetic):
         await wait_for(pilot, lambda: "finished" in str(app.screen.query_one("#info", Static).render()))
 
     drive(app, scenario)
+
+
+def test_a_runs_directory_that_cannot_be_read_is_reported_not_fatal(synthetic):
+    app = QloraTUI(synthetic, hardware=monitor(), poll_seconds=0.1)
+
+    async def scenario(pilot):
+        def refuse(force_rescan=False):
+            raise PermissionError("Permission denied: 'runs/secret'")
+
+        app.index.poll = refuse
+        await wait_for(pilot, lambda: any("Permission denied" in str(n.message) for n in app._notifications))
+        assert app.is_running and len(table_rows(app)) == 4  # what was read before stays
+
+    drive(app, scenario)

@@ -151,6 +151,7 @@ class QloraTUI(App):
         self.last_snapshot: HardwareSnapshot | None = None
         self._polling_jobs = False
         self._polling_hardware = False
+        self._last_read_error: str | None = None
 
     def on_mount(self) -> None:
         self.sub_title = str(self.runs_dir)
@@ -170,9 +171,16 @@ class QloraTUI(App):
     def _read_jobs(self, rescan: bool) -> None:
         try:
             jobs = self.index.poll(force_rescan=rescan)
-            self.call_from_thread(self._show_jobs, jobs)
+        except Exception as err:  # e.g. a folder we may not read: say so once, keep the app running
+            message = f"reading {self.runs_dir}: {err}"
+            if message != self._last_read_error:
+                self._last_read_error = message
+                self.call_from_thread(self.notify, message, severity="error")
+            return
         finally:
             self._polling_jobs = False
+        self._last_read_error = None
+        self.call_from_thread(self._show_jobs, jobs)
 
     def poll_hardware(self) -> None:
         if not self._polling_hardware:
