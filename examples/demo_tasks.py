@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 
-from tokenizers import Tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SYSTEM = "You are a precise assistant. Answer with the result only."
@@ -59,15 +58,13 @@ def make_examples(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def as_conversation(example: dict) -> dict:
+    """The row nibblora.data prepares: system, user prompt, assistant answer."""
+    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": example["prompt"]},
+                         {"role": "assistant", "content": example["answer"]}]}
+
+
 def render_prompt(prompt: str) -> str:
     """ChatML up to where the assistant starts answering."""
     return (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{prompt}{IM_END}\n"
             f"{IM_START}assistant\n")
-
-
-def tokenize_example(tokenizer: Tokenizer, prompt: str, answer: str) -> dict:
-    """input_ids of prompt + answer + <|im_end|>; labels -100 on the prompt, so only the answer (and its
-    end-of-turn token, which teaches the model to stop) is trained."""
-    prompt_ids = tokenizer.encode(render_prompt(prompt), add_special_tokens=False).ids
-    answer_ids = tokenizer.encode(answer + IM_END, add_special_tokens=False).ids
-    return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}

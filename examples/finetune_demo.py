@@ -1,10 +1,11 @@
 """nibblora end to end on two CPU cores, nothing downloaded (`make demo`, a few minutes):
 
 1. pretrain a tiny Llama on the Python standard library's source (examples/pretrain_tiny.py), with its own BPE
-2. generate an instruction set with checkable answers (arithmetic, sorting, dates, JSON...), ChatML, prompt masked
+2. generate an instruction set with checkable answers, prepared by nibblora.data (ChatML, prompt masked)
 3. QLoRA fine-tuning with `python -m nibblora.train`, recorded in the run store (watch it with qlora-tui)
 4. exact-match accuracy on held-out tasks and loss on held-out stdlib text, before and after
-5. merge the adapter into a dense copy of the base and check the merged model answers exactly as the adapter does
+5. quantize the base to NF4 (nibblora.quantize), merge the adapter into it (nibblora.merge, Rust), verify the
+   merged model's logits against base + adapter (nibblora.verify) and that it answers exactly as the adapter does
 6. a closing table
 """
 
@@ -25,7 +26,11 @@ import demo_tasks  # noqa: E402
 import pretrain_tiny  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from nibblora.lora import LoRALinear, load_adapter  # noqa: E402
+from nibblora.data import prepare_dataset  # noqa: E402
+from nibblora.lora import load_adapter  # noqa: E402
+from nibblora.merge import merge_checkpoint  # noqa: E402
+from nibblora.quantize import quantize_checkpoint  # noqa: E402
+from nibblora.verify import verify_merge  # noqa: E402
 from nibblora.models import generate, load_model  # noqa: E402
 from nibblora.runs import open_run  # noqa: E402
 from nibblora.train import TokenizedRows, evaluate  # noqa: E402
@@ -68,18 +73,6 @@ def mean_loss(model: nn.Module, rows: TokenizedRows, pad_id: int) -> float:
     return evaluate(model, rows, 16, 0, pad_id, DistInfo(0, 1, 0, torch.device("cpu")), contextlib.nullcontext)[0]
 
 
-def merge_into_dense(model: nn.Module) -> nn.Module:
-    """Replace each QLoRA layer by a dense nn.Linear holding dequantize(base) + scaling * B @ A (in place)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            dense = nn.Linear(module.in_features, module.out_features, bias=False)
-            with torch.no_grad():
-                dense.weight.copy_(module.base.dequantized_weight(torch.float32) + module.delta_weight())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense)
-    return model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="nibblora's fine-tuning demo")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo")
@@ -106,10 +99,13 @@ def main() -> None:
                 if e["task"] == "add" or e["prompt"] not in seen][:120]
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    tokenize = lambda examples: TokenizedRows(  # noqa: E731
-        [demo_tasks.tokenize_example(tokenizer, e["prompt"], e["answer"]) for e in examples])
-    tokenize(train_examples).to_jsonl(data_dir / "train.jsonl")
-    tokenize(held_out).to_jsonl(data_dir / "task_eval.jsonl")
+    # nibblora.data (Rust): ChatML rendered once per conversation, tokenized once, labels -100 everywhere but
+    # the assistant's answer and its <|im_end|>.
+    for name, examples in (("train", train_examples), ("task_eval", held_out)):
+        summary = prepare_dataset([demo_tasks.as_conversation(e) for e in examples], data_dir / name,
+                                  tokenizer=base_dir / "tokenizer.json", template="chatml", overwrite=True)
+        print(f"   prepared {name}: {summary.rows_out:,} rows, {summary.tokens:,} tokens, "
+              f"{summary.supervised_tokens / summary.tokens:.0%} supervised")
     general = general_rows(tokenizer)
     general.to_jsonl(data_dir / "general_eval.jsonl")
     print(f"   {len(train_examples)} training rows, {len(held_out)} held-out rows over {len(demo_tasks.TASKS)} tasks")
@@ -134,8 +130,8 @@ alpha = 32.0
 dropout = 0.05
 target_modules = "all-linear"
 [data]
-train = "{data_dir / 'train.jsonl'}"
-eval = {{ task = "{data_dir / 'task_eval.jsonl'}", general = "{data_dir / 'general_eval.jsonl'}" }}
+train = "{data_dir / 'train'}"
+eval = {{ task = "{data_dir / 'task_eval'}", general = "{data_dir / 'general_eval.jsonl'}" }}
 batch_size = 16
 pad_token_id = {pad_id}
 [train]
@@ -168,17 +164,19 @@ resume = false
         e["task"] == t for e in held_out) else None for t in demo_tasks.TASKS}
     print("   by task: " + ", ".join(f"{t} {a:.0%}" for t, a in per_task.items() if a is not None))
 
-    print("== 6. merging the adapter into a dense copy of the base")
-    probe = torch.tensor([tokenizer.encode(demo_tasks.render_prompt(e["prompt"]), add_special_tokens=False).ids[:40]
-                          for e in held_out[:8] if True][:1])
-    with torch.no_grad():
-        adapter_logits = tuned(probe)
-        merged = merge_into_dense(tuned)
-        merged_logits = merged(probe)
-    max_diff = (adapter_logits - merged_logits).abs().max().item()
+    print("== 6. merging the adapter: nibblora.quantize -> nibblora.merge (Rust) -> nibblora.verify")
+    # QLoRA trained against the NF4 base, so merge into exactly that: quantize the base (the same bytes
+    # load_model(quantize="nf4") made), then merge, which dequantizes to float32 and adds scaling * B @ A once.
+    quantize_checkpoint(base_dir, work / "base-nf4", quant_type="nf4", compute_dtype="float32", overwrite=True,
+                        progress=False)
+    merge_checkpoint(work / "base-nf4", [run_dir / "adapter"], work / "merged", dtype="float32", overwrite=True,
+                     progress=False)
+    report = verify_merge(work / "base-nf4", run_dir / "adapter", work / "merged", dtype=torch.float32)
+    merged = load_model(work / "merged", torch.float32)
     acc_merged = exact_match(merged, tokenizer, held_out)
-    assert max_diff < 1e-3 and acc_merged == acc_after, (max_diff, acc_merged, acc_after)
-    print(f"   merged logits within {max_diff:.1e} of the adapter's; merged exact match {acc_merged:.1%} (same)")
+    assert report.max_abs_logit_diff < 1e-3 and acc_merged == acc_after, (report.max_abs_logit_diff, acc_merged, acc_after)
+    print(f"   merged logits within {report.max_abs_logit_diff:.1e} of base + adapter (max KL {report.max_kl:.1e}); "
+          f"merged exact match {acc_merged:.1%} (same)")
 
     with open_run(run_dir) as store:
         last = store.metrics()[max(store.metrics())]

@@ -218,3 +218,20 @@ def test_nf4_lora_moves_to_device_and_matches_cpu(device):
     moved = layer.to(device)
     assert moved.base.weight.device.type == device and moved.base.absmax.device.type == device
     torch.testing.assert_close(moved(x.to(device)).cpu(), layer.cpu()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_injected_into_an_eval_model_are_in_eval_mode_so_dropout_stays_off():
+    from nibblora.lora import inject_lora
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).eval()
+    inject_lora(model, ["0", "2"], r=4, alpha=8, dropout=0.5)
+    for module in model.modules():
+        assert not module.training, module
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)  # a non-zero B, so dropout would show
+    x = torch.randn(4, 16)
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert all(m.training for m in model.modules())

@@ -94,7 +94,11 @@ def _inside_lora(name: str, model: nn.Module) -> bool:
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    owner = model.get_submodule(parent) if parent else model
+    # A fresh module starts in training mode; it must follow the model's mode, or LoRA dropout would stay on
+    # in a model that was put in eval mode before the adapter arrived.
+    module.train(owner.training)
+    setattr(owner, child, module)
 
 
 def inject_lora(
@@ -154,6 +158,7 @@ def inject_lora_config(model: nn.Module, config: LoRAConfig, *, compute_dtype: t
         r, alpha = config.rank_for(name), config.alpha_for(name)
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, r, alpha, config.dropout, config.rslora, config.init, adapter_dtype)
+            module.train(module.training)  # the new adapter takes the layer's mode
             continue
         if config.quantize_base is not None and isinstance(module, nn.Linear):
             module = NF4Linear.from_linear(module, config.quantize_base, config.blocksize, config.double_quant,
