@@ -76,8 +76,8 @@ def mean_loss(model: nn.Module, rows: TokenizedRows, pad_id: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description="nibblora's fine-tuning demo")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--pretrain-steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--reuse-base", action="store_true", help="keep an already pretrained base model")
     args = parser.parse_args()
     start = time.perf_counter()
