@@ -1,22 +1,51 @@
-"""Measured training memory: the CUDA caching allocator's counters on a GPU, the process's anonymous memory on a CPU.
+"""Measured training memory: the CUDA caching allocator's counters on a GPU, the C allocator's on a CPU.
 
 On CUDA, allocated/reserved/peak are torch.cuda.memory_allocated / memory_reserved / max_memory_allocated.
-PyTorch's CPU allocator keeps no statistics, so on a CPU we read the kernel's: the process's anonymous resident
-memory (RssAnon in /proc/self/status: heap and mmapped tensors, not the code pages of libtorch that the first
-backward pulls in), minus its value just before the model was loaded. A sampler thread reads it every 2 ms and
-keeps the highest value, so a short spike between two samples can be missed. glibc keeps freed blocks for reuse,
-so like CUDA's "reserved" this counts memory the allocator holds, not only live tensors. Where /proc is missing
-(macOS), the resident set size stands in.
+PyTorch's CPU tensors come from the C library's malloc, so on a CPU we read malloc's own counters the same way:
+"allocated" is the bytes in live allocations (glibc's mallinfo2: in-use arena bytes plus mmapped blocks), and
+"reserved" is the process's anonymous resident memory (RssAnon in /proc/self/status), which also holds the freed
+blocks glibc keeps for reuse, like CUDA's reserved. Both are taken relative to their values just before the model
+was loaded. A sampler thread reads them every 2 ms and keeps the highest, so a short spike between two samples
+can be missed. Without glibc (macOS, musl) the resident set size stands in for both.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
+from functools import cache
 
 import psutil
 import torch
 
 SAMPLE_SECONDS = 0.002
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@cache
+def _mallinfo2():
+    """glibc's mallinfo2 (2.33+), or None where there is no such function."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        function = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+def _live_malloc_bytes() -> int | None:
+    """Bytes in live malloc allocations across all arenas (in-use arena bytes + mmapped blocks), or None."""
+    function = _mallinfo2()
+    if function is None:
+        return None
+    info = function()
+    return info.uordblks + info.hblkhd
 
 
 def _anonymous_rss() -> int:
@@ -37,17 +66,25 @@ class MemoryMeter:
         self.device = torch.device(device)
         self.baseline = 0
         self._peak = 0
+        self._live_baseline = 0
+        self._live_peak = 0
         self._stop = threading.Event()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.baseline = _anonymous_rss()
-            self._peak = self.baseline
+            self.baseline = self._peak = _anonymous_rss()
+            self._live_baseline = self._live_peak = self._live()
             threading.Thread(target=self._sample, name="nibblora-memory-sampler", daemon=True).start()
+
+    @staticmethod
+    def _live() -> int:
+        live = _live_malloc_bytes()
+        return _anonymous_rss() if live is None else live
 
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
             self._peak = max(self._peak, _anonymous_rss())
+            self._live_peak = max(self._live_peak, self._live())
 
     def stop(self) -> None:
         self._stop.set()
@@ -56,7 +93,9 @@ class MemoryMeter:
     def method(self) -> str:
         if self.device.type == "cuda":
             return "torch.cuda.max_memory_allocated"
-        return "peak anonymous RSS (sampled every 2 ms) minus its value before the model was loaded"
+        if _mallinfo2() is None:
+            return "peak anonymous RSS (sampled every 2 ms) minus its value before the model was loaded"
+        return "peak bytes in live malloc allocations (mallinfo2, sampled every 2 ms) since before the model loaded"
 
     def read(self) -> dict[str, int]:
         if self.device.type == "cuda":
@@ -65,10 +104,11 @@ class MemoryMeter:
                 "mem_reserved_bytes": torch.cuda.memory_reserved(self.device),
                 "mem_peak_bytes": torch.cuda.max_memory_allocated(self.device),
             }
-        now = _anonymous_rss()
+        now, live = _anonymous_rss(), self._live()
         self._peak = max(self._peak, now)
+        self._live_peak = max(self._live_peak, live)
         return {
-            "mem_allocated_bytes": now - self.baseline,
+            "mem_allocated_bytes": live - self._live_baseline,
             "mem_reserved_bytes": now - self.baseline,
-            "mem_peak_bytes": self._peak - self.baseline,
+            "mem_peak_bytes": self._live_peak - self._live_baseline,
         }
