@@ -93,8 +93,9 @@ def bench_trl(tok: Path, rows: list[dict]) -> float | None:
                                       num_attention_heads=2, num_key_value_heads=2)
     model = transformers.LlamaForCausalLM(config)
     with tempfile.TemporaryDirectory() as out:
+        # A CPU machine: TRL defaults to bf16 mixed precision and refuses to start without use_cpu / bf16=False.
         args = SFTConfig(output_dir=out, assistant_only_loss=True, max_length=2048, packing=True, report_to=[],
-                         dataset_num_proc=None)
+                         dataset_num_proc=None, use_cpu=True, bf16=False)
         dataset = datasets.Dataset.from_list(rows)
         start = time.perf_counter()
         SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=hf)
