@@ -105,16 +105,28 @@ merge_checkpoint(base, [adapter], out, progress=False)
 """
 
 
+_REPORT_PEAK = """
+for _line in open("/proc/self/status"):
+    if _line.startswith("VmHWM:"):
+        print("NIBBLORA_BENCH_PEAK_KB", _line.split()[1], flush=True)
+"""
+
+
 def run_child(code: str, *args: str) -> tuple[float, int]:
-    """(seconds, peak resident bytes) of `python -c code args...` in a fresh process."""
+    """(seconds, peak resident bytes) of `python -c code args...` in a fresh process.
+
+    The peak is the child's own VmHWM, read by the child as it ends. Not the ru_maxrss that wait4 reports:
+    Linux carries the parent's high-water mark into a child across fork/exec, so a parent that has just
+    generated a 2 GB checkpoint would make every child look at least that large."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args])
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run([sys.executable, "-c", code + _REPORT_PEAK, *args], stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"child failed with exit code {proc.returncode}")
-    return seconds, usage.ru_maxrss * 1024
+    if done.returncode != 0:
+        raise SystemExit(f"child failed with exit code {done.returncode}")
+    peaks = [int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("NIBBLORA_BENCH_PEAK_KB")]
+    if not peaks:
+        raise SystemExit("child did not report its peak memory")
+    return seconds, peaks[-1] * 1024
 
 
 def compare(nib: Path, peft: Path, name: str) -> int:
