@@ -118,6 +118,7 @@ def run_child(code: str, *args: str) -> tuple[float, int]:
     The peak is the child's own VmHWM, read by the child as it ends. Not the ru_maxrss that wait4 reports:
     Linux carries the parent's high-water mark into a child across fork/exec, so a parent that has just
     generated a 2 GB checkpoint would make every child look at least that large."""
+    os.sync()  # start each contender with no dirty pages pending: writeback throttling would bill the next one
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code + _REPORT_PEAK, *args], stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
