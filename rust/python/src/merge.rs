@@ -1,5 +1,5 @@
 //! Bindings of nibblora_core::safetensors and nibblora_core::merge: a checked, memory-mapped safetensors file
-//! and the LoRA merge kernel. Outputs are new numpy uint8 arrays that own their Rust buffer (no copy).
+//! and the LoRA merge kernel. Outputs are numpy uint8 arrays over pooled Rust buffers (no copy).
 
 use std::path::PathBuf;
 
@@ -10,6 +10,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::errors::{not_contiguous, to_py_err};
+use crate::pool::pooled_array;
 
 /// (B [rows*rank] float32, A [rank*cols] float32, rank, scale)
 type Term<'py> = (PyReadonlyArray1<'py, f32>, PyReadonlyArray1<'py, f32>, usize, f32);
@@ -45,10 +46,12 @@ fn run_merge<'py>(
     }
     update.dense = dense.map(|d| d.as_slice().map_err(|_| not_contiguous())).transpose()?;
     update.magnitude = magnitude.map(|m| m.as_slice().map_err(|_| not_contiguous())).transpose()?;
-    let mut out = vec![0u8; numel * out_dtype.size()];
-    py.allow_threads(|| merge::merge_into(base, base_dtype, rows, cols, &update, &mut out, out_dtype))
-        .map_err(|e| to_py_err(phase, e))?;
-    Ok(PyArray1::from_vec(py, out))
+    // The output comes from nibblora's buffer pool: the writer drops it once written, and the next tensor of
+    // the same shape (every layer repeats the same projections) reuses already mapped memory.
+    let out = pooled_array::<u8, _>(py, phase, numel * out_dtype.size(), |out| {
+        merge::merge_into(base, base_dtype, rows, cols, &update, out, out_dtype)
+    })?;
+    Ok(out.into_any().downcast_into::<PyArray1<u8>>()?)
 }
 
 /// SafetensorsFile(path): a safetensors file whose header has been checked (sizes, offsets, overlaps, dtype
