@@ -101,13 +101,16 @@ pub fn merge_into(
     let first_bad = out
         .par_chunks_mut(block_rows * out_row)
         .enumerate()
-        .filter_map(|(block, out_block)| {
+        // One float32 accumulator per worker thread, reused for every block it takes: a fresh one per block
+        // would fault in four bytes of new memory for every weight merged.
+        .map_init(Vec::<f32>::new, |acc, (block, out_block)| {
             let r0 = block * block_rows;
             let nrows = out_block.len() / out_row;
-            let mut acc = vec![0f32; nrows * cols];
-            decode(&base[r0 * in_row..(r0 + nrows) * in_row], base_dtype, &mut acc);
+            acc.resize(nrows * cols, 0.0);
+            let acc = &mut acc[..nrows * cols];
+            decode(&base[r0 * in_row..(r0 + nrows) * in_row], base_dtype, acc);
             for t in &update.terms {
-                add_low_rank_dispatch(&mut acc, r0, nrows, cols, t);
+                add_low_rank_dispatch(acc, r0, nrows, cols, t);
             }
             if let Some(d) = update.dense {
                 for (a, &x) in acc.iter_mut().zip(&d[r0 * cols..(r0 + nrows) * cols]) {
@@ -122,9 +125,10 @@ pub fn merge_into(
                 }
             }
             let bad = if check_finite { acc.iter().position(|x| !x.is_finite()) } else { None };
-            encode(&acc, out_block, out_dtype);
+            encode(acc, out_block, out_dtype);
             bad.map(|i| r0 * cols + i)
         })
+        .flatten()
         .min();
     if let Some(index) = first_bad {
         // Only an error when the base itself was finite there: a merge must not invent NaN or infinity.
