@@ -90,3 +90,13 @@ every = 0
         last = store.metrics()[1]
     measured, estimated = last["mem_peak_bytes"], last["mem_estimate_bytes"]
     assert abs(measured - estimated) / estimated < 0.15, (measured, estimated)
+
+
+def test_a_broken_config_json_is_refused_naming_the_file(tmp_path, capsys):
+    from nibblora.memory.cli import main
+
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    assert main(["--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "not valid JSON" in err

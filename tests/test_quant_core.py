@@ -198,3 +198,13 @@ def test_dequantize_into_a_workspace_writes_it_in_place_and_checks_it():
     assert torch.equal(result, dequantize_4bit(q))
     with pytest.raises(ValueError, match="out must be a contiguous"):
         dequantize_4bit(q, torch.bfloat16, out=torch.empty(10, dtype=torch.bfloat16))
+
+
+def test_a_corrupt_quant_state_or_a_short_packed_weight_is_refused_naming_the_key():
+    sd = to_bnb_state_dict(quantize_4bit(torch.randn(128)), "layer.weight")
+    broken = dict(sd, **{"layer.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(b"{oops"), dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="layer.weight.quant_state.bitsandbytes__nf4: quant state is not valid JSON"):
+        from_bnb_state_dict(broken, "layer.weight")
+    short = dict(sd, **{"layer.weight": sd["layer.weight"][:10]})
+    with pytest.raises(ValueError, match="packed weight has 10 bytes, but shape \\[128\\] needs 64"):
+        from_bnb_state_dict(short, "layer.weight")

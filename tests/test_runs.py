@@ -74,3 +74,10 @@ def test_request_stop_sets_the_flag_the_writer_polls(tmp_path):
     writer.finish("stopped")
     with pytest.raises(FileNotFoundError):
         request_stop(tmp_path / "nowhere")
+
+
+def test_opening_a_folder_without_a_run_store_names_the_folder(tmp_path):
+    from nibblora.runs import open_run
+
+    with pytest.raises(FileNotFoundError, match=f"no runs.sqlite in {tmp_path}"):
+        open_run(tmp_path)

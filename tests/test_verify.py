@@ -44,3 +44,10 @@ def test_tampered_layer_is_caught(merged, tmp_path):
     tensors["model.layers.1.mlp.down_proj.weight"] += 0.05 * torch.randn_like(tensors["model.layers.1.mlp.down_proj.weight"])
     save_file(tensors, tampered / "model.safetensors")
     assert not verify_merge(base, adapter, tampered).passed
+
+
+def test_a_missing_base_folder_is_an_input_error_with_exit_code_2(tmp_path, capsys):
+    from nibblora.verify import main
+
+    assert main(["--base", str(tmp_path / "nope"), "--adapter", str(tmp_path), "--merged", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'nope'} does not exist" in capsys.readouterr().err

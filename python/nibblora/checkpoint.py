@@ -46,8 +46,17 @@ def read_config(directory: str | Path) -> dict:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise CheckpointFileNotFoundError(f"reading config: no {CONFIG_FILE} in {directory}")
+    return read_json_object(path)
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file holding one object, as a dict; CheckpointError naming the file when it is missing, not valid
+    JSON or not an object."""
+    path = Path(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointFileNotFoundError(f"reading config: {path} does not exist") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"reading config: {path} is not valid JSON ({err})") from None
     if not isinstance(config, dict):

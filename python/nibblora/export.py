@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from nibblora.checkpoint import CheckpointError, read_config
 from nibblora.outdir import check_out_dir, human_bytes, move_into_place, temp_sibling  # noqa: F401 (human_bytes re-exported)
 from nibblora.safetensors_writer import DeferredSpec, SafetensorsWriter, TensorSpec
 
@@ -35,17 +36,12 @@ class ExportError(ValueError):
 
 
 def read_config_json(model_dir: Path) -> dict[str, Any]:
-    """config.json of a checkpoint folder as a dict; ExportError naming the file when missing or not an object."""
-    path = model_dir / "config.json"
+    """config.json of a checkpoint folder (nibblora.checkpoint.read_config), its errors raised as ExportError
+    so the tools report them as input errors."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(f"{path}: missing (is {model_dir} a Hugging Face checkpoint?)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ExportError(f"{path}: not a JSON object")
-    return config
+        return read_config(model_dir)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
 
 
 def run_tool(prog: str, job: Callable[[], Any], errors: tuple[type[Exception], ...] = (ExportError,)) -> int:

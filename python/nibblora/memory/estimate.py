@@ -58,14 +58,10 @@ class MemoryEstimate:
 def _shape(model: object) -> DecoderShape:
     """A DecoderShape from a preset name, a config.json path / folder, a dict or a config object."""
     if isinstance(model, (str, Path)) and (Path(model).is_dir() or str(model).endswith(".json")):
-        from nibblora.checkpoint import read_config
+        from nibblora.checkpoint import read_config, read_json_object
 
         path = Path(model)
-        if path.is_dir():
-            return DecoderShape.from_config(read_config(path))
-        import json
-
-        return DecoderShape.from_config(json.loads(path.read_text()))
+        return DecoderShape.from_config(read_config(path) if path.is_dir() else read_json_object(path))
     return DecoderShape.from_config(model)
 
 
