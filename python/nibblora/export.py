@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from nibblora.checkpoint import CheckpointError, read_config
-from nibblora.outdir import check_out_dir, human_bytes, move_into_place, temp_sibling  # noqa: F401 (human_bytes re-exported)
+from nibblora.outdir import check_out_dir, move_into_place, temp_sibling
 from nibblora.safetensors_writer import DeferredSpec, SafetensorsWriter, TensorSpec
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from nibblora._native import SafetensorsFile, merge_array
+from nibblora.outdir import human_bytes
 from nibblora.export import (
     atomic_output_dir,
     copy_side_files,
-    human_bytes,
     parse_size,
     prepare_out_dir,
     read_config_json,

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from nibblora.quant import QuantizedTensor, quantize_4bit, to_bnb_state_dict
 from nibblora.quant.state import NESTED_BLOCKSIZE
+from nibblora.outdir import human_bytes
 from nibblora.export import (
     atomic_output_dir,
     copy_side_files,
-    human_bytes,
     parse_size,
     prepare_out_dir,
     release_freed_memory,
