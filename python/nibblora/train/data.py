@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-IGNORE_INDEX = -100
+from nibblora.data.encoder import IGNORE_INDEX  # noqa: E402 (one definition, shared with nibblora.data)
 
 
 class TokenizedDataset(Protocol):
@@ -87,25 +87,15 @@ def open_dataset(path: str | Path, max_length: int = 0) -> TokenizedDataset:
 
 
 def pad_collate(rows: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest: input_ids with pad_token_id, labels with -100, position_ids by continuing.
+    """nibblora.data.collate_padded without the attention mask: with right padding and causal attention no real
+    token ever sees a pad, and leaving the mask out keeps attention on its fast path. position_ids only for
+    packed rows (the model's default 0..n-1 serves the rest). int64 tensors [batch, longest]."""
+    from nibblora.data import collate_padded
 
-    No attention mask is needed: with right padding and causal attention no real token ever sees a pad.
-    Returns int64 tensors [batch, longest].
-    """
-    longest = max(int(r["input_ids"].shape[0]) for r in rows)
-    batch = {
-        "input_ids": torch.full((len(rows), longest), pad_token_id, dtype=torch.long),
-        "labels": torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long),
-    }
-    packed = any("position_ids" in r for r in rows)
-    if packed:
-        batch["position_ids"] = torch.arange(longest).repeat(len(rows), 1)
-    for i, row in enumerate(rows):
-        n = int(row["input_ids"].shape[0])
-        batch["input_ids"][i, :n] = row["input_ids"]
-        batch["labels"][i, :n] = row["labels"]
-        if packed and "position_ids" in row:
-            batch["position_ids"][i, :n] = row["position_ids"]
+    batch = collate_padded(rows, pad_token_id)
+    del batch["attention_mask"]
+    if not any("position_ids" in r for r in rows):
+        del batch["position_ids"]
     return batch
 
 
