@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from nibblora.data.encoder import IGNORE_INDEX  # noqa: E402 (one definition, shared with nibblora.data)
+from nibblora.data.encoder import IGNORE_INDEX
 
 
 class TokenizedDataset(Protocol):
