@@ -5,6 +5,16 @@ injection, peft-format adapters), `nibblora.models` (Llama-family decoder loaded
 `nibblora.checkpoint` (reading HF checkpoints). Tools: `python -m nibblora.quantize`.
 """
 
+from nibblora.errors import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ExportError,
+    InputError,
+    NibbloraError,
+    OutputError,
+)
 from nibblora.lora import (
     LoRAConfig,
     LoRALinear,
@@ -20,6 +30,14 @@ from nibblora.quant import QuantizedTensor, QuantState, dequantize_4bit, quantiz
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ExportError",
+    "InputError",
+    "NibbloraError",
+    "OutputError",
     "KVCache",
     "LlamaForCausalLM",
     "LoRAConfig",

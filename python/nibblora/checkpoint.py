@@ -19,25 +19,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from nibblora.errors import CheckpointError, CheckpointFileNotFoundError, MissingTensorError  # noqa: F401 (re-exported)
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or inconsistent. The message names the file or tensor."""
-
-
-class CheckpointFileNotFoundError(CheckpointError, FileNotFoundError):
-    """A file the checkpoint needs (config.json, a weights file, a shard) does not exist."""
-
-
-class MissingTensorError(CheckpointError, KeyError):
-    """The checkpoint lacks a tensor the model needs."""
-
-    def __str__(self) -> str:  # KeyError would print the message with quotes around it
-        return str(self.args[0]) if self.args else ""
 
 
 def read_config(directory: str | Path) -> dict:

@@ -24,15 +24,12 @@ from typing import Any, Protocol, TypeVar
 from nibblora.checkpoint import CheckpointError, read_config
 from nibblora.outdir import check_out_dir, move_into_place, temp_sibling
 from nibblora.safetensors_writer import DeferredSpec, SafetensorsWriter, TensorSpec
+from nibblora.errors import ExportError, NibbloraError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Weight formats next to the safetensors that would be stale in the output folder.
 _STALE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-
-
-class ExportError(ValueError):
-    """A problem with the user's input (files, config, options): the tools report it as one line, exit code 2."""
 
 
 def read_config_json(model_dir: Path) -> dict[str, Any]:
@@ -44,7 +41,7 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
         raise ExportError(str(err)) from None
 
 
-def run_tool(prog: str, job: Callable[[], Any], errors: tuple[type[Exception], ...] = (ExportError,)) -> int:
+def run_tool(prog: str, job: Callable[[], Any], errors: tuple[type[Exception], ...] = (NibbloraError,)) -> int:
     """Run a tool's job and print its summary (`.format()`): exit 0; one of `errors` (the user's input was
     wrong) prints one line on stderr and exits 2; Ctrl-C exits 130."""
     import sys

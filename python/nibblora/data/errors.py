@@ -1,12 +1,7 @@
 """Errors of nibblora.data: problems with the user's input, reported as one line by the CLI (exit code 2)."""
 
 
-class DataError(ValueError):
-    """Bad input: a malformed row, an unknown role, a template that fails, an option that makes no sense."""
-
-
-class DataFileNotFoundError(DataError, FileNotFoundError):
-    """A tokenizer, template or input file that does not exist."""
+from nibblora.errors import DataError, DataFileNotFoundError
 
 
 def reraise_native(err: Exception) -> DataError:

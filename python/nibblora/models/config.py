@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nibblora.checkpoint import CheckpointError, read_config
+from nibblora.errors import UnsupportedModelError
 
 # model_type -> the causal-LM architecture name transformers writes in config.json.
 SUPPORTED_MODEL_TYPES = {
@@ -22,10 +23,6 @@ SUPPORTED_MODEL_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class UnsupportedModelError(CheckpointError):
-    """config.json describes a model nibblora cannot build (another family, or not a causal LM)."""
 
 
 def _supported_list() -> str:

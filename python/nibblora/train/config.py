@@ -12,14 +12,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from nibblora.errors import ConfigError
 
 MODES = ("full", "lora", "qlora")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant")
-
-
-class ConfigError(ValueError):
-    """A config file or --set override is wrong; the message names the key."""
 
 
 @dataclass
