@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from nibblora.errors import AdapterError
 from nibblora.lora import inject_lora, load_adapter, lora_modules, read_adapter_config, save_adapter
 
 peft = pytest.importorskip("peft", reason="peft is not installed; the interoperability tests need it")
@@ -182,7 +183,7 @@ def test_load_fails_on_missing_key_naming_it(tmp_path):
     key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
     del tensors[key]
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(KeyError, match=f"missing {key}"):
+    with pytest.raises(AdapterError, match=f"missing {key}"):
         load_adapter(tiny_llama(name="tiny/llama"), tmp_path)
 
 
@@ -192,7 +193,7 @@ def test_load_fails_when_a_targeted_module_has_no_weights(tmp_path):
     prefix = "base_model.model.model.layers.1.mlp.up_proj"
     del tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"]
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(KeyError, match=f"missing {prefix}.lora_A.weight: target_modules"):
+    with pytest.raises(AdapterError, match=f"missing {prefix}.lora_A.weight: target_modules"):
         load_adapter(tiny_llama(name="tiny/llama"), tmp_path)
 
 
