@@ -10,6 +10,7 @@ Only peft_type "LORA" has a parser today; another method's config gets its own e
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,7 @@ class _Fields:
         return value
 
     def names(self, key: str, allow_str: bool) -> str | tuple[str, ...] | None:
-        """null, a string (when allowed) or a non-empty list of strings."""
+        """null, a string (when allowed) or a list of strings; only target_modules may not be empty."""
         value = self.raw.get(key)
         if value is None or (allow_str and isinstance(value, str)):
             return value
@@ -149,8 +150,17 @@ class _Fields:
             kinds = "a string or a list of strings" if allow_str else "a list of strings"
             raise self.fail(key, f"must be {kinds}, got {_describe(value)}")
         if not value:
-            raise self.fail(key, "is an empty list: it selects no module; name the modules or leave the key out")
+            if key == "target_modules":  # the others only narrow or add, so an empty list means "none"
+                raise self.fail(key, "is an empty list: it selects no module; name the modules to adapt")
+            return None
         return tuple(value)
+
+    def regex(self, key: str, pattern: str, what: str = "") -> None:
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError) as err:
+            raise self.fail(key, f"holds {_describe(pattern)}{what}, which is not a valid regular expression "
+                                 f"({err})") from None
 
     def pattern(self, key: str, check: Callable[[str, object, str], Any]) -> dict:
         value = self.raw.get(key)
@@ -158,6 +168,8 @@ class _Fields:
             return {}
         if not isinstance(value, dict):
             raise self.fail(key, f"must be an object of module name -> value, got {_describe(value)}")
+        for name in value:
+            self.regex(key, name, " (a key: peft matches keys as regular expressions)")
         return {name: check(key, v, f" for {name!r}") for name, v in value.items()}
 
 
@@ -178,17 +190,20 @@ def _parse_lora(raw: Mapping[str, Any], path: Path | None) -> AdapterConfig:
     if layers is not None and not isinstance(layers, bool) and isinstance(layers, int):
         layers = (layers,)
     if layers is not None:
-        if (not isinstance(layers, (list, tuple)) or not layers
+        if (not isinstance(layers, (list, tuple))
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers)):
-            raise f.fail("layers_to_transform", f"must be a layer index or a non-empty list of them, got "
+            raise f.fail("layers_to_transform", f"must be a layer index or a list of them, got "
                          f"{_describe(raw.get('layers_to_transform'))}")
-        layers = tuple(layers)
+        layers = tuple(layers) or None
+    targets = f.names("target_modules", allow_str=True)
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        f.regex("target_modules", targets)  # a string is a regex that must match whole module names
     return AdapterConfig(
         path=path,
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=f.names("target_modules", allow_str=True),
+        target_modules=targets,
         use_rslora=f.boolean("use_rslora"),
         use_dora=f.boolean("use_dora"),
         fan_in_fan_out=f.boolean("fan_in_fan_out"),
