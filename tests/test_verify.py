@@ -187,3 +187,13 @@ def test_wrong_merge_fails_with_defaults_in_bf16_and_fp32(wide, which, capsys):
     assert report.max_kl > 5 * report.kl_tol  # far past the bound, not a borderline call
     assert main(["--base", str(base), "--adapter", str(adapter), "--merged", str(merges[which])]) == 1
     assert capsys.readouterr().out.startswith("FAIL")
+
+
+def test_a_merged_model_of_another_vocabulary_is_an_input_error(merged, tmp_path, capsys):
+    from helpers_merge import save_base as save_other
+
+    root, base, adapter, out = merged
+    other = save_other(tmp_path / "other", vocab_size=96)
+    assert main(["--base", str(base), "--adapter", str(adapter), "--merged", str(other)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # save_pretrained above prints a progress bar on stderr
+    assert err.startswith("nibblora.verify: error: verifying:") and err.endswith("it is not a merge of this base")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nibblora.errors import NibbloraError
+from nibblora.errors import CheckpointError, NibbloraError
 from nibblora.verify.rounding import perturb_by_rounding, stored_dtypes
 
 SAMPLE_PROMPTS = (
@@ -183,6 +183,9 @@ def verify_merge(
     adapted = load_model(base_dir, dtype=dtype)
     load_adapter(adapted, adapter_dir, check_base_model=False)
     merged = load_model(merged_dir, dtype=dtype)
+    if merged.config.vocab_size != adapted.config.vocab_size:
+        raise CheckpointError(f"verifying: {merged_dir} has a vocabulary of {merged.config.vocab_size} tokens where "
+                              f"the base {base_dir} has {adapted.config.vocab_size}; it is not a merge of this base")
     stored = stored_dtypes(merged_dir)
     nonfinite = _nonfinite_parameters(merged, "merged") + _nonfinite_parameters(adapted, "base + adapter")
     inputs = _inputs(base_dir, prompts, adapted.config.vocab_size, seed, seq_len)
