@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -119,3 +120,21 @@ def test_lora_config_from_peft_validates_instead_of_coercing():
         lora_config_from_peft(dict(GOOD, r=4.5))
     with pytest.raises(AdapterError, match="'target_modules' is missing"):
         lora_config_from_peft({"r": 8, "lora_alpha": 16})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"r": True}, "rank r must be a positive integer, got True"),
+        ({"alpha": math.nan}, "alpha must be a finite number, got nan"),
+        ({"alpha": "16"}, "alpha must be a finite number, got '16'"),
+        ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be a positive integer, got 0"),
+        ({"alpha_pattern": {"q_proj": math.inf}}, "alpha_pattern['q_proj'] must be a finite number, got inf"),
+    ],
+)
+def test_lora_config_refuses_values_that_would_poison_the_scaling(kwargs, message):
+    from nibblora.errors import ConfigError
+    from nibblora.lora import LoRAConfig
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        LoRAConfig(**kwargs)
