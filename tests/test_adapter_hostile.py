@@ -103,7 +103,7 @@ def test_merge_answers_every_hostile_adapter_with_success_or_a_one_line_error_an
 
 def test_merge_adapter_errors_are_adapter_errors(world):
     root, base, _, cases, _ = world
-    directory, case = next((d, c) for d, c in cases if c.name.startswith("config r="))
+    directory = next(d for d, c in cases if c.name.startswith("config r="))
     with pytest.raises(AdapterError, match="key 'r'"):
         merge_checkpoint(base, [directory], root / "out", progress=False)
 
@@ -123,9 +123,10 @@ def test_merge_cli_exits_2_with_one_line_for_a_sample(world, capsys):
 
 def test_merge_cli_in_a_real_process_exits_2(world):
     root, base, _, cases, _ = world
-    directory, case = next((d, c) for d, c in cases if c.must_fail and c.name.startswith("config"))
-    result = subprocess.run([sys.executable, "-m", "nibblora.merge", "--base", str(base), "--adapter", str(directory),
-                             "--out", str(root / "proc-out"), "--quiet"], capture_output=True, text=True, timeout=300)
+    directory = next(d for d, c in cases if c.must_fail and c.name.startswith("config"))
+    command = [sys.executable, "-m", "nibblora.merge", "--base", str(base), "--adapter", str(directory), "--out",
+               str(root / "proc-out"), "--quiet"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("nibblora.merge: error: ")]
     assert len(lines) == 1 and str(directory) in lines[0]

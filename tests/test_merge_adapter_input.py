@@ -40,7 +40,7 @@ def _copy(adapter, dst, config_changes=None, edit=None):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_adapter_names_the_adapter_file_and_tensor_not_the_base_nor_4bit(setup, tmp_path, value):
-    root, base, adapter = setup
+    _root, base, adapter = setup
     bad = _copy(adapter, tmp_path / "bad", edit=lambda t: t[KEY].view(-1)[7].fill_(value))
     with pytest.raises(AdapterError) as info:
         merge_checkpoint(base, [bad], tmp_path / "out", progress=False)
@@ -66,7 +66,7 @@ def test_non_finite_adapter_names_the_adapter_file_and_tensor_not_the_base_nor_4
     ],
 )
 def test_bad_adapter_configs_exit_2_with_one_line_and_no_output(setup, tmp_path, capsys, changes, message):
-    root, base, adapter = setup
+    _root, base, adapter = setup
     bad = _copy(adapter, tmp_path / "bad", config_changes=changes)
     code = main(["--base", str(base), "--adapter", str(bad), "--out", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
@@ -77,7 +77,7 @@ def test_bad_adapter_configs_exit_2_with_one_line_and_no_output(setup, tmp_path,
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.uint32, torch.int16])
 def test_integer_adapter_tensors_are_refused_naming_the_tensor(setup, tmp_path, dtype):
-    root, base, adapter = setup
+    _root, base, adapter = setup
     bad = _copy(adapter, tmp_path / "bad", edit=lambda t: t.update({KEY: (t[KEY] * 100).to(dtype)}))
     with pytest.raises(MergeError, match=rf"tensor '{re.escape(KEY)}' is [IU]\d+; adapter weights are floating"):
         merge_checkpoint(base, [bad], tmp_path / "out", progress=False)
