@@ -194,7 +194,7 @@ def verify_merge(
         for ids in inputs:
             a, m = _logits(adapted, ids), _logits(merged, ids)
             stats.add(a, m)
-            merged_logits.append(m)
+            merged_logits.append(m.float())  # exact for float32 / bf16 / fp16 compute, half the memory
     if stats.nonfinite:
         nonfinite.append("logits")
     float_dtypes = sorted({d for d in stored.values() if d in ("F64", "F32", "F16", "BF16")})
@@ -206,7 +206,7 @@ def verify_merge(
         perturb_by_rounding(merged, stored, seed=seed)
         with torch.no_grad():
             for ids, m in zip(inputs, merged_logits):
-                rounding.add(m, _logits(merged, ids))
+                rounding.add(m.double(), _logits(merged, ids))
         if atol is None:
             atol = ROUNDING_FACTOR * rounding.max_abs_diff + FLOOR_ABS_DIFF
         if kl_tol is None:
