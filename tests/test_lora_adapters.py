@@ -1,11 +1,13 @@
 """peft-format adapters: nibblora reads what peft writes and peft reads what nibblora writes, logits equal."""
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from nibblora.errors import AdapterError
 from nibblora.lora import inject_lora, load_adapter, lora_modules, read_adapter_config, save_adapter
 
 peft = pytest.importorskip("peft", reason="peft is not installed; the interoperability tests need it")
@@ -182,7 +184,7 @@ def test_load_fails_on_missing_key_naming_it(tmp_path):
     key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
     del tensors[key]
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(KeyError, match=f"missing {key}"):
+    with pytest.raises(AdapterError, match=f"missing {key}"):
         load_adapter(tiny_llama(name="tiny/llama"), tmp_path)
 
 
@@ -192,7 +194,7 @@ def test_load_fails_when_a_targeted_module_has_no_weights(tmp_path):
     prefix = "base_model.model.model.layers.1.mlp.up_proj"
     del tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"]
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(KeyError, match=f"missing {prefix}.lora_A.weight: target_modules"):
+    with pytest.raises(AdapterError, match=f"missing {prefix}.lora_A.weight: target_modules"):
         load_adapter(tiny_llama(name="tiny/llama"), tmp_path)
 
 
@@ -235,3 +237,91 @@ def test_peft_adapter_loads_onto_a_4bit_base_like_peft_on_the_dequantized_weight
     load_adapter(quantized, tmp_path)
     expected = peft.PeftModel.from_pretrained(reference, tmp_path).eval()(IDS).logits
     torch.testing.assert_close(quantized(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- one reader, values refused rather than coerced (issues 13 and 14) -------------------------------------------
+
+
+def _edit_config(directory, **changes):
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config.update(changes)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"target_modules": ["nothing_here"]}, "which target_modules ['nothing_here'] in adapter_config.json does "
+                                               "not select"),
+        ({"target_modules": []}, "key 'target_modules' is an empty list"),
+        ({"use_rslora": "false"}, "key 'use_rslora' must be true or false, got 'false'"),
+        ({"r": 4.5}, "key 'r' must be a positive integer, got 4.5"),
+        ({"lora_alpha": float("nan")}, "key 'lora_alpha' must be a finite number, got nan"),
+        ({"peft_type": "IA3"}, "key 'peft_type' is 'IA3'"),
+    ],
+    ids=["targets_nothing", "targets_empty", "rslora_string", "r_float", "alpha_nan", "ia3"],
+)
+def test_load_refuses_config_values_naming_file_and_key(tmp_path, changes, message):
+    save_adapter(nibblora_adapter(), tmp_path)
+    _edit_config(tmp_path, **changes)
+    model = tiny_llama(name="tiny/llama")
+    with pytest.raises(AdapterError, match=re.escape(message)) as info:
+        load_adapter(model, tmp_path)
+    assert str(tmp_path) in str(info.value) and not lora_modules(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint32, torch.int64, torch.int8, torch.bool])
+def test_load_refuses_integer_adapter_tensors_naming_them(tmp_path, dtype):
+    save_adapter(nibblora_adapter(), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key] = (tensors[key] * 1000).to(dtype)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=rf"tensor '{re.escape(key)}' is [IUB]\w+; adapter weights are floating"):
+        load_adapter(tiny_llama(name="tiny/llama"), tmp_path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_load_refuses_non_finite_values_naming_the_tensor_and_leaves_the_model_alone(tmp_path, value):
+    save_adapter(nibblora_adapter(), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors[key][5, 2] = value
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = tiny_llama(name="tiny/llama")
+    with pytest.raises(AdapterError, match=rf"tensor '{re.escape(key)}' holds 1 non-finite value\(s\) \(\w+ at index "
+                                           r"\[5, 2\]\)"):
+        load_adapter(model, tmp_path)
+    assert not lora_modules(model)
+
+
+def test_load_errors_on_a_damaged_file_name_it(tmp_path):
+    save_adapter(nibblora_adapter(), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(AdapterError, match=rf"^reading adapter weights: {re.escape(str(path))}: truncated"):
+        load_adapter(tiny_llama(name="tiny/llama"), tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_half_and_double_adapters_load(tmp_path, dtype):
+    model = nibblora_adapter()
+    save_adapter(model, tmp_path)
+    tensors = {k: v.to(dtype) for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    other = tiny_llama(name="tiny/llama")
+    layers = load_adapter(other, tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    assert torch.equal(layers["model.layers.0.self_attn.q_proj"].adapter.lora_B, tensors[key].float())
+
+
+def test_read_adapter_files_groups_keys_with_ranks_and_scales(tmp_path):
+    from nibblora.lora.adapters import read_adapter_files
+
+    save_adapter(nibblora_adapter(rslora=True, rank_pattern={"k_proj": 2}), tmp_path)
+    files = read_adapter_files(tmp_path)
+    k = files.modules["model.layers.0.self_attn.k_proj"]
+    assert (k.rank, k.transpose, k.embedding) == (2, False, False)
+    assert k.scale == pytest.approx(6 / 2**0.5)
+    assert files.read(k.a_key).shape == (2, 32) and files.config.use_rslora is True
+    assert files.replacements == {} and len(files.modules) == 8

@@ -1,5 +1,8 @@
 """Save and load LoRA adapters in peft's format (adapter_config.json + adapter_model.safetensors).
 
+Reading goes through `read_adapter_files` (nibblora.lora.adapter_files), the one adapter reader every tool uses;
+the config schema is nibblora.lora.adapter_config.
+
 Keys carry no adapter name: `base_model.model.<module name>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r],
 where <module name> is the module's name in the plain (un-wrapped) model, e.g. `model.layers.0.self_attn.q_proj`.
 """
@@ -7,22 +10,38 @@ where <module name> is the module's name in the plain (un-wrapped) model, e.g. `
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from nibblora.lora.config import ALL_LINEAR, LoRAConfig
+from nibblora.errors import AdapterError
+from nibblora.lora.adapter_config import AdapterConfig, parse_adapter_config
+from nibblora.lora.adapter_files import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    WEIGHTS_NAME,
+    AdapterFiles,
+    read_adapter_config,
+    read_adapter_files,
+)
+from nibblora.lora.config import LoRAConfig
 from nibblora.lora.inject import find_target_modules, inject_lora_config, lora_modules
 from nibblora.lora.layers import LoRALinear, _base_shape
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
-_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+__all__ = [
+    "CONFIG_NAME",
+    "KEY_PREFIX",
+    "WEIGHTS_NAME",
+    "AdapterFiles",
+    "load_adapter",
+    "lora_config_from_peft",
+    "read_adapter_config",
+    "read_adapter_files",
+    "save_adapter",
+]
 
 # Every key peft 0.21 writes for a plain LoRA adapter, at peft's defaults (peft_version is left out: we are not
 # peft). The per-adapter fields are filled in by save_adapter.
@@ -142,53 +161,42 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     return directory
 
 
-def read_adapter_config(directory: str | Path) -> dict:
-    """adapter_config.json as a dict; unknown keys are kept and ignored by the loader."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"reading adapter: {path} does not exist; point at a directory saved by peft's "
-                                "save_pretrained or nibblora.lora.save_adapter")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"reading adapter: {path} is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"reading adapter: {path} must hold a JSON object")
-    return config
-
-
 def lora_config_from_peft(config: dict) -> LoRAConfig:
     """The LoRAConfig of a peft adapter_config.json dict: r, lora_alpha, lora_dropout, target_modules, use_rslora,
-    rank_pattern and alpha_pattern (so `rank_for` / `alpha_for` resolve per-module values as peft does)."""
-    return LoRAConfig(
-        r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
-        target_modules=config.get("target_modules") or ALL_LINEAR, rslora=bool(config.get("use_rslora", False)),
-        rank_pattern={k: int(v) for k, v in (config.get("rank_pattern") or {}).items()},
-        alpha_pattern={k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
-    )
+    rank_pattern and alpha_pattern (so `rank_for` / `alpha_for` resolve per-module values as peft does). The dict
+    is validated by the adapter schema first: AdapterError naming the key for a wrong value."""
+    return parse_adapter_config(config).lora_config()
 
 
-def _check_supported(config: dict, path: Path) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; nibblora loads LORA adapters only")
-    if config.get("use_dora"):
-        raise ValueError(f"{path}: this is a DoRA adapter (use_dora=true), which nibblora cannot load yet")
-    if config.get("modules_to_save"):
-        raise ValueError(f"{path}: modules_to_save={config['modules_to_save']} (fully trained modules) is not "
-                         "supported; load this adapter with peft, or merge it first")
-    if config.get("lora_bias") or config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: adapters with trained biases (bias={config.get('bias')!r}, lora_bias="
-                         f"{config.get('lora_bias')!r}) are not supported; only bias='none' is")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise ValueError(f"{path}: missing {key!r}; an adapter config needs r, lora_alpha and target_modules")
+def _check_supported(files: AdapterFiles) -> None:
+    """What load_adapter cannot build (merge can: python -m nibblora.merge handles all of these)."""
+    config, path = files.config, files.config_path
+    if config.use_dora or any(m.magnitude_key for m in files.modules.values()):
+        raise AdapterError(f"loading adapter: {path}: this is a DoRA adapter (use_dora=true), which nibblora cannot "
+                           "load yet; merge it with python -m nibblora.merge instead")
+    if config.modules_to_save or files.replacements:
+        what = config.modules_to_save or sorted(files.replacements)
+        raise AdapterError(f"loading adapter: {path}: modules_to_save={list(what)} (fully trained modules) is not "
+                           "supported; load this adapter with peft, or merge it first")
+    if config.lora_bias or config.bias != "none":
+        raise AdapterError(f"loading adapter: {path}: adapters with trained biases (bias={config.bias!r}, "
+                           f"lora_bias={config.lora_bias!r}) are not supported; only bias='none' is")
+    embeddings = sorted(name for name, m in files.modules.items() if m.embedding)
+    if embeddings or files.saved_base_layers:
+        which = embeddings[:3] or sorted(files.saved_base_layers)[:3]
+        raise AdapterError(f"loading adapter: {files.weights_path}: LoRA on embeddings ({which}) is not supported "
+                           "by load_adapter; merge it with python -m nibblora.merge instead")
+    if config.target_modules is None:
+        raise AdapterError(f"loading adapter: {path}: missing 'target_modules'; an adapter config needs r, "
+                           "lora_alpha and target_modules")
 
 
-def _check_base_model(config: dict, model: nn.Module, path: Path) -> None:
-    expected, actual = config.get("base_model_name_or_path"), _model_name_or_path(model)
+def _check_base_model(config: AdapterConfig, model: nn.Module, path: Path) -> None:
+    expected, actual = config.base_model_name_or_path, _model_name_or_path(model)
     if expected and actual and expected != actual and Path(expected).name != Path(actual).name:
-        raise ValueError(f"{path}: adapter was trained on base model {expected!r} but this model is {actual!r}; "
-                         "load the matching base model, or pass check_base_model=False if they are the same weights")
+        raise AdapterError(f"loading adapter: {path}: adapter was trained on base model {expected!r} but this model "
+                           f"is {actual!r}; load the matching base model, or pass check_base_model=False if they are "
+                           "the same weights")
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default", *,
@@ -197,74 +205,62 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     """Load a peft LoRA adapter from `directory` into `model` (in place), injecting LoRALinear where needed.
 
     Honours r, lora_alpha, rank_pattern, alpha_pattern, use_rslora, lora_dropout and fan_in_fan_out (Conv1D
-    bases). Fails with the key named on: a key for a module the model lacks (a different base model), a tensor
-    whose shape does not fit its module or rank, or a missing lora_A / lora_B. `trainable=False` freezes the
-    loaded adapter (inference); base weights are always frozen. Returns the adapted modules by name.
+    bases). The folder is read by `read_adapter_files` (config schema, header, dtypes, ranks, NaN / infinity).
+    Fails with AdapterError naming the file and key, before the model is touched, on: a key for a module the
+    model lacks (a different base model), a tensor whose shape does not fit its module or rank, a missing
+    lora_A / lora_B, a module that target_modules selects without weights in the file. `trainable=False` freezes
+    the loaded adapter (inference); base weights are always frozen. Returns the adapted modules by name.
     """
-    directory = Path(directory)
-    config = read_adapter_config(directory)
-    config_path = directory / CONFIG_NAME
-    _check_supported(config, config_path)
+    files = read_adapter_files(directory, check_values=False)  # every tensor is read (and checked) below
+    config = files.config
+    _check_supported(files)
     if check_base_model:
-        _check_base_model(config, model, config_path)
-    weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        has_bin = (directory / "adapter_model.bin").exists()
-        hint = " (found adapter_model.bin: re-save it as safetensors)" if has_bin else ""
-        raise FileNotFoundError(f"reading adapter: {weights_path} does not exist{hint}")
-    tensors = load_file(str(weights_path))
-
-    found: dict[str, dict[str, str]] = {}
-    for key in tensors:
-        inner = key.removeprefix(KEY_PREFIX)
-        match = _KEY_RE.match(inner)
-        if match is None:
-            raise ValueError(f"{weights_path}: unsupported tensor {key!r}; nibblora reads only "
-                             "'<module>.lora_A.weight' and '<module>.lora_B.weight' keys")
-        found.setdefault(match["module"], {})[match["which"]] = key
-
-    lora_config = lora_config_from_peft(config)
+        _check_base_model(config, model, files.config_path)
+    where = f"loading adapter: {files.weights_path}"
     module_names = dict(model.named_modules())
-    for name, pair in sorted(found.items()):
-        key = next(iter(pair.values()))
-        module = module_names.get(name)
-        if module is None:
-            raise ValueError(f"{weights_path}: {key!r} targets module {name!r}, which this "
-                             f"{type(model).__name__} does not have; the adapter was made for a different base model")
-        for which in ("lora_A", "lora_B"):
-            if which not in pair:
-                raise KeyError(f"{weights_path}: missing {KEY_PREFIX}{name}.{which}.weight (its pair "
-                               f"{key!r} is present); the adapter file is incomplete")
+    for name, entry in sorted(files.modules.items()):
+        if name not in module_names:
+            raise AdapterError(f"{where}: {entry.a_key!r} targets module {name!r}, which this "
+                               f"{type(model).__name__} does not have; the adapter was made for a different base model")
     # Modules the config targets must all have weights (unless peft's layer filters narrow the targets).
-    narrowed = any(config.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules"))
-    if not narrowed:
-        targets = config["target_modules"]
-        for name in find_target_modules(model, ALL_LINEAR if targets == ALL_LINEAR else targets):
-            if name not in found:
-                raise KeyError(f"{weights_path}: missing {KEY_PREFIX}{name}.lora_A.weight: target_modules "
-                               f"{targets!r} selects {name!r} but the file has no weights for it")
+    if not config.narrowed:
+        targets = config.target_modules
+        assert targets is not None  # _check_supported
+        for name in find_target_modules(model, targets if isinstance(targets, str) else list(targets)):
+            if name not in files.modules:
+                raise AdapterError(f"{where}: missing {KEY_PREFIX}{name}.lora_A.weight: target_modules "
+                                   f"{_show_targets(targets)} selects {name!r} but the file has no weights for it")
 
-    names = sorted(found)
+    names = sorted(files.modules)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in names:
-        module = module_names[name]
-        in_features, out_features = _in_out(module, name)
-        r = lora_config.rank_for(name)
-        a, b = tensors[found[name]["lora_A"]], tensors[found[name]["lora_B"]]
-        for key, tensor, want in ((found[name]["lora_A"], a, (r, in_features)),
-                                  (found[name]["lora_B"], b, (out_features, r))):
-            if tuple(tensor.shape) != want:
-                raise ValueError(f"{weights_path}: {key!r} has shape {list(tensor.shape)} but module {name!r} "
-                                 f"with rank {r} needs {list(want)}; the adapter does not fit this base model")
-    inject_lora_config(model, lora_config, adapter_name=adapter_name, adapter_dtype=adapter_dtype, names=names)
+        entry = files.modules[name]
+        assert entry.a_key is not None and entry.b_key is not None  # read_adapter_files checked the pairs
+        in_features, out_features = _in_out(module_names[name], name)
+        for key, want in ((entry.a_key, (entry.rank, in_features)), (entry.b_key, (out_features, entry.rank))):
+            shape = files.tensors[key].shape
+            if shape != want:
+                raise AdapterError(f"{where}: {key!r} has shape {list(shape)} but module {name!r} with rank "
+                                   f"{entry.rank} needs {list(want)}; the adapter does not fit this base model")
+    for name in names:  # all read (NaN / infinity refused) before the model changes
+        entry = files.modules[name]
+        weights[name] = (files.read(entry.a_key), files.read(entry.b_key))  # type: ignore[arg-type]
+    inject_lora_config(model, config.lora_config(), adapter_name=adapter_name, adapter_dtype=adapter_dtype,
+                       names=names)
     layers = {name: model.get_submodule(name) for name in names}
     with torch.no_grad():
         for name, layer in layers.items():
             adapter = layer.adapters[adapter_name]
-            adapter.lora_A.copy_(tensors[found[name]["lora_A"]])
-            adapter.lora_B.copy_(tensors[found[name]["lora_B"]])
+            a, b = weights[name]
+            adapter.lora_A.copy_(a)
+            adapter.lora_B.copy_(b)
             adapter.lora_A.requires_grad_(trainable)
             adapter.lora_B.requires_grad_(trainable)
     return layers
+
+
+def _show_targets(targets: str | tuple[str, ...]) -> str:
+    return repr(targets) if isinstance(targets, str) else repr(list(targets))
 
 
 def _in_out(module: nn.Module, name: str) -> tuple[int, int]:
@@ -273,7 +269,6 @@ def _in_out(module: nn.Module, name: str) -> tuple[int, int]:
     try:
         in_features, out_features, _ = _base_shape(module)
     except TypeError:
-        raise ValueError(f"adapter targets {name!r}, a {type(module).__name__}; nibblora adapts linear layers "
-                         "(nn.Linear, NF4Linear, Conv1D) only") from None
+        raise AdapterError(f"loading adapter: it targets {name!r}, a {type(module).__name__}; nibblora adapts "
+                           "linear layers (nn.Linear, NF4Linear, Conv1D) only") from None
     return in_features, out_features
-

@@ -7,9 +7,24 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from nibblora.errors import ConfigError
+
 ALL_LINEAR = "all-linear"
 INIT_CHOICES = ("kaiming", "gaussian")
 QUANT_BASE_CHOICES = (None, "nf4", "fp4")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _finite_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
@@ -59,10 +74,18 @@ class LoRAConfig:
     double_quant: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not _positive_int(self.r):
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not _finite_number(self.alpha):
+            raise ConfigError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
+        for name, value in self.rank_pattern.items():
+            if not _positive_int(value):
+                raise ConfigError(f"rank_pattern[{name!r}] must be a positive integer, got {value!r}")
+        for name, value in self.alpha_pattern.items():
+            if not _finite_number(value):
+                raise ConfigError(f"alpha_pattern[{name!r}] must be a finite number, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
         if self.quantize_base not in QUANT_BASE_CHOICES:

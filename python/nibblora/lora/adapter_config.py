@@ -1,0 +1,240 @@
+"""The one schema of peft's adapter_config.json: every key nibblora reads is type-checked here, once.
+
+    config = parse_adapter_config(json.loads(text), path)      # AdapterConfig, or AdapterError naming key and file
+
+Values are refused, never coerced: `r: 4.5` is not truncated to 4, `use_rslora: "false"` is not truthy, a NaN
+`lora_alpha` is not a number. Unknown keys are tolerated (peft adds some in most releases) and kept in `raw`.
+Only peft_type "LORA" has a parser today; another method's config gets its own entry in `_PARSERS`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nibblora.errors import AdapterError
+from nibblora.lora.config import ALL_LINEAR, LoRAConfig, lora_scaling, match_pattern_key, matches_target
+
+PHASE = "reading adapter config"
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """A validated LoRA adapter_config.json.
+
+    target_modules: a regex (full match), a tuple of module-name suffixes, "all-linear", or None when the file
+    leaves it out (then only the tensor keys say what is adapted). rank_pattern / alpha_pattern: per-module
+    overrides keyed by name suffix or regex, as peft matches them. raw: the whole JSON object, unknown keys kept.
+    """
+
+    path: Path | None
+    r: int
+    lora_alpha: float
+    lora_dropout: float = 0.0
+    target_modules: str | tuple[str, ...] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    lora_bias: bool = False
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    base_model_name_or_path: str | None = None
+    peft_type: str = "LORA"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def narrowed(self) -> bool:
+        """layers_to_transform / layers_pattern / exclude_modules take modules out of what target_modules selects."""
+        return bool(self.layers_to_transform is not None or self.layers_pattern or self.exclude_modules)
+
+    def selects(self, module: str) -> bool:
+        """Whether target_modules (peft's rule) selects `module`; True when the config does not say."""
+        if self.target_modules is None or self.target_modules == ALL_LINEAR:
+            return True
+        return matches_target(module, self.target_modules)
+
+    def rank_for(self, module: str) -> int:
+        key = match_pattern_key(self.rank_pattern, module)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module: str) -> float:
+        key = match_pattern_key(self.alpha_pattern, module)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def scaling_for(self, module: str) -> float:
+        """lora_alpha / r (or / sqrt(r) with use_rslora) with this module's rank_pattern / alpha_pattern applied."""
+        return lora_scaling(self.rank_for(module), self.alpha_for(module), self.use_rslora)
+
+    def lora_config(self) -> LoRAConfig:
+        """The LoRAConfig that builds these adapters' layers (target_modules must be given)."""
+        if self.target_modules is None:
+            raise AdapterError(_where(self.path, "target_modules", "is missing; an adapter config to load needs "
+                                      "r, lora_alpha and target_modules"))
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoRAConfig(r=self.r, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=targets,
+                          rslora=self.use_rslora, rank_pattern=dict(self.rank_pattern),
+                          alpha_pattern=dict(self.alpha_pattern))
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (JSON allows 1e400 written out in digits)
+        return False
+
+
+def _where(path: Path | None, key: str, problem: str) -> str:
+    return f"{PHASE}: {path if path is not None else 'adapter_config.json'}: key {key!r} {problem}"
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Fields:
+    """Typed access to one JSON object's keys; every refusal names the file and the key."""
+
+    def __init__(self, raw: Mapping[str, Any], path: Path | None) -> None:
+        self.raw, self.path = raw, path
+
+    def fail(self, key: str, problem: str) -> AdapterError:
+        return AdapterError(_where(self.path, key, problem))
+
+    def required(self, key: str) -> object:
+        if key not in self.raw:
+            raise self.fail(key, "is missing; a LoRA adapter config needs at least r and lora_alpha")
+        return self.raw[key]
+
+    def positive_int(self, key: str, value: object, what: str = "") -> int:
+        # bool is an int in Python, and 4.0 is not an integer in JSON's sense either: refuse both.
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self.fail(key, f"must be a positive integer{what}, got {_describe(value)}")
+        return value
+
+    def finite_number(self, key: str, value: object, what: str = "") -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise self.fail(key, f"must be a finite number{what}, got {_describe(value)}")
+        return float(value)
+
+    def boolean(self, key: str) -> bool:
+        value = self.raw.get(key)
+        if value is None:  # absent or null: peft's default, false
+            return False
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {_describe(value)}")
+        return value
+
+    def optional_str(self, key: str) -> str | None:
+        value = self.raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(key, f"must be a string or null, got {_describe(value)}")
+        return value
+
+    def names(self, key: str, allow_str: bool) -> str | tuple[str, ...] | None:
+        """null, a string (when allowed) or a list of strings; only target_modules may not be empty."""
+        value = self.raw.get(key)
+        if value is None or (allow_str and isinstance(value, str)):
+            return value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            kinds = "a string or a list of strings" if allow_str else "a list of strings"
+            raise self.fail(key, f"must be {kinds}, got {_describe(value)}")
+        if not value:
+            if key == "target_modules":  # the others only narrow or add, so an empty list means "none"
+                raise self.fail(key, "is an empty list: it selects no module; name the modules to adapt")
+            return None
+        return tuple(value)
+
+    def regex(self, key: str, pattern: str, what: str = "") -> None:
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError) as err:
+            raise self.fail(key, f"holds {_describe(pattern)}{what}, which is not a valid regular expression "
+                                 f"({err})") from None
+
+    def pattern(self, key: str, check: Callable[[str, object, str], Any]) -> dict:
+        value = self.raw.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be an object of module name -> value, got {_describe(value)}")
+        for name in value:
+            self.regex(key, name, " (a key: peft matches keys as regular expressions)")
+        return {name: check(key, v, f" for {name!r}") for name, v in value.items()}
+
+
+def _parse_lora(raw: Mapping[str, Any], path: Path | None) -> AdapterConfig:
+    f = _Fields(raw, path)
+    r = f.positive_int("r", f.required("r"))
+    alpha = f.finite_number("lora_alpha", f.required("lora_alpha"))
+    dropout_value = raw.get("lora_dropout")
+    dropout = 0.0 if dropout_value is None else f.finite_number("lora_dropout", dropout_value)
+    if not 0.0 <= dropout < 1.0:
+        raise f.fail("lora_dropout", f"must be in [0, 1), got {_describe(dropout_value)}")
+    bias = raw.get("bias", "none")
+    if bias is None:
+        bias = "none"
+    if bias not in BIAS_CHOICES:
+        raise f.fail("bias", f"must be one of {', '.join(map(repr, BIAS_CHOICES))}, got {_describe(bias)}")
+    layers = raw.get("layers_to_transform")
+    if layers is not None and not isinstance(layers, bool) and isinstance(layers, int):
+        layers = (layers,)
+    if layers is not None:
+        if (not isinstance(layers, (list, tuple))
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers)):
+            raise f.fail("layers_to_transform", f"must be a layer index or a list of them, got "
+                         f"{_describe(raw.get('layers_to_transform'))}")
+        layers = tuple(layers) or None
+    targets = f.names("target_modules", allow_str=True)
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        f.regex("target_modules", targets)  # a string is a regex that must match whole module names
+    return AdapterConfig(
+        path=path,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        use_rslora=f.boolean("use_rslora"),
+        use_dora=f.boolean("use_dora"),
+        fan_in_fan_out=f.boolean("fan_in_fan_out"),
+        lora_bias=f.boolean("lora_bias"),
+        bias=bias,
+        modules_to_save=f.names("modules_to_save", allow_str=False),  # type: ignore[arg-type]
+        rank_pattern=f.pattern("rank_pattern", f.positive_int),
+        alpha_pattern=f.pattern("alpha_pattern", f.finite_number),
+        layers_to_transform=layers,
+        layers_pattern=f.names("layers_pattern", allow_str=True),
+        exclude_modules=f.names("exclude_modules", allow_str=True),
+        base_model_name_or_path=f.optional_str("base_model_name_or_path"),
+        peft_type="LORA",
+        raw=dict(raw),
+    )
+
+
+# peft_type -> parser. The PEFT-methods work adds its own (IA3, PROMPT_TUNING, ...) beside LORA.
+_PARSERS: dict[str, Callable[[Mapping[str, Any], Path | None], AdapterConfig]] = {"LORA": _parse_lora}
+
+
+def parse_adapter_config(raw: object, path: str | Path | None = None) -> AdapterConfig:
+    """Validate a parsed adapter_config.json (`path` only names the file in errors). Raises AdapterError naming
+    the file and the key for a wrong type or value, a missing r / lora_alpha, or an unsupported peft_type."""
+    path = Path(path) if path is not None else None
+    if not isinstance(raw, dict):
+        where = path if path is not None else "adapter_config.json"
+        raise AdapterError(f"{PHASE}: {where} must hold a JSON object, got {type(raw).__name__}")
+    peft_type = raw.get("peft_type", "LORA")  # old peft versions (and hand-written configs) leave it out
+    parser = _PARSERS.get(peft_type) if isinstance(peft_type, str) else None
+    if parser is None:
+        raise AdapterError(_where(path, "peft_type", f"is {_describe(peft_type)}: nibblora reads "
+                                  f"{', '.join(map(repr, _PARSERS))} adapters only; load this one with peft"))
+    return parser(raw, path)
