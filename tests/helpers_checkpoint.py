@@ -47,17 +47,20 @@ def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor] | None = None,
     return path
 
 
-def write_adapter(path: Path, scale: float = 1.0, seed: int = 2) -> Path:
-    """A peft LoRA adapter (r=2) on q_proj of the small checkpoint."""
+def write_adapter(path: Path, scale: float = 1.0, seed: int = 2, layers: int = 1) -> Path:
+    """A peft LoRA adapter (r=2) on q_proj of the small checkpoint with `layers` layers."""
     g = torch.Generator().manual_seed(seed)
     path.mkdir(parents=True, exist_ok=True)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "lora_dropout": 0.0,
               "target_modules": ["q_proj"], "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
               "use_dora": False, "modules_to_save": None, "base_model_name_or_path": "tiny"}
     (path / "adapter_config.json").write_text(json.dumps(config))
-    pre = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file({f"{pre}.lora_A.weight": torch.randn(2, 8, generator=g) * scale,
-               f"{pre}.lora_B.weight": torch.randn(8, 2, generator=g) * scale}, path / "adapter_model.safetensors")
+    tensors = {}
+    for i in range(layers):
+        pre = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{pre}.lora_A.weight"] = torch.randn(2, 8, generator=g) * scale
+        tensors[f"{pre}.lora_B.weight"] = torch.randn(8, 2, generator=g) * scale
+    save_file(tensors, path / "adapter_model.safetensors")
     return path
 
 
