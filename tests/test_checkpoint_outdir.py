@@ -130,3 +130,16 @@ def test_interrupt_leaves_the_old_output_untouched(tmp_path):
             (tmp / "marker").write_text("new")
             raise KeyboardInterrupt
     assert _names(tmp_path) == ["out"] and (out / "marker").read_text() == "old"
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_overwriting_a_symlinked_output_replaces_the_link_and_keeps_its_target(tmp_path, monkeypatch, exchange):
+    target = _folder(tmp_path / "elsewhere", "old")
+    (tmp_path / "out").symlink_to(target)
+    if not exchange:
+        monkeypatch.setattr(outdir, "exchange_dirs", lambda a, b: False)
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "marker").write_text("new")
+    assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / "marker").read_text() == "new"
+    assert (target / "marker").read_text() == "old"
+    assert _names(tmp_path) == ["elsewhere", "out"]

@@ -108,7 +108,7 @@ def recover_output_dir(out_dir: Path) -> list[str]:
         return []
     for path in siblings:
         match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and not path.is_symlink() and not _pid_alive(int(match.group(2))):
+        if match and (path.is_dir() or path.is_symlink()) and not _pid_alive(int(match.group(2))):
             stale[match.group(1)].append(path)
     done: list[str] = []
     try:
@@ -122,7 +122,7 @@ def recover_output_dir(out_dir: Path) -> list[str]:
     except OSError as err:
         raise output_error(out_dir, err) from None
     for path in stale["tmp"] + stale["new"] + stale["old"]:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
         done.append(f"removed {path.name}, left by a writer that is no longer running")
     return done
 
@@ -169,7 +169,7 @@ def replace_output_dir(tmp: Path, out_dir: Path) -> None:
         os.rename(tmp, out_dir)  # rename(2) replaces an empty folder atomically
         return
     if exchange_dirs(tmp, out_dir):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output; a kill here leaves a stale tmp
+        _remove(tmp)  # tmp now holds the old output; a kill here leaves a stale tmp for the next run
         return
     # No exchange here: a recoverable three-step swap. The `.new-` name marks the folder as complete.
     new = _unique_sibling(out_dir, "new")
@@ -177,7 +177,15 @@ def replace_output_dir(tmp: Path, out_dir: Path) -> None:
     old = _unique_sibling(out_dir, "old")
     os.rename(out_dir, old)
     os.rename(new, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a replaced output: a folder with its contents, or (an --out that was a symlink) only the link."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # The name the tools and prepare used so far.
