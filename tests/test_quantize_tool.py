@@ -331,7 +331,7 @@ def test_truncated_shard_is_named(tmp_path, capsys):
     model = _write_checkpoint(tmp_path / "m", _small_tensors())
     shard = model / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])
-    _assert_user_error(capsys, model, tmp_path / "out", f"reading {shard}: not a valid safetensors file, truncated or corrupt (truncated: the header needs")
+    _assert_user_error(capsys, model, tmp_path / "out", f"reading {shard}: not a valid safetensors file, truncated or corrupt (")
 
 
 def test_corrupt_header_is_named(tmp_path, capsys):
@@ -346,7 +346,7 @@ def test_corrupt_header_is_named(tmp_path, capsys):
 def test_garbage_file_is_named(tmp_path, capsys):
     model = _write_checkpoint(tmp_path / "m", _small_tensors())
     (model / "model.safetensors").write_bytes(b"\xff" * 100)
-    _assert_user_error(capsys, model, tmp_path / "out", "model.safetensors: not a valid safetensors file, truncated or corrupt (header length")
+    _assert_user_error(capsys, model, tmp_path / "out", "model.safetensors: not a valid safetensors file, truncated or corrupt (")
 
 
 def test_shard_missing_from_index_is_named(llama_dir, tmp_path, capsys):
@@ -440,10 +440,11 @@ def test_cli_reports_user_error_in_one_line_with_exit_code_2_and_no_traceback(tm
     )
     assert result.returncode == 2
     shard = model / "model.safetensors"
-    assert result.stderr == (
-        f"nibblora.quantize: error: reading {shard}: not a valid safetensors file, truncated or corrupt "
-        "(not a safetensors file (only 0 bytes)); re-download or re-save it\n"
+    # The reason in parentheses is the Rust reader's; the line around it is the checkpoint layer's.
+    assert result.stderr.startswith(
+        f"nibblora.quantize: error: reading {shard}: not a valid safetensors file, truncated or corrupt ("
     )
+    assert result.stderr.endswith("); re-download or re-save it\n") and result.stderr.count("\n") == 1
     assert result.stdout == ""
 
 

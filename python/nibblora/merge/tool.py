@@ -21,7 +21,7 @@ import torch
 
 from nibblora._native import merge_array
 from nibblora.checkpoint import Checkpoint, TensorEntry, atomic_output_dir, check_out_dir, human_bytes
-from nibblora.checkpoint import open_checkpoint, read_config, shard_names
+from nibblora.checkpoint import CONFIG_FILE, open_checkpoint, read_config, shard_names
 from nibblora.checkpoint.shards import (
     copy_side_files,
     parse_size,
@@ -179,7 +179,7 @@ class _Item:
 def _read_base(model_dir: Path) -> _Base:
     if not model_dir.is_dir():
         raise MergeError(f"{model_dir}: base model folder does not exist")
-    config_path = model_dir / "config.json"
+    config_path = model_dir / CONFIG_FILE
     try:
         config = read_config(model_dir)
         quant = config.get("quantization_config") or {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nibblora.checkpoint import Checkpoint, TensorEntry, atomic_output_dir, check_out_dir, human_bytes
-from nibblora.checkpoint import open_checkpoint, read_config, shard_names
+from nibblora.checkpoint import CONFIG_FILE, open_checkpoint, read_config, shard_names
 from nibblora.checkpoint.shards import (
     copy_side_files,
     parse_size,
@@ -149,7 +149,7 @@ def load_config(model_dir: Path) -> dict[str, object]:
     """config.json of a causal LM that is not already quantized."""
     if not model_dir.is_dir():
         raise QuantizeError(f"{model_dir}: model folder does not exist")
-    path = model_dir / "config.json"
+    path = model_dir / CONFIG_FILE
     try:
         config = read_config(model_dir)
     except CheckpointError as err:
