@@ -114,7 +114,7 @@ def weight_files(directory: str | Path) -> tuple[list[Path], dict[str, Path] | N
     hint = ""
     if any(name.endswith(".safetensors") for name in present):
         hint = f" (there are safetensors files, but without {INDEX_FILE} their roles are unknown)"
-    elif any(name.endswith(".bin") or name.endswith(".pt") for name in present):
+    elif any(name.endswith((".bin", ".pt")) for name in present):
         hint = " (only PyTorch pickle weights are there; re-save the model with safe_serialization=True)"
     shown = ", ".join(present[:20]) + (f" and {len(present) - 20} more" if len(present) > 20 else "")
     raise CheckpointFileNotFoundError(

@@ -33,7 +33,7 @@ from nibblora.checkpoint.shards import (
     write_shards,
 )
 from nibblora.checkpoint.writer import DeferredSpec, SafetensorsWriter, TensorSpec
-from nibblora.dtypes import ANY_FLOAT_DTYPES, FLOAT_DTYPES, SAFETENSORS_TO_TORCH_NAME, TORCH_NAME_TO_SAFETENSORS
+from nibblora.dtypes import ANY_FLOAT_DTYPES, FLOAT_DTYPES, TORCH_NAME_TO_SAFETENSORS
 from nibblora.dtypes import torch_dtype
 from nibblora.errors import CheckpointError
 from nibblora.lora.config import matches_target
@@ -163,7 +163,7 @@ class _Base:
 class _Item:
     """One output weight (or a 4-bit weight's group of tensors) and what goes into it."""
 
-    source: SourceTensor  # logical name / dtype / shape (for a 4-bit base: of the dequantized weight)
+    source: TensorEntry  # logical name / dtype / shape (for a 4-bit base: of the dequantized weight)
     specs: list[TensorSpec]
     deferred: list[DeferredSpec]
     quantize: bool = False  # written in bitsandbytes 4-bit
@@ -229,7 +229,8 @@ def _quant_state_summary(ckpt: Checkpoint, state: str) -> tuple[str, str, tuple[
         problems.append(f"shape {str(shape)[:40]} is not two positive integers")
     if problems:
         raise MergeError(f"{where}: not a valid bitsandbytes quant state ({'; '.join(problems)})")
-    return quant_type, OUT_DTYPES[dtype], (shape[0], shape[1])
+    assert isinstance(quant_type, str) and isinstance(dtype, str) and isinstance(shape, list)  # checked above
+    return quant_type, OUT_DTYPES[dtype], (int(shape[0]), int(shape[1]))
 
 
 def _target_of(base: _Base, module: str) -> str | None:

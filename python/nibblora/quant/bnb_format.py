@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from math import ceil, prod
 
 import torch
@@ -202,7 +202,8 @@ def to_bnb_state_dict(q: QuantizedTensor, prefix: str = "weight") -> dict[str, t
     return out
 
 
-def find_quant_state_key(tensors: dict[str, torch.Tensor] | set[str], prefix: str = "weight") -> str | None:
+def find_quant_state_key(tensors: Collection[str], prefix: str = "weight") -> str | None:
+    """The quant state key of the 4-bit weight `prefix` among `tensors` (names, or a dict keyed by name), or None."""
     for quant_type in BNB_QUANT_TYPES:
         key = _join(prefix, quant_state_key(quant_type))
         if key in tensors:
