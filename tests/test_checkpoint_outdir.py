@@ -143,3 +143,28 @@ def test_overwriting_a_symlinked_output_replaces_the_link_and_keeps_its_target(t
     assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / "marker").read_text() == "new"
     assert (target / "marker").read_text() == "old"
     assert _names(tmp_path) == ["elsewhere", "out"]
+
+
+def test_output_folders_names_reading_and_the_cli_printer_do_not_import_torch():
+    # nibblora.data and the CLIs' argument parsing use these; the package's own __init__ is bypassed so that
+    # only these modules' imports are measured.
+    code = (
+        "import sys, types\n"
+        f"m = types.ModuleType('nibblora'); m.__path__ = [{str(Path(outdir.__file__).parents[1])!r}]\n"
+        "sys.modules['nibblora'] = m\n"
+        "import nibblora.outdir, nibblora.checkpoint, nibblora.cli_errors, nibblora.dtypes, nibblora.export\n"
+        "from nibblora.checkpoint import read_config, atomic_output_dir, open_checkpoint\n"
+        "from nibblora.export import run_tool, parse_size\n"
+        "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('nibblora'))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_what_recovery_did_is_logged(tmp_path, caplog):
+    pid = _dead_pid()
+    _folder(tmp_path / f".out.old-{pid}-cd34", "old")
+    with caplog.at_level("WARNING", logger="nibblora.checkpoint.outdir"):
+        recover_output_dir(tmp_path / "out")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"restored the previous {tmp_path / 'out'} (a run was killed while swapping it in)"
+    ]

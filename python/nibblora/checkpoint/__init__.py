@@ -27,8 +27,19 @@ from nibblora.checkpoint.reader import (
     read_json_object,
     weight_files,
 )
-from nibblora.checkpoint.writer import DeferredSpec, SafetensorsWriter, TensorSpec
 from nibblora.errors import CheckpointError, CheckpointFileNotFoundError, MissingTensorError
+
+# The writer needs torch; reading, names and output folders do not (nibblora.data uses outdir), so the writer's
+# names load on first use (PEP 562).
+_WRITER_NAMES = ("DeferredSpec", "SafetensorsWriter", "TensorSpec")
+
+
+def __getattr__(name: str) -> object:
+    if name in _WRITER_NAMES:
+        from nibblora.checkpoint import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module 'nibblora.checkpoint' has no attribute {name!r}")
 
 __all__ = [
     "CONFIG_FILE",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import re
 import secrets
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from nibblora.errors import NibbloraError, OutputError
 
+_log = logging.getLogger(__name__)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -124,6 +126,8 @@ def recover_output_dir(out_dir: Path) -> list[str]:
     for path in stale["tmp"] + stale["new"] + stale["old"]:
         _remove(path)
         done.append(f"removed {path.name}, left by a writer that is no longer running")
+    for line in done:
+        _log.warning(line)  # without logging configured, Python prints warnings to stderr: the user sees it
     return done
 
 

@@ -19,12 +19,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from nibblora.checkpoint.names import CONFIG_FILE, INDEX_FILE
 from nibblora.checkpoint.reader import open_checkpoint
-from nibblora.checkpoint.writer import DeferredSpec, SafetensorsWriter, TensorSpec
 from nibblora.errors import CheckpointError, ExportError
+
+if TYPE_CHECKING:  # the writer imports torch; parse_size and friends do not need it
+    from nibblora.checkpoint.writer import DeferredSpec, SafetensorsWriter, TensorSpec
 
 # Weight formats next to the safetensors that would be stale in the output folder.
 _STALE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -160,6 +162,8 @@ def write_shards(
     writing it. Writing runs on one background thread, one item behind, so the disk works while the next item
     is computed; at most one finished item waits in memory. A progress bar (tqdm, stderr) counts input bytes."""
     from tqdm.auto import tqdm
+
+    from nibblora.checkpoint.writer import SafetensorsWriter
 
     written = WrittenShards()
     total = sum(i.source.nbytes for shard in shards for i in shard)
