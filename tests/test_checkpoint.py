@@ -186,3 +186,39 @@ def test_headers_whose_offsets_do_not_tile_the_buffer_are_rejected(tmp_path, hea
     (tmp_path / "model.safetensors").write_bytes(_raw_safetensors(header, data_len))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
         open_checkpoint(tmp_path)
+
+
+def test_every_safetensors_dtype_and_odd_shapes_come_back_exactly(tmp_path):
+    tensors = {
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "bool": torch.tensor([True, False, True]),
+        "f8": torch.randn(3).to(torch.float8_e4m3fn),
+        "i64": torch.arange(5, dtype=torch.int64) - 2,
+        "u32": torch.arange(4, dtype=torch.int32).view(torch.uint32),
+        "bf16": torch.randn(2, 3, dtype=torch.bfloat16),
+    }
+    write_single(tmp_path, tensors)
+    with open_checkpoint(tmp_path) as ckpt:
+        for name, expected in tensors.items():
+            got = ckpt.get_tensor(name)
+            assert got.dtype == expected.dtype and got.shape == expected.shape, name
+            assert bytes(got.reshape(-1).view(torch.uint8).numpy()) == bytes(
+                expected.reshape(-1).view(torch.uint8).numpy()), name
+            assert ckpt.entry(name).dtype == {"empty": "F32", "scalar": "F64", "bool": "BOOL", "f8": "F8_E4M3",
+                                              "i64": "I64", "u32": "U32", "bf16": "BF16"}[name]
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    write_sharded(tmp_path)
+    save_file({"lm_head.weight": TENSORS["lm_head.weight"], "model.norm.weight": TENSORS["model.norm.weight"]},
+              tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match="tensor 'model.norm.weight' also appears in"):
+        open_checkpoint(tmp_path)
+
+
+def test_config_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_path):
+    write_single(tmp_path)
+    (tmp_path / "config.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        read_config(tmp_path)

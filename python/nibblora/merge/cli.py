@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from nibblora.export import run_tool
+from nibblora.cli_errors import run_tool
 from nibblora.merge.methods import METHODS
 from nibblora.merge.tool import OUT_DTYPES, merge_checkpoint
-from nibblora.quantize.tool import BLOCKSIZES, QUANT_TYPES
+from nibblora.quant.bnb_format import BLOCKSIZES, BNB_QUANT_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,13 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
     parser.add_argument("--dtype", choices=tuple(OUT_DTYPES),
                         help="dtype of the output's float tensors (default: the base's, or its 4-bit compute dtype)")
-    parser.add_argument("--quantize", choices=QUANT_TYPES,
+    parser.add_argument("--quantize", choices=BNB_QUANT_TYPES,
                         help="re-quantize the decoder's linear weights (bitsandbytes layout) and report per layer "
                         "the update against the quantization error")
     parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="N",
                         help="block size for --quantize (default 64)")
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                         help="with --quantize: keep block scales in float32")
+    parser.add_argument("--accept-quantization-loss", action="store_true",
+                        help="with --quantize: exit 0 even when the 4-bit rounding erases most of the adapters' "
+                        "update (by default the merge is written but exits 1 then)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -61,4 +64,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        accept_quantization_loss=args.accept_quantization_loss,
     ))

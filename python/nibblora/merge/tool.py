@@ -19,40 +19,44 @@ from pathlib import Path
 
 import torch
 
-from nibblora._native import SafetensorsFile, merge_array
-from nibblora.outdir import human_bytes
-from nibblora.export import (
-    atomic_output_dir,
+from nibblora._native import merge_array
+from nibblora.checkpoint import Checkpoint, TensorEntry, atomic_output_dir, check_out_dir, human_bytes
+from nibblora.checkpoint import CONFIG_FILE, open_checkpoint, read_config, shard_names
+from nibblora.checkpoint.shards import (
     copy_side_files,
     parse_size,
-    prepare_out_dir,
-    read_config_json,
     release_freed_memory,
-    shard_names,
     split_shards,
+    verify_written_checkpoint,
     write_config,
     write_index,
     write_shards,
 )
+from nibblora.checkpoint.writer import DeferredSpec, SafetensorsWriter, TensorSpec
+from nibblora.dtypes import ANY_FLOAT_DTYPES, FLOAT_DTYPES, TORCH_NAME_TO_SAFETENSORS
+from nibblora.dtypes import torch_dtype
+from nibblora.errors import CheckpointError
 from nibblora.lora.config import matches_target
 from nibblora.merge.adapter_source import AdapterSource, LoRAModule, MergeError, read_adapter
 from nibblora.merge.methods import METHODS, Contribution, combine
 from nibblora.quant import from_bnb_state_dict, quantize_4bit, to_bnb_state_dict
-from nibblora.quant.bnb_format import find_quant_state_key
-from nibblora.quantize.source import SourceTensor, list_shards
-from nibblora.quantize.tool import (
+from nibblora.quant.bnb_format import (
     BLOCKSIZES,
-    QUANT_TYPES,
+    BNB_PARTS,
+    BNB_QUANT_TYPES,
     bnb_quantization_config,
     bnb_specs,
+    find_quant_state_key,
     is_decoder_linear_weight,
     skip_modules_for_config,
 )
-from nibblora.safetensors_writer import SAFETENSORS_DTYPES, DeferredSpec, SafetensorsWriter, TensorSpec
 
-OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_FLOAT_DTYPES = ("F32", "BF16", "F16")
-_BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+OUT_DTYPES = TORCH_NAME_TO_SAFETENSORS  # --dtype choices -> safetensors names
+QUANT_TYPES = BNB_QUANT_TYPES  # --quantize choices
+_FLOAT_DTYPES = FLOAT_DTYPES
+# Re-quantization "erases" a layer's update when the 4-bit rounding error is larger than the update; when it
+# does so in more than this share of the re-quantized layers, the merged model has mostly lost the fine-tune.
+ERASED_SHARE_LIMIT = 0.5
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,22 @@ class MergeSummary:
     seconds: float
     shards: list[str] = field(default_factory=list)
     quant_report: list[QuantReportRow] = field(default_factory=list)
+    accept_quantization_loss: bool = False
+
+    @property
+    def erased_layers(self) -> int:
+        """Re-quantized layers whose update is smaller than their 4-bit rounding error."""
+        return sum(r.ratio < 1 for r in self.quant_report)
+
+    @property
+    def fine_tune_mostly_lost(self) -> bool:
+        """Re-quantization rounded away the update in most of the layers the adapters changed."""
+        return bool(self.quant_report) and self.erased_layers > ERASED_SHARE_LIMIT * len(self.quant_report)
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit status: 1 when the fine-tune was mostly lost and that was not accepted, else 0."""
+        return 1 if self.fine_tune_mostly_lost and not self.accept_quantization_loss else 0
 
     def format(self) -> str:
         what = f"{len(self.adapters)} adapter{'s' if len(self.adapters) != 1 else ''}"
@@ -103,25 +123,39 @@ class MergeSummary:
                 flag = "  <- adapter mostly erased" if r.ratio < 1 else ""
                 lines.append(f"  {r.name:<{width}}  {r.update_norm:10.4g}  {r.quant_error_norm:10.4g}  "
                              f"{r.ratio:8.3f}{flag}")
-            erased = sum(r.ratio < 1 for r in self.quant_report)
+            erased = self.erased_layers
             lines.append(f"{erased} of {len(self.quant_report)} layers: update smaller than the quantization error")
+            if self.fine_tune_mostly_lost:
+                lines.append(
+                    f"WARNING: re-quantizing to {self.quantize} erased most of the fine-tune: in {erased} of "
+                    f"{len(self.quant_report)} changed layers the 4-bit rounding is larger than what the adapter "
+                    "changed, so the merged model will behave much like the base model. Keep the merge in 16-bit "
+                    "(drop --quantize; use --dtype bfloat16) and load it in 4-bit at run time, or serve the base "
+                    "with the adapter unmerged."
+                    + ("" if self.accept_quantization_loss else
+                       " The output was written, but the exit status is 1; pass --accept-quantization-loss to "
+                       "accept this.")
+                )
         return "\n".join(lines)
 
 
 @dataclass
 class _Base:
-    """The base checkpoint: its open shards and every tensor by name."""
+    """The base checkpoint: its open shards (the one checkpoint reader) and every tensor by name."""
 
     directory: Path
     config: dict
-    files: dict[Path, SafetensorsFile]
-    tensors: dict[str, SourceTensor]
+    ckpt: Checkpoint
     quantized: dict[str, tuple[str, str, tuple[int, ...]]]  # weight -> (quant_type, dtype, logical shape)
+
+    @property
+    def tensors(self) -> dict[str, TensorEntry]:
+        return self.ckpt.entries
 
     def parts(self, weight: str) -> list[str]:
         """A 4-bit weight's stored tensors: packed codes, scales, maps, quant state."""
-        names = [weight, *(f"{weight}.{p}" for p in _BNB_PARTS)]
-        state = find_quant_state_key(set(self.tensors), weight)
+        names = [weight, *(f"{weight}.{p}" for p in BNB_PARTS)]
+        state = find_quant_state_key(self.tensors.keys(), weight)
         return [n for n in names if n in self.tensors] + ([state] if state else [])
 
 
@@ -129,7 +163,7 @@ class _Base:
 class _Item:
     """One output weight (or a 4-bit weight's group of tensors) and what goes into it."""
 
-    source: SourceTensor  # logical name / dtype / shape (for a 4-bit base: of the dequantized weight)
+    source: TensorEntry  # logical name / dtype / shape (for a 4-bit base: of the dequantized weight)
     specs: list[TensorSpec]
     deferred: list[DeferredSpec]
     quantize: bool = False  # written in bitsandbytes 4-bit
@@ -145,39 +179,58 @@ class _Item:
 def _read_base(model_dir: Path) -> _Base:
     if not model_dir.is_dir():
         raise MergeError(f"{model_dir}: base model folder does not exist")
-    config_path = model_dir / "config.json"
-    config = read_config_json(model_dir)
-    quant = config.get("quantization_config") or {}
-    if quant and (quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", True)
-                  or quant.get("load_in_8bit")):
-        raise MergeError(f"{config_path}: quantization {quant.get('quant_method')!r} is not supported; "
-                         "bases are full precision or bitsandbytes 4-bit")
-    shard_paths, weight_map = list_shards(model_dir)
-    files: dict[Path, SafetensorsFile] = {}
-    tensors: dict[str, SourceTensor] = {}
-    for path in shard_paths:
-        try:
-            files[path] = SafetensorsFile(path)
-        except (OSError, ValueError) as err:
-            raise MergeError(str(err)) from None
-        for name, dtype, shape, offset, nbytes in files[path].tensors():
-            if name in tensors:
-                raise MergeError(f"{path}: tensor {name!r} also appears in {tensors[name].path.name}")
-            tensors[name] = SourceTensor(name, dtype, tuple(shape), path, offset, nbytes)
-    for name, file in (weight_map or {}).items():
-        if name not in tensors:
-            raise MergeError(f"{model_dir / file}: missing tensor {name!r} listed in the shard index")
+    config_path = model_dir / CONFIG_FILE
+    try:
+        config = read_config(model_dir)
+        quant = config.get("quantization_config") or {}
+        if not isinstance(quant, dict):
+            raise MergeError(f"{config_path}: quantization_config is a JSON {type(quant).__name__}, expected an "
+                             "object (or leave it out for a full-precision base)")
+        if quant and (quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", True)
+                      or quant.get("load_in_8bit")):
+            method = str(quant.get("quant_method"))[:100]
+            raise MergeError(f"{config_path}: quantization {method!r} is not supported; "
+                             "bases are full precision or bitsandbytes 4-bit")
+        compute = (quant.get("bnb_4bit_compute_dtype") or "float32") if quant else "float32"
+        if compute not in OUT_DTYPES:
+            raise MergeError(f"{config_path}: bnb_4bit_compute_dtype {str(compute)[:100]!r} is not one of "
+                             f"{', '.join(OUT_DTYPES)}")
+        ckpt = open_checkpoint(model_dir, require_config=False)
+    except CheckpointError as err:
+        raise MergeError(str(err)) from None
+    names = ckpt.entries.keys()
     quantized = {}
-    for name in tensors:
-        state = find_quant_state_key(set(tensors), name) if tensors[name].dtype == "U8" else None
+    for name, entry in ckpt.entries.items():
+        state = find_quant_state_key(names, name) if entry.dtype == "U8" else None
         if state is not None:
-            try:
-                meta = json.loads(bytes(files[tensors[state].path].read(state)).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise MergeError(f"{tensors[state].path}: {state!r} is not a JSON quant state ({err})") from None
-            dtype = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(meta.get("dtype"), "F32")
-            quantized[name] = (meta["quant_type"], dtype, tuple(int(d) for d in meta["shape"]))
-    return _Base(model_dir, config, files, tensors, quantized)
+            quantized[name] = _quant_state_summary(ckpt, state)
+    return _Base(model_dir, config, ckpt, quantized)
+
+
+def _quant_state_summary(ckpt: Checkpoint, state: str) -> tuple[str, str, tuple[int, ...]]:
+    """(quant type, safetensors dtype, logical 2-D shape) from a bitsandbytes quant state, every field checked."""
+    where = f"{ckpt.file_of(state)}: {state!r}"
+    try:
+        meta = json.loads(bytes(ckpt.read_bytes(state)).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise MergeError(f"{where} is not a JSON quant state ({type(err).__name__})") from None
+    if not isinstance(meta, dict):
+        raise MergeError(f"{where} is not a JSON object")
+    quant_type, dtype, shape, blocksize = (meta.get(k) for k in ("quant_type", "dtype", "shape", "blocksize"))
+    problems = []
+    if quant_type not in BNB_QUANT_TYPES:
+        problems.append(f"quant_type {str(quant_type)[:40]!r} is not nf4 or fp4")
+    if dtype not in OUT_DTYPES:
+        problems.append(f"dtype {str(dtype)[:40]!r} is not float32, bfloat16 or float16")
+    if blocksize not in BLOCKSIZES or isinstance(blocksize, bool):
+        problems.append(f"blocksize {str(blocksize)[:40]} is not a power of two from 32 to 4096")
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**40 for d in shape)):
+        problems.append(f"shape {str(shape)[:40]} is not two positive integers")
+    if problems:
+        raise MergeError(f"{where}: not a valid bitsandbytes quant state ({'; '.join(problems)})")
+    assert isinstance(quant_type, str) and isinstance(dtype, str) and isinstance(shape, list)  # checked above
+    return quant_type, OUT_DTYPES[dtype], (int(shape[0]), int(shape[1]))
 
 
 def _target_of(base: _Base, module: str) -> str | None:
@@ -273,12 +326,17 @@ def _plan(base: _Base, adapters: list[AdapterSource], out_dtype: str, quantize: 
         if name in parts_of_quantized:
             continue
         dtype, shape = _logical(base, name)
-        logical = SourceTensor(name, dtype, shape, t.path, t.offset,
+        logical = TensorEntry(name, dtype, shape, t.path, t.offset,
                                sum(base.tensors[p].nbytes for p in base.parts(name)) if name in base.quantized else t.nbytes)
         contributions = updates.get(name, [])
         replacement = replacements.get(name)
         in_4bit = name in base.quantized
-        requantize = quantize is not None and (in_4bit or (not base.quantized and is_decoder_linear_weight(logical)))
+        if not in_4bit and name.endswith(".weight") and dtype not in ANY_FLOAT_DTYPES:
+            # A model's weights are real numbers: integer "weights" would be cast to float and merged as if they
+            # were (values in the billions). 4-bit weights were recognised above by their quant state.
+            raise MergeError(f"{t.path}: tensor {name!r} has dtype {dtype}; a weight must be floating point (F32, "
+                             "BF16 or F16), so this base checkpoint is damaged or in a format merge does not read")
+        requantize = quantize is not None and (in_4bit or (not base.quantized and is_decoder_linear_weight(name, shape)))
         if requantize:
             assert quantize is not None
             changed = contributions or replacement or (in_4bit and base.quantized[name][0] != quantize)
@@ -286,8 +344,7 @@ def _plan(base: _Base, adapters: list[AdapterSource], out_dtype: str, quantize: 
                 specs = [TensorSpec(p, base.tensors[p].dtype, base.tensors[p].shape) for p in base.parts(name)]
                 items.append(_Item(logical, specs, [], quantize=True, copy=True))
                 continue
-            specs, deferred = bnb_specs(SourceTensor(name, out_st, shape, t.path, 0, 0), quantize, blocksize,
-                                        double_quant)
+            specs, deferred = bnb_specs(name, out_st, shape, quantize, blocksize, double_quant)
             items.append(_Item(logical, specs, deferred, True, False, contributions, replacement))
             continue
         if dtype not in _FLOAT_DTYPES:  # integer buffers and the like: as they are
@@ -300,7 +357,7 @@ def _plan(base: _Base, adapters: list[AdapterSource], out_dtype: str, quantize: 
         if inner not in base.tensors:
             i, key = replacement
             shape = adapters[i].shapes[key][1]
-            src = SourceTensor(inner, adapters[i].shapes[key][0], shape, adapters[i].weights_path, 0, 0)
+            src = TensorEntry(inner, adapters[i].shapes[key][0], shape, adapters[i].weights_path, 0, 0)
             items.append(_Item(src, [TensorSpec(inner, out_st, shape)], [], replacement=replacement))
     return items
 
@@ -313,7 +370,7 @@ def _contribution(adapter: AdapterSource, entry: LoRAModule, weight: float) -> C
 
 
 def _dtype(st: str) -> torch.dtype:
-    return SAFETENSORS_DTYPES[st][0]
+    return torch_dtype(st)
 
 
 def merge_checkpoint(
@@ -333,6 +390,7 @@ def merge_checkpoint(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    accept_quantization_loss: bool = False,
 ) -> MergeSummary:
     """Merge peft LoRA adapters into a Hugging Face checkpoint and write the result as a new checkpoint.
 
@@ -345,7 +403,9 @@ def merge_checkpoint(
         seed: DARE's random draws.
     dtype: float32 | bfloat16 | float16 of the output's float tensors (default: the base's, or its 4-bit compute
         dtype). quantize: nf4 | fp4 re-quantizes the decoder's linear weights (bitsandbytes layout, blocksize,
-        double_quant) and reports per layer the update against the quantization error.
+        double_quant) and reports per layer the update against the quantization error. When the 4-bit rounding
+        is larger than the update in most re-quantized layers, the summary says the fine-tune is mostly lost
+        and its `exit_code` is 1 (the CLI's exit status) unless `accept_quantization_loss`.
     out_dir: written atomically; must be absent or empty unless `overwrite`.
     Raises MergeError (a ValueError) naming the file and tensor; nothing is written then.
     """
@@ -381,17 +441,21 @@ def merge_checkpoint(
     compute = str(qconfig.get("bnb_4bit_compute_dtype") or "float32") if base.quantized else None
     out_dtype = dtype or compute or _majority_dtype(base)
     items = _plan(base, adapters, out_dtype, quantize, blocksize, double_quant)
-    prepare_out_dir([base_dir, *adapter_paths], out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, [base_dir, *adapter_paths], MergeError)
     shards = split_shards(items, max_shard_bytes)
     names = shard_names(len(shards))
     report: list[QuantReportRow] = []
     prepare = _Preparer(base, adapters, weights, method, density, rank, seed, out_dtype, compute, quantize,
                         blocksize, double_quant, report)
-    with atomic_output_dir(out_dir) as tmp:
-        written = write_shards(tmp, shards, names, prepare, desc="merging", progress=progress)
-        write_config(tmp, _out_config(base, items, out_dtype, quantize, double_quant))
-        write_index(tmp, written.shard_tensors, written.nbytes, sum(i.source.numel for i in items))
-        copy_side_files(base_dir, tmp)
+    try:
+        with atomic_output_dir(out_dir) as tmp:
+            written = write_shards(tmp, shards, names, prepare, desc="merging", progress=progress)
+            write_config(tmp, _out_config(base, items, out_dtype, quantize, double_quant))
+            write_index(tmp, written.shard_tensors, written.nbytes, sum(i.source.numel for i in items))
+            copy_side_files(base_dir, tmp)
+            verify_written_checkpoint(tmp, written.tensors)
+    finally:
+        base.ckpt.close()
     return MergeSummary(
         out_dir=out_dir,
         method=method,
@@ -406,6 +470,7 @@ def merge_checkpoint(
         seconds=time.perf_counter() - start,
         shards=names,
         quant_report=report,
+        accept_quantization_loss=accept_quantization_loss,
     )
 
 
@@ -428,7 +493,8 @@ def _out_config(base: _Base, items: list[_Item], out_dtype: str, quantize: str |
         config["tie_word_embeddings"] = False  # a replaced lm_head of a tied model now stands alone
     if quantize is not None:
         old = base.config.get("quantization_config") or {}
-        skip = old.get("llm_int8_skip_modules") if base.quantized else skip_modules_for_config(items, [])
+        skip = old.get("llm_int8_skip_modules") if base.quantized else skip_modules_for_config(
+            [(i.source.name, i.source.shape, i.quantize) for i in items], [])
         config["quantization_config"] = bnb_quantization_config(quantize, double_quant, out_dtype, skip)
     return config
 
@@ -491,7 +557,7 @@ class _Preparer:
                 out = merge_array(raw, OUT_DTYPES[self.compute or "float32"], list(t.shape), out_st, terms, dense,
                                   magnitude)
             else:
-                out = self.base.files[t.path].merge(t.name, out_st, terms, dense, magnitude)
+                out = self.base.ckpt.handle_of(t.name).merge(t.name, out_st, terms, dense, magnitude)
         except ValueError as err:
             raise MergeError(f"{t.path}: {err}") from None
         return torch.from_numpy(out).view(_dtype(out_st)).reshape(t.shape)
@@ -501,7 +567,7 @@ class _Preparer:
         parts = {}
         for p in self.base.parts(name):
             src = self.base.tensors[p]
-            raw = torch.from_numpy(self.base.files[src.path].read(p))
+            raw = torch.from_numpy(self.base.ckpt.read_bytes(p))
             parts[p] = raw.view(_dtype(src.dtype)).reshape(src.shape)
         try:
             q = from_bnb_state_dict(parts, name)
@@ -513,7 +579,7 @@ class _Preparer:
         if name in self.base.quantized:
             return self._dequantized(name).float()
         src = self.base.tensors[name]
-        raw = torch.from_numpy(self.base.files[src.path].read(name))
+        raw = torch.from_numpy(self.base.ckpt.read_bytes(name))
         return raw.view(_dtype(src.dtype)).reshape(src.shape).float()
 
     def _copy(self, names: list[str]) -> Callable[[SafetensorsWriter], None]:

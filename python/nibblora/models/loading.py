@@ -16,8 +16,9 @@ from torch import nn
 from nibblora.checkpoint import Checkpoint, CheckpointError, MissingTensorError, open_checkpoint, read_config
 from nibblora.models.config import ModelConfig, UnsupportedModelError
 from nibblora.models.llama import LlamaForCausalLM
+from nibblora.quant.bnb_format import BNB_PARTS, BNB_QUANT_TYPES, find_quant_state_key
 
-QUANTIZE_CHOICES = (None, "nf4", "fp4")
+QUANTIZE_CHOICES = (None, *BNB_QUANT_TYPES)
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -74,8 +75,13 @@ def _check_quantization_config(ckpt: Checkpoint, quantize: str | None) -> None:
     qc = (ckpt.config or {}).get("quantization_config")
     if not qc:
         return
-    method = qc.get("quant_method")
     source = ckpt.directory / "config.json"
+    if not isinstance(qc, dict):
+        raise UnsupportedModelError(
+            f"{source}: quantization_config is a JSON {type(qc).__name__}, expected an object "
+            "(or leave it out for a full-precision checkpoint)"
+        )
+    method = qc.get("quant_method")
     if method != "bitsandbytes":
         raise UnsupportedModelError(
             f"{source}: quantization_config.quant_method {method!r} is not supported; "
@@ -84,6 +90,8 @@ def _check_quantization_config(ckpt: Checkpoint, quantize: str | None) -> None:
     if qc.get("load_in_8bit"):
         raise UnsupportedModelError(f"{source}: bitsandbytes 8-bit checkpoints are not supported, only 4-bit")
     stored = qc.get("bnb_4bit_quant_type", "nf4")
+    if stored not in BNB_QUANT_TYPES:
+        raise UnsupportedModelError(f"{source}: bnb_4bit_quant_type {str(stored)[:50]!r} is not nf4 or fp4")
     if quantize is not None and quantize != stored:
         raise ValueError(
             f"{ckpt.directory} is already quantized to {stored}; it cannot be re-quantized to {quantize} "
@@ -91,18 +99,9 @@ def _check_quantization_config(ckpt: Checkpoint, quantize: str | None) -> None:
         )
 
 
-# The tensors transformers + bitsandbytes save next to a 4-bit `P.weight` (the nested ones only with double quant).
-BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-BNB_QUANT_TYPES = ("nf4", "fp4")
-
-
 def _bnb_quant_state_key(ckpt: Checkpoint, weight_name: str) -> str | None:
     """The `P.weight.quant_state.bitsandbytes__<type>` key if `weight_name` is stored in 4-bit, else None."""
-    for quant_type in BNB_QUANT_TYPES:
-        key = f"{weight_name}.quant_state.bitsandbytes__{quant_type}"
-        if key in ckpt:
-            return key
-    return None
+    return find_quant_state_key(ckpt.entries.keys(), weight_name)
 
 
 class _Filler:
@@ -129,6 +128,13 @@ class _Filler:
             tensor = self._read_quantized(name).dequantize(torch.float32)
         else:
             tensor = self.ckpt.get_tensor(name)
+            if not tensor.is_floating_point():
+                # Casting integer codes to float would load nonsense (values in the billions) without a word.
+                raise CheckpointError(
+                    f"tensor {name!r} in {self.ckpt.file_of(name).name} has dtype {self.ckpt.entry(name).dtype}; "
+                    "the model needs floating-point weights (F32, BF16 or F16), so the checkpoint is damaged or in "
+                    "a format nibblora does not load"
+                )
         if tensor.shape != shape:
             raise CheckpointError(
                 f"tensor {name!r} in {self.ckpt.file_of(name).name} has shape {list(tensor.shape)}, but the config "
@@ -140,14 +146,15 @@ class _Filler:
         from nibblora.quant import from_bnb_state_dict
 
         state_key = _bnb_quant_state_key(self.ckpt, weight_name)
-        names = [weight_name, state_key, *(f"{weight_name}.{s}" for s in BNB_SUFFIXES)]
+        names = [weight_name, state_key, *(f"{weight_name}.{s}" for s in BNB_PARTS)]
         names = [n for n in names if n in self.ckpt]  # from_bnb_state_dict names any that it needs and lacks
         try:
             return from_bnb_state_dict(self.ckpt.get_tensors(names), weight_name)
         except KeyError as err:
             raise MissingTensorError(f"{self.ckpt.directory}: {err.args[0]}") from None
-        except ValueError as err:
-            raise CheckpointError(f"{self.ckpt.directory}: {err}") from None
+        except (ValueError, TypeError) as err:
+            # TypeError: a quant state whose JSON fields have the wrong types (a list where a number belongs).
+            raise CheckpointError(f"{self.ckpt.directory}: {weight_name!r}: {err}") from None
 
     def fill_decoder_linears(self) -> None:
         """Every nn.Linear inside model.layers: 4-bit if the checkpoint stores it so or `quantize` asks, else dense."""

@@ -7,9 +7,10 @@ from math import prod
 
 import torch
 
+from nibblora._native import NESTED_BLOCKSIZE  # one definition: the Rust core's (256)
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QUANT_TYPES = ("nf4", "fp4", "int4")
-NESTED_BLOCKSIZE = 256
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -8,8 +8,8 @@ The output loads with `transformers.AutoModelForCausalLM.from_pretrained(out)` (
 transformers had quantized the model itself with BitsAndBytesConfig(load_in_4bit=True, ...) and saved it.
 """
 
+from nibblora.quant.bnb_format import bnb_quantization_config
 from nibblora.quantize.cli import main
-from nibblora.quantize.source import QuantizeError
-from nibblora.quantize.tool import QuantizeSummary, bnb_quantization_config, quantize_checkpoint
+from nibblora.quantize.tool import QuantizeError, QuantizeSummary, quantize_checkpoint
 
 __all__ = ["QuantizeError", "QuantizeSummary", "bnb_quantization_config", "main", "quantize_checkpoint"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from nibblora.export import run_tool
+from nibblora.cli_errors import run_tool
 from nibblora.quantize.tool import BLOCKSIZES, COMPUTE_DTYPES, QUANT_TYPES, quantize_checkpoint
 
 

@@ -8,50 +8,48 @@ hidden sibling folder that is renamed into place only once complete.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from math import ceil
 from pathlib import Path
 
-from nibblora.quant import QuantizedTensor, quantize_4bit, to_bnb_state_dict
-from nibblora.quant.state import NESTED_BLOCKSIZE
-from nibblora.outdir import human_bytes
-from nibblora.export import (
-    atomic_output_dir,
+from nibblora.checkpoint import Checkpoint, TensorEntry, atomic_output_dir, check_out_dir, human_bytes
+from nibblora.checkpoint import CONFIG_FILE, open_checkpoint, read_config, shard_names
+from nibblora.checkpoint.shards import (
     copy_side_files,
     parse_size,
-    prepare_out_dir,
     release_freed_memory,
-    shard_names,
     split_shards,
-    write_shards,
+    verify_written_checkpoint,
     write_config,
     write_index,
+    write_shards,
 )
-from nibblora.quantize.source import QuantizeError, SourceTensor, read_checkpoint, read_tensor
-from nibblora.safetensors_writer import DeferredSpec, SafetensorsWriter, TensorSpec
+from nibblora.checkpoint.writer import DeferredSpec, SafetensorsWriter, TensorSpec
+from nibblora.dtypes import FLOAT_DTYPES, TORCH_NAME_TO_SAFETENSORS
+from nibblora.errors import CheckpointError, ExportError
+from nibblora.quant import QuantizedTensor, quantize_4bit, to_bnb_state_dict
+from nibblora.quant.bnb_format import (
+    BLOCKSIZES,
+    BNB_QUANT_TYPES,
+    bnb_quantization_config,
+    bnb_specs,
+    is_decoder_linear_weight,
+    matches_skip,
+    module_name,
+    skip_modules_for_config,
+    unfamiliar_patterns,
+)
 
-QUANT_TYPES = ("nf4", "fp4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZABLE_DTYPES = ("F32", "BF16", "F16")
-# Linear weights inside the repeated decoder blocks: model.layers.N.*, language_model.model.layers.N.*, ...
-_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
-# Leaf names of the nn.Linear projections transformers' causal LMs keep in their decoder layers. A 2-D weight
-# named otherwise (an MoE router such as `mlp.gate`, a bare Parameter in transformers 5) may not be an nn.Linear,
-# which transformers would not convert: it stays unquantized and is named in llm_int8_skip_modules, so the
-# checkpoint loads whichever it is.
-LINEAR_LEAF_NAMES = frozenset(
-    """q_proj k_proj v_proj o_proj qkv_proj query_key_value query key value dense out_proj in_proj
-    gate_proj up_proj down_proj gate_up_proj fc1 fc2 fc_in fc_out dense_h_to_4h dense_4h_to_h w1 w2 w3
-    q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj x_proj dt_proj""".split()
-)
-# Longest repr of a float (sign, 17 digits, point, "e-308"): bounds the JSON quant state's length.
-_LONGEST_FLOAT = -1.2345678901234567e-308
+QUANT_TYPES = BNB_QUANT_TYPES  # the --quant-type choices
+COMPUTE_DTYPES = tuple(TORCH_NAME_TO_SAFETENSORS)  # float32, bfloat16, float16
+QUANTIZABLE_DTYPES = FLOAT_DTYPES  # F32, BF16, F16
+
+
+class QuantizeError(ExportError):
+    """A problem with the user's input (files, config, options): reported as one line, exit code 2."""
 
 
 @dataclass
@@ -96,47 +94,11 @@ class QuantizeSummary:
         return "\n".join(lines)
 
 
-def module_name(tensor_name: str) -> str:
-    """"model.layers.0.mlp.up_proj.weight" -> "model.layers.0.mlp.up_proj"."""
-    return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else ""
-
-
-def matches_skip(module: str, patterns: Sequence[str]) -> bool:
-    """Whether transformers would leave `module` unconverted for llm_int8_skip_modules=`patterns`.
-
-    transformers 5 matches a pattern against the module name from its start up to a dot boundary (as a regex:
-    "model.layers.1" or "model.layers.*.mlp"), or as a suffix ("mlp.down_proj"). The tool applies the same
-    rule, so what it leaves unquantized is exactly what transformers expects when it loads the output.
-    """
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return any(re.match(rf"(?:{p}){boundary}", module) or module.endswith(p) for p in patterns)
-
-
-def _is_layer_matrix(tensor: SourceTensor) -> bool:
-    return tensor.name.endswith(".weight") and len(tensor.shape) == 2 and bool(_DECODER_LAYER.search(tensor.name))
-
-
-def is_decoder_linear_weight(tensor: SourceTensor) -> bool:
-    """A 2-D `.weight` of a known nn.Linear projection inside a decoder layer (attention and MLP), not of an
-    MoE expert: transformers 5 fuses per-expert checkpoint weights into 3-D parameters when it loads them,
-    and bitsandbytes' 4-bit layers do not cover those, so expert weights stay as they are."""
-    module = module_name(tensor.name)
-    return _is_layer_matrix(tensor) and module.rsplit(".", 1)[-1] in LINEAR_LEAF_NAMES and ".experts." not in module
-
-
-def _unfamiliar_pattern(module: str) -> str:
-    """One skip pattern for every layer (and expert): "model.layers.3.mlp.gate" -> the regex
-    model[.]layers[.]<digits>[.]mlp[.]gate, written with escaped dots and \\d+."""
-    escaped = re.escape(module)
-    escaped = re.sub(r"layers\\\.\d+\\\.", lambda _: r"layers\.\d+\.", escaped)
-    return re.sub(r"experts\\\.\d+\\\.", lambda _: r"experts\.\d+\.", escaped)
-
-
 @dataclass
 class _Item:
     """One source tensor and the tensors it becomes."""
 
-    source: SourceTensor
+    source: TensorEntry
     quantize: bool
     specs: list[TensorSpec]
     deferred: list[DeferredSpec]
@@ -146,37 +108,8 @@ class _Item:
         return sum(s.nbytes for s in self.specs) + sum(d.max_nbytes for d in self.deferred)
 
 
-def bnb_specs(
-    t: SourceTensor, quant_type: str, blocksize: int, double_quant: bool
-) -> tuple[list[TensorSpec], list[DeferredSpec]]:
-    """The tensors bitsandbytes' Linear4bit saves for weight `t` (see nibblora.quant.to_bnb_state_dict); only
-    t.name, t.dtype and t.shape are read."""
-    n = t.numel
-    blocks = ceil(n / blocksize)
-    p = t.name
-    specs = [
-        TensorSpec(p, "U8", ((n + 1) // 2, 1)),
-        TensorSpec(f"{p}.absmax", "U8" if double_quant else "F32", (blocks,)),
-        TensorSpec(f"{p}.quant_map", "F32", (16,)),
-    ]
-    meta: dict[str, object] = {
-        "quant_type": quant_type,
-        "blocksize": blocksize,
-        "dtype": {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[t.dtype],
-        "shape": list(t.shape),
-    }
-    if double_quant:
-        specs += [
-            TensorSpec(f"{p}.nested_absmax", "F32", (ceil(blocks / NESTED_BLOCKSIZE),)),
-            TensorSpec(f"{p}.nested_quant_map", "F32", (256,)),
-        ]
-        meta |= {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": _LONGEST_FLOAT}
-    longest = len(json.dumps(meta).encode("utf-8"))
-    return specs, [DeferredSpec(f"{p}.quant_state.bitsandbytes__{quant_type}", "U8", longest)]
-
-
 def _plan(
-    tensors: list[SourceTensor], quant_type: str, blocksize: int, double_quant: bool, skip: Sequence[str]
+    tensors: list[TensorEntry], quant_type: str, blocksize: int, double_quant: bool, skip: Sequence[str]
 ) -> list[_Item]:
     for t in tensors:
         if ".quant_state." in t.name or t.name.endswith((".absmax", ".SCB", ".weight_format")):
@@ -195,7 +128,7 @@ def _plan(
             )
     items = []
     for t in tensors:
-        if is_decoder_linear_weight(t) and not matches_skip(module_name(t.name), skip):
+        if is_decoder_linear_weight(t.name, t.shape) and not matches_skip(module_name(t.name), skip):
             if t.dtype not in QUANTIZABLE_DTYPES:
                 hint = " (already quantized?)" if t.dtype in ("U8", "I8") else ""
                 raise QuantizeError(
@@ -203,7 +136,7 @@ def _plan(
                 )
             if t.numel == 0:
                 raise QuantizeError(f"{t.path}: tensor {t.name!r} is empty (shape {list(t.shape)})")
-            specs, deferred = bnb_specs(t, quant_type, blocksize, double_quant)
+            specs, deferred = bnb_specs(t.name, t.dtype, t.shape, quant_type, blocksize, double_quant)
             items.append(_Item(t, True, specs, deferred))
         else:
             items.append(_Item(t, False, [TensorSpec(t.name, t.dtype, t.shape)], []))
@@ -212,58 +145,46 @@ def _plan(
     return items
 
 
-def skip_modules_for_config(items: list[_Item], skip: Sequence[str]) -> list[str] | None:
-    """llm_int8_skip_modules to write. transformers converts every nn.Linear not matched by it, and with an
-    explicit list it no longer adds its default (lm_head), so the list must name every 2-D weight we left
-    unquantized outside the decoder layers. None (transformers' default) when that default covers them."""
-    outside = sorted(
-        {
-            module_name(i.source.name)
-            for i in items
-            if not i.quantize
-            and i.source.name.endswith(".weight")
-            and len(i.source.shape) == 2
-            and not _DECODER_LAYER.search(i.source.name)
-        }
-    )
-    default_covers = all(m.split(".")[-1] == "lm_head" or "embed" in m for m in outside)
-    unfamiliar = unfamiliar_patterns(items, skip)
-    if not skip and default_covers and not unfamiliar:
-        return None
-    extra = [m for m in outside if not matches_skip(m, skip)]
-    return list(dict.fromkeys([*skip, *extra, *unfamiliar]))
+def load_config(model_dir: Path) -> dict[str, object]:
+    """config.json of a causal LM that is not already quantized."""
+    if not model_dir.is_dir():
+        raise QuantizeError(f"{model_dir}: model folder does not exist")
+    path = model_dir / CONFIG_FILE
+    try:
+        config = read_config(model_dir)
+    except CheckpointError as err:
+        raise QuantizeError(str(err)) from None
+    if not config.get("model_type"):
+        raise QuantizeError(f"{path}: no model_type; only causal language models (…ForCausalLM) are supported")
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not any(str(a).endswith("ForCausalLM") for a in architectures):
+        shown = repr(architectures)
+        shown = shown if len(shown) <= 200 else shown[:200] + "…"
+        raise QuantizeError(
+            f"{path}: architectures {shown} name no causal LM (…ForCausalLM); only causal language models are supported"
+        )
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise QuantizeError(
+            f"{path}: checkpoint is already quantized (quantization_config, quant_method {str(method)[:100]!r})"
+        )
+    return config
 
 
-def unfamiliar_patterns(items: list[_Item], skip: Sequence[str]) -> list[str]:
-    """Skip patterns for the 2-D weights in the decoder layers left unquantized because their module is not a
-    known nn.Linear projection (and not skipped by the user)."""
-    modules = [
-        module_name(i.source.name)
-        for i in items
-        if not i.quantize and _is_layer_matrix(i.source) and not matches_skip(module_name(i.source.name), skip)
-    ]
-    return list(dict.fromkeys(_unfamiliar_pattern(m) for m in modules))
+def _open_input(model_dir: Path) -> Checkpoint:
+    """The input's weights through the one checkpoint reader; its errors reported as this tool's."""
+    try:
+        ckpt = open_checkpoint(model_dir, require_config=False)
+    except CheckpointError as err:
+        raise QuantizeError(str(err)) from None
+    if not len(ckpt):
+        raise QuantizeError(f"{model_dir}: checkpoint holds no tensors")
+    return ckpt
 
 
-def bnb_quantization_config(
-    quant_type: str, double_quant: bool, compute_dtype: str, skip_modules: list[str] | None
-) -> dict[str, object]:
-    """The `quantization_config` transformers 5 writes for BitsAndBytesConfig(load_in_4bit=True, ...)."""
-    return {
-        "_load_in_4bit": True,
-        "_load_in_8bit": False,
-        "bnb_4bit_compute_dtype": compute_dtype,
-        "bnb_4bit_quant_storage": "uint8",
-        "bnb_4bit_quant_type": quant_type,
-        "bnb_4bit_use_double_quant": double_quant,
-        "llm_int8_enable_fp32_cpu_offload": False,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": skip_modules,
-        "llm_int8_threshold": 6.0,
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "quant_method": "bitsandbytes",
-    }
+def _layout(items: list[_Item]) -> list[tuple[str, tuple[int, ...], bool]]:
+    return [(i.source.name, i.source.shape, i.quantize) for i in items]
 
 
 def _check_options(quant_type: str, blocksize: int, compute_dtype: str) -> None:
@@ -308,20 +229,23 @@ def quantize_checkpoint(
     _check_options(quant_type, blocksize, compute_dtype)
     max_shard_bytes = parse_size(max_shard_size)
     skip = list(dict.fromkeys(skip_modules))
-    config, tensors = read_checkpoint(model_dir)
-    items = _plan(tensors, quant_type, blocksize, double_quant, skip)
-    prepare_out_dir([model_dir], out_dir, overwrite)
-    shards = split_shards(items, max_shard_bytes)
-    names = shard_names(len(shards))
-    with atomic_output_dir(out_dir) as tmp:
-        stats = _write_shards(tmp, shards, names, quant_type, blocksize, double_quant, progress)
-        out_config = dict(config)
-        out_config["quantization_config"] = bnb_quantization_config(
-            quant_type, double_quant, compute_dtype, skip_modules_for_config(items, skip)
-        )
-        write_config(tmp, out_config)
-        write_index(tmp, stats.shard_tensors, stats.bytes_after, stats.params_saved)
-        copy_side_files(model_dir, tmp)
+    config = load_config(model_dir)
+    with _open_input(model_dir) as ckpt:
+        items = _plan(list(ckpt.entries.values()), quant_type, blocksize, double_quant, skip)
+        layout = _layout(items)
+        check_out_dir(out_dir, overwrite, [model_dir], QuantizeError)
+        shards = split_shards(items, max_shard_bytes)
+        names = shard_names(len(shards))
+        with atomic_output_dir(out_dir) as tmp:
+            stats = _write_shards(ckpt, tmp, shards, names, quant_type, blocksize, double_quant, progress)
+            out_config = dict(config)
+            out_config["quantization_config"] = bnb_quantization_config(
+                quant_type, double_quant, compute_dtype, skip_modules_for_config(layout, skip)
+            )
+            write_config(tmp, out_config)
+            write_index(tmp, stats.shard_tensors, stats.bytes_after, stats.params_saved)
+            copy_side_files(model_dir, tmp)
+            verify_written_checkpoint(tmp, stats.tensors)
     return QuantizeSummary(
         out_dir=out_dir,
         quant_type=quant_type,
@@ -336,7 +260,7 @@ def quantize_checkpoint(
         bits_per_param=8.0 * stats.quantized_bytes / max(stats.params_quantized, 1),
         seconds=time.perf_counter() - start,
         shards=names,
-        unfamiliar=unfamiliar_patterns(items, skip),
+        unfamiliar=unfamiliar_patterns(layout, skip),
     )
 
 
@@ -347,9 +271,11 @@ class _WriteStats:
     bytes_after: int = 0
     params_saved: int = 0  # what transformers' num_parameters() reports for the loaded 4-bit model
     shard_tensors: dict[str, list[str]] = field(default_factory=dict)
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # written: name -> dtype, shape
 
 
 def _write_shards(
+    ckpt: Checkpoint,
     tmp: Path,
     shards: list[list[_Item]],
     names: list[str],
@@ -358,21 +284,22 @@ def _write_shards(
     double_quant: bool,
     progress: bool,
 ) -> _WriteStats:
-    """Read, quantize and write every item (see nibblora.export.write_shards)."""
+    """Read, quantize and write every item (see nibblora.checkpoint.shards.write_shards)."""
     stats = _WriteStats()
     written = write_shards(
         tmp,
         shards,
         names,
-        lambda item: _prepare_item(item, quant_type, blocksize, double_quant, stats),
+        lambda item: _prepare_item(ckpt, item, quant_type, blocksize, double_quant, stats),
         desc="quantizing",
         progress=progress,
     )
-    stats.shard_tensors, stats.bytes_after = written.shard_tensors, written.nbytes
+    stats.shard_tensors, stats.bytes_after, stats.tensors = written.shard_tensors, written.nbytes, written.tensors
     return stats
 
 
 def _prepare_item(
+    ckpt: Checkpoint,
     item: _Item, quant_type: str, blocksize: int, double_quant: bool, stats: _WriteStats
 ) -> Callable[[SafetensorsWriter], None]:
     """Do the item's reading and quantizing now; return what is left: writing it."""
@@ -386,7 +313,7 @@ def _prepare_item(
 
         return copy
     release_freed_memory()
-    weight = read_tensor(t)
+    weight = ckpt.get_tensor(t.name)
     try:
         q: QuantizedTensor = quantize_4bit(weight, quant_type, blocksize, double_quant, name=t.name)
     except ValueError as err:
