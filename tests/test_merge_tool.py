@@ -194,3 +194,21 @@ def test_hostile_shard_and_adapter_headers_are_clean_errors(setup, tmp_path):
     with pytest.raises(MergeError, match=f"tensor {json.dumps(first)}: F32 .* needs .* bytes but data_offsets"):
         merge_checkpoint(base, [bad_adapter], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_update_that_overflows_names_the_adapter_and_not_the_base(setup, tmp_path, capsys):
+    """Issue 13 #20: finite lora_A/lora_B whose product overflows the output dtype: the error is about the adapter."""
+    root, base, a, _ = setup
+
+    def scale(tensors):
+        for key in tensors:
+            tensors[key] = tensors[key] * 1e30
+
+    broken = _broken_adapter(a, tmp_path / "huge", scale)
+    out = tmp_path / "out"
+    assert main(["--base", str(base), "--adapter", str(broken), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(broken / "adapter_model.safetensors") in err and "non-finite" in err
+    assert "4-bit" not in err and str(base) + "/model" not in err
+    assert not out.exists()

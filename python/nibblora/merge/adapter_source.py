@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from nibblora.errors import AdapterError, CheckpointError
-from nibblora.export import ExportError
+from nibblora.errors import AdapterError, CheckpointError, ExportError
 from nibblora.lora.adapter_files import AdapterFiles, AdapterModule, read_adapter_files
 
 

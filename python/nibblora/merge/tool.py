@@ -559,7 +559,11 @@ class _Preparer:
             else:
                 out = self.base.ckpt.handle_of(t.name).merge(t.name, out_st, terms, dense, magnitude)
         except ValueError as err:
-            raise MergeError(f"{t.path}: {err}") from None
+            if not item.contributions:
+                raise MergeError(f"{t.path}: {err}") from None
+            sources = ", ".join(sorted({str(self.adapters[i].weights_path) for i, _ in item.contributions}))
+            raise MergeError(f"merging {t.name}: the update from {sources} makes the weight non-finite "
+                             f"(overflow in {out_st}?): {err}") from None
         return torch.from_numpy(out).view(_dtype(out_st)).reshape(t.shape)
 
     def _dequantized(self, name: str) -> torch.Tensor:
