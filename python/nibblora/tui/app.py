@@ -18,7 +18,7 @@ from nibblora.tui.hardware import HardwareMonitor, HardwareSnapshot
 from nibblora.tui.jobs import Job, JobIndex, attach_gpu_memory
 from nibblora.tui.launch import LaunchedJob, console_tail
 from nibblora.tui.screens import CompareScreen, JobScreen
-from nibblora.tui.text import fmt_bytes, fmt_duration, fmt_number, fmt_step, fmt_time
+from nibblora.tui.text import fmt_bytes, fmt_duration, fmt_number, fmt_step, fmt_time, unreadable_lines
 from nibblora.tui.widgets import STATUS_STYLES, Cell, HardwarePanel, sort_key
 
 __all__ = ["CompareScreen", "ConfirmScreen", "JobScreen", "JobsScreen", "QloraTUI", "StartJobScreen"]
@@ -74,6 +74,7 @@ class JobsScreen(Screen):
         table.border_title = "jobs"
         yield table
         yield Static(id="empty")
+        yield Static(id="unreadable", classes="hidden")
         yield HardwarePanel(id="hardware")
         yield Footer()
 
@@ -133,6 +134,8 @@ class QloraTUI(App):
     #jobs { height: 1fr; border: round $primary-darken-2; }
     #empty { height: auto; padding: 0 1; color: $text-muted; }
     #empty.hidden { display: none; }
+    #unreadable { height: auto; max-height: 8; padding: 0 1; color: $error; }
+    #unreadable.hidden { display: none; }
     """
 
     def __init__(self, runs_dir: str | Path = "runs", *, hardware: HardwareMonitor | None = None,
@@ -238,6 +241,10 @@ class QloraTUI(App):
         self.jobs = fresh
         if changed:
             self._sort(table, selected)
+        problems = unreadable_lines(jobs)
+        unreadable = screen.query_one("#unreadable", Static)
+        unreadable.update("\n".join(problems))
+        unreadable.set_class(not problems, "hidden")
         empty = screen.query_one("#empty", Static)
         if jobs:
             empty.add_class("hidden")
@@ -263,8 +270,13 @@ class QloraTUI(App):
 
     # -- actions -----------------------------------------------------------------------------------------------
     def open_job(self, key: str) -> None:
-        if key in self.jobs:
-            self.push_screen(JobScreen(key))
+        job = self.jobs.get(key)
+        if job is None:
+            return
+        if job.error is not None:  # nothing to show but why
+            self.notify(f"{job.info.run_dir}: {job.error}", severity="error", timeout=10)
+            return
+        self.push_screen(JobScreen(key))
 
     def toggle_mark(self, key: str) -> None:
         if key in self.marked:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nibblora.runs import DB_NAME, RunInfo, effective_status, open_run
+from nibblora.runs import DB_NAME, RunInfo, RunStoreError, UnreadableStore, effective_status, open_run
 
 LIST_METRICS = ("loss", "tokens_per_s", "mem_peak_bytes")
 RESCAN_SECONDS = 5.0  # how often the runs directory is walked for new run stores
@@ -32,6 +31,7 @@ class Job:
     mem_peak_bytes: float | None = None
     steps_per_s: float | None = None
     gpu_memory_bytes: int | None = None  # what NVML says this job's process holds, over all GPUs
+    error: str | None = None  # why its run store cannot be read (status 'unreadable'); None for a readable run
 
     @property
     def key(self) -> str:
@@ -139,13 +139,20 @@ class JobIndex:
                 continue
             try:
                 found = read_jobs_of(db.parent)
-            except (sqlite3.Error, FileNotFoundError, KeyError, ValueError) as err:
-                # A store being created this instant, or not a run store; keep what we had.
+            except FileNotFoundError:
+                continue  # removed since the last walk
+            except RunStoreError as err:
                 self.errors[db] = str(err)
-                if cached is not None:
-                    jobs.extend(cached[1])
-                continue
-            self.errors.pop(db, None)
+                if err.transient:
+                    # Being created this instant, or locked for a moment: keep what we had and read it again.
+                    if cached is not None:
+                        jobs.extend(cached[1])
+                    continue
+                # Damaged: one row that says so (with the reason), never a run that silently disappears.
+                store = UnreadableStore(db.parent, err.reason, sig[0][1] / 1e9 if sig[0] else time.time())
+                found = [Job(store.run_info(), error=err.reason)]
+            else:
+                self.errors.pop(db, None)
             self._cache[db] = (sig, found)
             jobs.extend(found)
         for gone in set(self._cache) - live:
@@ -171,7 +178,18 @@ class RunSeries:
     _resumed_at: float | None = None  # write time of the latest resume
 
     def poll(self) -> tuple[int, list[dict]]:
-        """Read what was written since the last poll; returns (new metric rows, new log lines)."""
+        """Read what was written since the last poll; returns (new metric rows, new log lines).
+
+        A store being created this instant (or locked for a moment) gives (0, []); a damaged one raises
+        RunStoreError."""
+        try:
+            return self._poll()
+        except RunStoreError as err:
+            if err.transient:
+                return 0, []
+            raise
+
+    def _poll(self) -> tuple[int, list[dict]]:
         with open_run(self.run_dir) as store:
             self.info = store.run(self.run_id)
             events = store.events(self.run_id, since_id=self.last_event_id)

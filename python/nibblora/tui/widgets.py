@@ -13,7 +13,8 @@ from nibblora.tui.hardware import HardwareSnapshot
 from nibblora.tui.plot import Series, render_plot
 from nibblora.tui.text import gpu_line, system_line
 
-STATUS_STYLES = {"running": "bold green", "finished": "cyan", "failed": "bold red", "stopped": "yellow"}
+STATUS_STYLES = {"running": "bold green", "finished": "cyan", "failed": "bold red", "stopped": "yellow",
+                 "unreadable": "bold magenta"}
 
 
 class Cell(Text):
