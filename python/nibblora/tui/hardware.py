@@ -8,6 +8,8 @@ Every NVML field is read on its own: one that raises becomes None (shown as n/a)
 
 from __future__ import annotations
 
+import glob
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -114,8 +116,23 @@ class NvmlGpus:
         return gpus
 
 
+# Device nodes a CUDA driver creates on Linux (/dev/dxg: WSL2's GPU bridge). Without any of them torch.cuda
+# cannot see a GPU either, and importing torch just to hear so costs seconds of the dashboard's start.
+LINUX_GPU_DEVICE_GLOBS = ("/dev/nvidia[0-9]*", "/dev/nvidiactl", "/dev/dxg")
+
+
+def cuda_driver_may_exist(platform: str = sys.platform) -> bool:
+    """False only where it is certain no CUDA device is visible (Linux without NVIDIA device nodes)."""
+    if not platform.startswith("linux"):
+        return True
+    return any(glob.glob(pattern) for pattern in LINUX_GPU_DEVICE_GLOBS)
+
+
 def torch_cuda_gpus() -> list[GpuReading]:
-    """The fallback without NVML: memory per device from torch.cuda.mem_get_info (no utilisation)."""
+    """The fallback without NVML: memory per device from torch.cuda.mem_get_info (no utilisation).
+    Imports torch only when a CUDA device may exist (or torch is loaded already)."""
+    if "torch" not in sys.modules and not cuda_driver_may_exist():
+        return []
     import torch
 
     if not torch.cuda.is_available():
