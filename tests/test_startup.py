@@ -44,8 +44,8 @@ BLOCKED_DATA = _blocked(
 BLOCKED_EXPORT = (
     "nibblora.export imports nibblora.checkpoint, which imports torch and safetensors.torch at module level"
 )
-BLOCKED = {
-    "nibblora.data": BLOCKED_DATA,
+BLOCKED_MODULES = {"nibblora.data": BLOCKED_DATA}
+BLOCKED_TOOLS = {
     "nibblora.prepare": _blocked(f"prepare/cli.py imports nibblora.data (torch) and nibblora.export; {BLOCKED_EXPORT}"),
     "nibblora.quantize": _blocked(
         "quantize/__init__.py imports quantize.tool (nibblora.quant: torch) and cli.py takes BLOCKSIZES / QUANT_TYPES "
@@ -118,14 +118,14 @@ def torch_import_chain(importtime: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "module", [pytest.param(m, marks=BLOCKED.get(m, ())) for m in TORCH_FREE_MODULES + ["nibblora.data"]]
+    "module", [pytest.param(m, marks=BLOCKED_MODULES.get(m, ())) for m in TORCH_FREE_MODULES + ["nibblora.data"]]
 )
 def test_importing_does_not_import_torch(module):
     result = _probe("import", module)
     assert not result["torch"], f"import {module} imported torch through {' -> '.join(result['chain'])}"
 
 
-@pytest.mark.parametrize("tool", [pytest.param(t, marks=BLOCKED.get(t, ())) for t in TOOLS])
+@pytest.mark.parametrize("tool", [pytest.param(t, marks=BLOCKED_TOOLS.get(t, ())) for t in TOOLS])
 def test_tool_help_does_not_import_torch(tool):
     result = _probe("run", tool, "--help")
     assert result["code"] == 0
