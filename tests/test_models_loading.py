@@ -1,4 +1,4 @@
-"""load_model: 4-bit checkpoints from transformers + bitsandbytes, quantize-on-load, and errors that name the problem."""
+"""load_model: 4-bit checkpoints from transformers + bitsandbytes, quantize-on-load, errors that name the problem."""
 
 import json
 
@@ -186,7 +186,9 @@ def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(llama_dir, tmp_pa
     tensors = load_file(directory / "model.safetensors")
     tensors["model.norm.weight"] = torch.ones(65)
     save_file(tensors, directory / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"'model.norm.weight' in model.safetensors has shape \[65\], but the config gives \[64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"'model.norm.weight' in model.safetensors has shape \[65\], but the config gives \[64\]"
+    ):
         load_model(directory)
 
 

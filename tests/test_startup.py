@@ -63,8 +63,15 @@ BLOCKED_TOOLS = {
 }
 
 # Every `python -m` tool and the dashboard; --help must not import torch.
-TOOLS = ["nibblora.tui", "nibblora.memory", "nibblora.prepare", "nibblora.quantize", "nibblora.merge",
-         "nibblora.verify", "nibblora.train"]
+TOOLS = [
+    "nibblora.tui",
+    "nibblora.memory",
+    "nibblora.prepare",
+    "nibblora.quantize",
+    "nibblora.merge",
+    "nibblora.verify",
+    "nibblora.train",
+]
 
 PROBE = textwrap.dedent("""
     import json, runpy, sys
@@ -87,7 +94,10 @@ def _probe(mode: str, target: str, *args: str) -> dict:
     imported, the chain of modules that imported it."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", PROBE, mode, target, *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -109,7 +119,7 @@ def torch_import_chain(importtime: str) -> list[str]:
     for i, (depth, name) in enumerate(entries):
         if name == "torch":
             chain = [name]
-            for later_depth, later_name in entries[i + 1:]:
+            for later_depth, later_name in entries[i + 1 :]:
                 if later_depth < depth:
                     chain.append(later_name)
                     depth = later_depth
@@ -142,13 +152,15 @@ def test_tui_once_does_not_import_torch(tmp_path):
 
 def test_the_import_chain_parser_finds_who_imported_torch():
     # -X importtime prints children before parents; depth is the indentation after the second '|'.
-    sample = "\n".join([
-        "import time: self [us] | cumulative | imported package",
-        "import time:       100 |        100 |       torch._C",
-        "import time:       200 |        300 |     torch",
-        "import time:        50 |        350 |   nibblora.data.collate",
-        "import time:        10 |        360 | nibblora.data",
-    ])
+    sample = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            "import time:       100 |        100 |       torch._C",
+            "import time:       200 |        300 |     torch",
+            "import time:        50 |        350 |   nibblora.data.collate",
+            "import time:        10 |        360 | nibblora.data",
+        ]
+    )
     assert torch_import_chain(sample) == ["nibblora.data", "nibblora.data.collate", "torch"]
     assert torch_import_chain("import time: 1 | 1 | json") == []
 
@@ -156,7 +168,9 @@ def test_the_import_chain_parser_finds_who_imported_torch():
 # --- the lazy names ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("package", ["nibblora", "nibblora.models", "nibblora.lora", "nibblora.memory", "nibblora.verify"])
+@pytest.mark.parametrize(
+    "package", ["nibblora", "nibblora.models", "nibblora.lora", "nibblora.memory", "nibblora.verify"]
+)
 def test_every_exported_name_resolves_to_the_defining_modules_object(package):
     import importlib
 
@@ -206,3 +220,13 @@ def test_the_cuda_fallback_does_not_import_torch_on_a_linux_machine_without_nvid
     assert hardware.cuda_driver_may_exist("darwin")  # elsewhere only torch can tell
     monkeypatch.setattr(hardware.glob, "glob", lambda pattern: ["/dev/dxg"] if pattern == "/dev/dxg" else [])
     assert hardware.cuda_driver_may_exist("linux")  # WSL2
+
+
+def test_qlora_tui_names_the_missing_extra_instead_of_a_traceback(monkeypatch, capsys):
+    from nibblora.tui import cli
+
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "textual" else object())
+    assert cli.main(["runs"]) == 2
+    assert capsys.readouterr().err == (
+        "qlora-tui: error: textual not installed; install the dashboard's extra: pip install 'nibblora[tui]'\n"
+    )

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nibblora._lazy import lazy_exports
-
 from nibblora.errors import (
     AdapterError,
     CheckpointError,

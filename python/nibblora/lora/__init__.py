@@ -1,10 +1,10 @@
 """LoRA and QLoRA layers: adapters over a frozen dense or 4-bit base, injected into any nn.Module.
 
-    summary = inject_lora(model, "all-linear", r=16, alpha=32, quantize_base="nf4")
-    print(summary)                                   # trainable parameters per module and in total
-    save_adapter(model, "out/adapter")               # peft's format: adapter_config.json + safetensors
-    load_adapter(other_model, "out/adapter")         # reads peft adapters too
-    print(param_table("llama-2-7b"))                 # exact counts before building anything
+summary = inject_lora(model, "all-linear", r=16, alpha=32, quantize_base="nf4")
+print(summary)                                   # trainable parameters per module and in total
+save_adapter(model, "out/adapter")               # peft's format: adapter_config.json + safetensors
+load_adapter(other_model, "out/adapter")         # reads peft adapters too
+print(param_table("llama-2-7b"))                 # exact counts before building anything
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training-memory estimates by component (`python -m nibblora.memory` prints the 1B/7B/13B/70B table).
 
-    from nibblora.memory import estimate_memory
-    print(estimate_memory("path/to/config.json", "qlora", r=64, batch_size=4, seq_len=1024).format())
+from nibblora.memory import estimate_memory
+print(estimate_memory("path/to/config.json", "qlora", r=64, batch_size=4, seq_len=1024).format())
 """
 
 from __future__ import annotations

@@ -26,8 +26,20 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_HEADER_BYTES = 100
 # The tables and runs columns this reader needs; a database without them is not a run store (or another version).
 REQUIRED_TABLES = ("runs", "metrics", "events", "logs")
-RUNS_COLUMNS = ("run_id", "name", "status", "pid", "host", "created_at", "updated_at", "heartbeat_at", "ended_at",
-                "total_steps", "stop_requested", "config_json")
+RUNS_COLUMNS = (
+    "run_id",
+    "name",
+    "status",
+    "pid",
+    "host",
+    "created_at",
+    "updated_at",
+    "heartbeat_at",
+    "ended_at",
+    "total_steps",
+    "stop_requested",
+    "config_json",
+)
 UNREADABLE = "unreadable"  # the status a damaged store's row shows
 
 
@@ -78,8 +90,9 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
-def effective_status(stored: str, pid: int | None, host: str | None, heartbeat_at: float | None,
-                     now: float | None = None) -> str:
+def effective_status(
+    stored: str, pid: int | None, host: str | None, heartbeat_at: float | None, now: float | None = None
+) -> str:
     """'failed' for a run marked running whose process died (same host: pid check; elsewhere: stale heartbeat)."""
     if stored != "running":
         return stored
@@ -140,8 +153,22 @@ class RunStore:
             "stop_requested, config_json FROM runs ORDER BY created_at"
         )
         return [
-            RunInfo(self.run_dir, r[0], r[1], effective_status(r[2], r[3], r[4], r[7]), r[2], r[3], r[4], r[5], r[6],
-                    r[7], r[8], r[9], bool(r[10]), self._json(r[11], f"run {r[0]!r}'s config_json"))
+            RunInfo(
+                self.run_dir,
+                r[0],
+                r[1],
+                effective_status(r[2], r[3], r[4], r[7]),
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                r[9],
+                bool(r[10]),
+                self._json(r[11], f"run {r[0]!r}'s config_json"),
+            )
             for r in rows
         ]
 
@@ -156,15 +183,18 @@ class RunStore:
 
     def metric_names(self, run_id: str | None = None) -> list[str]:
         run_id = run_id or self.run().run_id
-        return [r[0] for r in self._query(
-            "SELECT DISTINCT name FROM metrics WHERE run_id=? ORDER BY name", (run_id,))]
+        return [r[0] for r in self._query("SELECT DISTINCT name FROM metrics WHERE run_id=? ORDER BY name", (run_id,))]
 
     def metric(self, name: str, run_id: str | None = None, since_step: int = -1) -> list[tuple[int, float]]:
         """[(step, value)] of one metric, steps in order, only steps after `since_step` (for polling)."""
         run_id = run_id or self.run().run_id
-        return [(s, v) for s, v in self._query(
-            "SELECT step, value FROM metrics WHERE run_id=? AND name=? AND step>? ORDER BY step",
-            (run_id, name, since_step))]
+        return [
+            (s, v)
+            for s, v in self._query(
+                "SELECT step, value FROM metrics WHERE run_id=? AND name=? AND step>? ORDER BY step",
+                (run_id, name, since_step),
+            )
+        ]
 
     def metrics(self, run_id: str | None = None, since_step: int = -1) -> dict[int, dict[str, float]]:
         """{step: {name: value}} for every step after `since_step`."""
@@ -182,7 +212,8 @@ class RunStore:
         run_id = run_id or self.run().run_id
         return self._query(
             "SELECT step, name, value, time FROM metrics WHERE run_id=? AND step>? ORDER BY step, name",
-            (run_id, since_step))
+            (run_id, since_step),
+        )
 
     def latest(self, names: list[str] | tuple[str, ...], run_id: str | None = None) -> dict[str, tuple[int, float]]:
         """{name: (step, value)} of each metric's newest step, for a run list (one indexed lookup per name)."""
@@ -210,15 +241,25 @@ class RunStore:
         run_id = run_id or self.run().run_id
         rows = self._query(
             "SELECT id, time, step, kind, message, data_json FROM events WHERE run_id=? AND id>? ORDER BY id",
-            (run_id, since_id))
-        return [dict(id=i, time=t, step=s, kind=k, message=m,
-                     data=None if d is None else self._json(d, f"event {i}'s data_json"))
-                for i, t, s, k, m, d in rows]
+            (run_id, since_id),
+        )
+        return [
+            dict(
+                id=i,
+                time=t,
+                step=s,
+                kind=k,
+                message=m,
+                data=None if d is None else self._json(d, f"event {i}'s data_json"),
+            )
+            for i, t, s, k, m, d in rows
+        ]
 
     def logs(self, run_id: str | None = None, since_id: int = 0) -> list[dict]:
         run_id = run_id or self.run().run_id
         rows = self._query(
-            "SELECT id, time, level, message FROM logs WHERE run_id=? AND id>? ORDER BY id", (run_id, since_id))
+            "SELECT id, time, level, message FROM logs WHERE run_id=? AND id>? ORDER BY id", (run_id, since_id)
+        )
         return [dict(id=i, time=t, level=lv, message=m) for i, t, lv, m in rows]
 
 
@@ -237,8 +278,22 @@ class UnreadableStore:
 
     def run_info(self) -> RunInfo:
         """A RunInfo placeholder for run lists: status 'unreadable', named after its folder, no config."""
-        return RunInfo(self.run_dir, "", self.run_dir.name, UNREADABLE, UNREADABLE, None, None, self.modified_at,
-                       self.modified_at, None, None, None, False, {})
+        return RunInfo(
+            self.run_dir,
+            "",
+            self.run_dir.name,
+            UNREADABLE,
+            UNREADABLE,
+            None,
+            None,
+            self.modified_at,
+            self.modified_at,
+            None,
+            None,
+            None,
+            False,
+            {},
+        )
 
 
 @dataclass
@@ -299,7 +354,8 @@ def _check_file(path: Path) -> None:
         raise RunStoreError(path, f"cannot be opened ({err.strerror or err})") from None
     if not head:
         raise RunStoreError(
-            path, "is empty (0 bytes): its trainer died while creating it, or the file was truncated",
+            path,
+            "is empty (0 bytes): its trainer died while creating it, or the file was truncated",
             transient=_recently_written(path),
         )
     if not head.startswith(SQLITE_MAGIC):
@@ -316,17 +372,26 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
         raise _store_error(path, err) from None
     if not tables:
         wal = path.with_name(path.name + "-wal")
-        hint = (f"; its write-ahead log {wal.name} ({wal.stat().st_size} bytes) holds no valid commits"
-                if wal.is_file() and wal.stat().st_size else "")
+        hint = (
+            f"; its write-ahead log {wal.name} ({wal.stat().st_size} bytes) holds no valid commits"
+            if wal.is_file() and wal.stat().st_size
+            else ""
+        )
         raise RunStoreError(path, f"holds no tables: not a run store{hint}", transient=_recently_written(path))
     missing = [t for t in REQUIRED_TABLES if t not in tables]
     if missing:
-        raise RunStoreError(path, f"is a SQLite database but not a run store (no table {', '.join(missing)}; "
-                                  f"it has {', '.join(sorted(tables))})")
+        raise RunStoreError(
+            path,
+            f"is a SQLite database but not a run store (no table {', '.join(missing)}; "
+            f"it has {', '.join(sorted(tables))})",
+        )
     missing_columns = [c for c in RUNS_COLUMNS if c not in columns]
     if missing_columns:
-        raise RunStoreError(path, f"has a runs table without column {', '.join(missing_columns)}: another "
-                                  "program's database, or an incompatible nibblora version")
+        raise RunStoreError(
+            path,
+            f"has a runs table without column {', '.join(missing_columns)}: another "
+            "program's database, or an incompatible nibblora version",
+        )
 
 
 def _store_error(path: Path, err: sqlite3.Error) -> RunStoreError:

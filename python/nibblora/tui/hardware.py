@@ -102,17 +102,19 @@ class NvmlGpus:
             power = _field(lambda: nv.nvmlDeviceGetPowerUsage(handle))
             limit = _field(lambda: nv.nvmlDeviceGetEnforcedPowerManagementLimit(handle))
             procs = _field(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle)) or []
-            gpus.append(GpuReading(
-                index=i,
-                name=_field(lambda: _text(nv.nvmlDeviceGetName(handle))),
-                memory_used_bytes=_field(lambda: int(memory.used)),
-                memory_total_bytes=_field(lambda: int(memory.total)),
-                utilization_percent=_field(lambda: float(util.gpu)),
-                temperature_c=_field(lambda: float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))),
-                power_w=None if power is None else power / 1000.0,
-                power_limit_w=None if limit is None else limit / 1000.0,
-                processes=_field(lambda: {int(p.pid): int(p.usedGpuMemory or 0) for p in procs}) or {},
-            ))
+            gpus.append(
+                GpuReading(
+                    index=i,
+                    name=_field(lambda: _text(nv.nvmlDeviceGetName(handle))),
+                    memory_used_bytes=_field(lambda: int(memory.used)),
+                    memory_total_bytes=_field(lambda: int(memory.total)),
+                    utilization_percent=_field(lambda: float(util.gpu)),
+                    temperature_c=_field(lambda: float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))),
+                    power_w=None if power is None else power / 1000.0,
+                    power_limit_w=None if limit is None else limit / 1000.0,
+                    processes=_field(lambda: {int(p.pid): int(p.usedGpuMemory or 0) for p in procs}) or {},
+                )
+            )
         return gpus
 
 
@@ -154,8 +156,12 @@ class HardwareMonitor:
     GpuReadings when NVML is unusable (default torch.cuda). system: a callable giving the SystemReading.
     """
 
-    def __init__(self, nvml=None, cuda_fallback: Callable[[], list[GpuReading]] | None = torch_cuda_gpus,
-                 system: Callable[[], SystemReading] = read_system):
+    def __init__(
+        self,
+        nvml=None,
+        cuda_fallback: Callable[[], list[GpuReading]] | None = torch_cuda_gpus,
+        system: Callable[[], SystemReading] = read_system,
+    ):
         self._nvml_module = nvml
         self._cuda_fallback = cuda_fallback
         self._system = system

@@ -90,14 +90,16 @@ def read_jobs_of(run_dir: Path) -> list[Job]:
         for info in store.runs():
             latest = store.latest(LIST_METRICS, info.run_id)
             step = max((s for s, _ in latest.values()), default=None)
-            jobs.append(Job(
-                info,
-                step=step,
-                loss=latest.get("loss", (None, None))[1],
-                tokens_per_s=latest.get("tokens_per_s", (None, None))[1],
-                mem_peak_bytes=latest.get("mem_peak_bytes", (None, None))[1],
-                steps_per_s=store.steps_per_second(info.run_id) if info.status == "running" else None,
-            ))
+            jobs.append(
+                Job(
+                    info,
+                    step=step,
+                    loss=latest.get("loss", (None, None))[1],
+                    tokens_per_s=latest.get("tokens_per_s", (None, None))[1],
+                    mem_peak_bytes=latest.get("mem_peak_bytes", (None, None))[1],
+                    steps_per_s=store.steps_per_second(info.run_id) if info.status == "running" else None,
+                )
+            )
         return jobs
 
 
@@ -215,7 +217,7 @@ class RunSeries:
         if logs:
             self.last_log_id = logs[-1]["id"]
             self.logs.extend(logs)
-            del self.logs[:-self.max_log_lines]
+            del self.logs[: -self.max_log_lines]
         return len(rows), logs
 
     def series(self, name: str) -> list[tuple[int, float]]:
@@ -223,7 +225,7 @@ class RunSeries:
 
     def eval_sets(self) -> list[str]:
         names = [n for n in self.metrics if n.startswith("eval_") and n.endswith("_loss")]
-        return sorted(n[len("eval_"):-len("_loss")] for n in names)
+        return sorted(n[len("eval_") : -len("_loss")] for n in names)
 
     def latest(self, name: str) -> float | None:
         values = self.metrics.get(name)

@@ -41,8 +41,14 @@ def start_job(config_path: str | Path, runs_dir: str | Path) -> tuple[LaunchedJo
     if moved:
         command += ["--set", f"output_dir={str(output_dir)!r}".replace("'", '"')]
     with open(console_log, "ab") as out:
-        process = subprocess.Popen(command, cwd=os.getcwd(), stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=os.getcwd(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     message = f"started {config_path.name} (pid {process.pid}) in {output_dir}"
     if moved:
         message += f" (its output_dir {config.output_dir} is outside the runs directory)"

@@ -55,8 +55,17 @@ def job_cells(job: Job) -> tuple[str, ...]:
     """The job list's cells, in COLUMNS order, as plain strings."""
     tps = "-" if job.tokens_per_s is None else f"{job.tokens_per_s:,.0f}"
     gpu = "-" if job.gpu_memory_bytes is None else fmt_bytes(job.gpu_memory_bytes)
-    return (job.name, job.method, job.status, fmt_step(job), fmt_number(job.loss), tps, gpu,
-            fmt_duration(job.eta_seconds), fmt_time(job.info.created_at))
+    return (
+        job.name,
+        job.method,
+        job.status,
+        fmt_step(job),
+        fmt_number(job.loss),
+        tps,
+        gpu,
+        fmt_duration(job.eta_seconds),
+        fmt_time(job.info.created_at),
+    )
 
 
 def gpu_line(gpu: GpuReading) -> str:

@@ -1,8 +1,8 @@
 """`python -m nibblora.verify`: check a merged model against its base + adapter (max |logit diff|, KL).
 
-    from nibblora.verify import verify_merge
-    report = verify_merge("base", "adapter", "merged")     # VerifyReport
-    print(report.format()); assert report.passed
+from nibblora.verify import verify_merge
+report = verify_merge("base", "adapter", "merged")     # VerifyReport
+print(report.format()); assert report.passed
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 
 # The check runs models (torch); importing the package does not.
 __getattr__, __dir__ = lazy_exports(
-    __name__, globals(), dict.fromkeys(("SAMPLE_PROMPTS", "VerifyReport", "main", "verify_merge"), "nibblora.verify.check")
+    __name__,
+    globals(),
+    dict.fromkeys(("SAMPLE_PROMPTS", "VerifyReport", "main", "verify_merge"), "nibblora.verify.check"),
 )
 
 __all__ = ["SAMPLE_PROMPTS", "VerifyReport", "main", "verify_merge"]
