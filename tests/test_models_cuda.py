@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from helpers_models import hf_tiny_model, random_ids, save_hf
 from safetensors.torch import save_file
 
+from nibblora.lora import NF4Linear
 from nibblora.models import KVCache, generate, load_model
 
 pytestmark = pytest.mark.cuda
-NF4Linear = pytest.importorskip("nibblora.lora").NF4Linear
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2"])

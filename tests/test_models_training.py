@@ -89,7 +89,6 @@ def test_a_randomly_initialised_model_uses_transformers_init():
 
 
 def test_gradients_flow_to_the_input_through_4bit_layers(tmp_path):
-    pytest.importorskip("nibblora.lora")
     model = load_model(save_hf(hf_tiny_model("llama"), tmp_path), quantize="nf4").train()
     model.gradient_checkpointing_enable()
     embeddings = model.model.embed_tokens.weight
