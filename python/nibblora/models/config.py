@@ -48,16 +48,32 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def positive_int(value: Any) -> str | None:
-    return None if _is_int(value) and value > 0 else "a positive integer"
+# Bounds that no released model comes near, so that a hostile file cannot make nibblora allocate per-layer lists
+# or RoPE tables of gigabytes, or overflow torch's int64, before the checkpoint's tensors are even looked at.
+MAX_SIZE = 2**31 - 1  # vocab, hidden, intermediate sizes, heads, positions, windows
+MAX_LAYERS = 4096
+MAX_HEAD_DIM = 2**16
+INT64 = (-(2**63), 2**63 - 1)  # token ids end up in int64 tensors
+
+
+def positive_int(value: Any, limit: int = MAX_SIZE) -> str | None:
+    return None if _is_int(value) and 0 < value <= limit else f"a positive integer <= {limit}"
+
+
+def layer_count(value: Any) -> str | None:
+    return positive_int(value, MAX_LAYERS)
+
+
+def head_dim(value: Any) -> str | None:
+    return positive_int(value, MAX_HEAD_DIM)
 
 
 def non_negative_int(value: Any) -> str | None:
-    return None if _is_int(value) and value >= 0 else "an integer >= 0"
+    return None if _is_int(value) and 0 <= value <= MAX_SIZE else f"an integer from 0 to {MAX_SIZE}"
 
 
 def any_int(value: Any) -> str | None:
-    return None if _is_int(value) else "an integer"
+    return None if _is_int(value) and INT64[0] <= value <= INT64[1] else "a 64-bit integer"
 
 
 def positive_number(value: Any) -> str | None:
@@ -86,8 +102,8 @@ def string_list(value: Any) -> str | None:
 
 
 def token_ids(value: Any) -> str | None:
-    ok = _is_int(value) or (isinstance(value, list) and all(_is_int(v) for v in value))
-    return None if ok else "an integer or a list of integers"
+    values = value if isinstance(value, list) else [value]
+    return None if all(any_int(v) is None for v in values) else "a 64-bit integer or a list of them"
 
 
 def nullable(check: Check) -> Check:
@@ -108,10 +124,10 @@ SCHEMA: dict[str, Check] = {
     "vocab_size": positive_int,
     "hidden_size": positive_int,
     "intermediate_size": positive_int,
-    "num_hidden_layers": positive_int,
+    "num_hidden_layers": layer_count,
     "num_attention_heads": positive_int,
     "num_key_value_heads": nullable(positive_int),
-    "head_dim": nullable(positive_int),
+    "head_dim": nullable(head_dim),
     "rms_norm_eps": positive_number,
     "max_position_embeddings": positive_int,
     "rope_theta": positive_number,
@@ -347,10 +363,10 @@ def _check_attention_shape(n_heads: int, kv_heads: int, head_dim: int, where: st
             f"{where}: num_attention_heads ({n_heads}) must be a multiple of num_key_value_heads ({kv_heads}) "
             "for grouped-query attention"
         )
-    if head_dim < 2 or head_dim % 2:
+    if head_dim < 2 or head_dim % 2 or head_dim > MAX_HEAD_DIM:
         raise error(
             f"{where}: head_dim is {head_dim} (head_dim, or hidden_size // num_attention_heads); "
-            "expected an even number >= 2, as rotary embeddings rotate channels in pairs"
+            f"expected an even number from 2 to {MAX_HEAD_DIM}, as rotary embeddings rotate channels in pairs"
         )
 
 
@@ -385,7 +401,7 @@ def _read_rope(hf: Mapping[str, Any], source: str) -> tuple[float, dict | None]:
         raise UnsupportedModelError(
             f"{source}: RoPE type {rope_type!r} is not supported; nibblora implements {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    where = "rope_parameters" if "rope_parameters" in hf and hf["rope_parameters"] else "rope_scaling"
+    where = "rope_parameters" if {"rope_type", "type"} & params.keys() else "rope_scaling"  # where the type was set
     for key in ROPE_REQUIRED[rope_type]:
         if key not in merged:
             raise CheckpointError(f"{source}: {where}.{key} is missing; RoPE type {rope_type!r} needs it")
