@@ -230,3 +230,12 @@ def test_qlora_tui_names_the_missing_extra_instead_of_a_traceback(monkeypatch, c
     assert capsys.readouterr().err == (
         "qlora-tui: error: textual not installed; install the dashboard's extra: pip install 'nibblora[tui]'\n"
     )
+
+
+def test_subpackages_are_attributes_of_a_bare_import_nibblora():
+    """`import nibblora; nibblora.quant.quantize_4bit(...)` worked when the top level imported everything."""
+    code = "import nibblora, sys; assert 'torch' not in sys.modules; print(nibblora.quant.quantize_4bit.__module__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "nibblora.quant.api"
+    assert "quant" in dir(nibblora) and "runs" in dir(nibblora)

@@ -74,7 +74,23 @@ def _read_version() -> str:
 __version__ = _read_version()
 
 
-__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
+# Subpackages a bare `import nibblora` used to load (and the rest): `nibblora.quant.quantize_4bit(...)` still works.
+_SUBMODULES = (
+    "checkpoint",
+    "data",
+    "lora",
+    "memory",
+    "merge",
+    "models",
+    "prepare",
+    "quant",
+    "quantize",
+    "runs",
+    "train",
+    "tui",
+    "verify",
+)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY, _SUBMODULES)
 
 
 __all__ = [
