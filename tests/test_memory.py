@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,9 +48,18 @@ def test_cli_without_arguments_prints_the_table_and_explains_columns(capsys):
 def test_estimate_reads_a_config_json_and_the_light_recipe(tmp_path):
     import json
 
-    (tmp_path / "config.json").write_text(json.dumps({
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 128}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 128,
+            }
+        )
+    )
     est = estimate_memory(tmp_path, "lora", r=8, target_modules=["q_proj", "v_proj"])
     assert est.trainable_params == 2 * 8 * ((64 + 64) + (64 + 32))
 
@@ -59,20 +69,25 @@ def test_measured_peak_of_a_cpu_run_is_within_15_percent_of_the_estimate(tmp_pat
 
     # Full fine-tuning in float32 of a ~21 M parameter model: large enough that the interpreter's own noise
     # is small beside it.
-    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=8000)
+    config = transformers.LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8000,
+    )
     save_hf(transformers.LlamaForCausalLM(config), tmp_path / "model")
-    rows = "\n".join('{"input_ids": [%s]}' % ", ".join(str((i * 7 + j) % 8000) for j in range(64))
-                     for i in range(8))
+    rows = "\n".join(json.dumps({"input_ids": [(i * 7 + j) % 8000 for j in range(64)]}) for i in range(8))
     (tmp_path / "train.jsonl").write_text(rows + "\n")
     (tmp_path / "c.toml").write_text(f"""
-output_dir = "{tmp_path / 'run'}"
+output_dir = "{tmp_path / "run"}"
 [model]
-path = "{tmp_path / 'model'}"
+path = "{tmp_path / "model"}"
 dtype = "float32"
 gradient_checkpointing = false
 [data]
-train = "{tmp_path / 'train.jsonl'}"
+train = "{tmp_path / "train.jsonl"}"
 batch_size = 2
 [train]
 mode = "full"
@@ -83,8 +98,13 @@ device = "cpu"
 every = 0
 """)
     env = dict(os.environ, PYTHONPATH=PYTHON_PATH, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "nibblora.train", str(tmp_path / "c.toml"), "--quiet"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "nibblora.train", str(tmp_path / "c.toml"), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     with open_run(tmp_path / "run") as store:
         last = store.metrics()[1]

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from helpers_models import hf_tiny_model, random_ids, save_hf
 from safetensors.torch import save_file
 
+from nibblora.lora import NF4Linear
 from nibblora.models import KVCache, generate, load_model
 
 pytestmark = pytest.mark.cuda
-NF4Linear = pytest.importorskip("nibblora.lora").NF4Linear
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2"])
@@ -27,8 +27,11 @@ def test_float32_logits_and_kv_cache_on_cuda_equal_cpu(checkpoint):
     with torch.no_grad():
         expected = cpu(ids)
         full = gpu(ids.cuda())
-        steps = torch.cat([gpu(ids[:, :9].cuda(), past_key_values=cache)] +
-                          [gpu(ids[:, t : t + 1].cuda(), past_key_values=cache) for t in range(9, 16)], dim=1)
+        steps = torch.cat(
+            [gpu(ids[:, :9].cuda(), past_key_values=cache)]
+            + [gpu(ids[:, t : t + 1].cuda(), past_key_values=cache) for t in range(9, 16)],
+            dim=1,
+        )
     torch.testing.assert_close(full.cpu(), expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(steps.cpu(), expected, atol=1e-4, rtol=0)
 
@@ -82,6 +85,10 @@ def test_greedy_generation_on_cuda_equals_cpu(checkpoint):
     cpu = generate(load_model(checkpoint), prompts, max_new_tokens=10, eos_token_id=[])
     gpu = generate(load_model(checkpoint, device="cuda"), prompts, max_new_tokens=10, eos_token_id=[])
     assert torch.equal(gpu.cpu(), cpu)
-    sampled = generate(load_model(checkpoint, device="cuda"), prompts, 10, do_sample=True, top_p=0.9, seed=0, eos_token_id=[])
-    again = generate(load_model(checkpoint, device="cuda"), prompts, 10, do_sample=True, top_p=0.9, seed=0, eos_token_id=[])
+    sampled = generate(
+        load_model(checkpoint, device="cuda"), prompts, 10, do_sample=True, top_p=0.9, seed=0, eos_token_id=[]
+    )
+    again = generate(
+        load_model(checkpoint, device="cuda"), prompts, 10, do_sample=True, top_p=0.9, seed=0, eos_token_id=[]
+    )
     assert torch.equal(sampled, again)

@@ -45,7 +45,9 @@ def test_left_padded_greedy_batch_equals_each_prompt_alone_and_transformers(pair
 def test_model_generate_method_is_the_generate_function(pair):
     _, ours = pair
     prompts = random_ids(1, 5, seed=14)
-    assert torch.equal(ours.generate(prompts, max_new_tokens=4, eos_token_id=[]), generate(ours, prompts, 4, eos_token_id=[]))
+    assert torch.equal(
+        ours.generate(prompts, max_new_tokens=4, eos_token_id=[]), generate(ours, prompts, 4, eos_token_id=[])
+    )
 
 
 def test_sampling_with_a_seed_is_reproducible_and_differs_across_seeds(pair):
@@ -64,7 +66,9 @@ def test_top_k_of_one_samples_the_greedy_sequence(pair):
     _, ours = pair
     prompts = random_ids(2, 5, seed=16)
     greedy = generate(ours, prompts, max_new_tokens=NEW, eos_token_id=[])
-    sampled = generate(ours, prompts, max_new_tokens=NEW, do_sample=True, top_k=1, temperature=3.0, seed=0, eos_token_id=[])
+    sampled = generate(
+        ours, prompts, max_new_tokens=NEW, do_sample=True, top_k=1, temperature=3.0, seed=0, eos_token_id=[]
+    )
     assert torch.equal(sampled, greedy)
 
 

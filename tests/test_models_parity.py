@@ -174,7 +174,9 @@ def test_half_precision_load_casts_parameters_and_stays_close(tiny, dtype):
 
 
 def test_randomly_initialised_model_has_transformers_module_names():
-    config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = ModelConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
     names = set(LlamaForCausalLM(config).state_dict())
     assert names == {
         "model.embed_tokens.weight",

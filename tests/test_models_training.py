@@ -89,7 +89,6 @@ def test_a_randomly_initialised_model_uses_transformers_init():
 
 
 def test_gradients_flow_to_the_input_through_4bit_layers(tmp_path):
-    pytest.importorskip("nibblora.lora")
     model = load_model(save_hf(hf_tiny_model("llama"), tmp_path), quantize="nf4").train()
     model.gradient_checkpointing_enable()
     embeddings = model.model.embed_tokens.weight
@@ -97,7 +96,9 @@ def test_gradients_flow_to_the_input_through_4bit_layers(tmp_path):
     assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft/transformers
+@pytest.mark.filterwarnings(
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+)  # inside peft/transformers
 def test_peft_adapter_keys_name_our_modules(tmp_path):
     peft = pytest.importorskip("peft")
     hf = hf_tiny_model("qwen2")

@@ -3,8 +3,7 @@
 import json
 
 import pytest
-from helpers_tui import drive, h200, monitor, settle, synthetic_runs, table_rows, trained_runs, utc, wait_for
-from helpers_tui import NVMLError
+from helpers_tui import NVMLError, drive, h200, monitor, settle, synthetic_runs, table_rows, trained_runs, utc, wait_for
 from textual.widgets import DataTable, RichLog, Static
 
 from nibblora.runs import open_run
@@ -153,9 +152,9 @@ def test_start_job_runs_the_trainer_and_the_job_appears(real_root, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     runs = tmp_path / "runs"
     config = tmp_path / "job.toml"
-    config.write_text(f"""output_dir = "{tmp_path / 'elsewhere' / 'cli-job'}"
+    config.write_text(f"""output_dir = "{tmp_path / "elsewhere" / "cli-job"}"
 [model]
-path = "{_TRAINED['model']}"
+path = "{_TRAINED["model"]}"
 dtype = "float32"
 gradient_checkpointing = false
 [lora]
@@ -227,8 +226,13 @@ def test_screens_follow_a_run_that_keeps_writing(synthetic):
     run_dir = synthetic / "llama-qlora-r64"
 
     async def scenario(pilot):
-        writer = RunWriter.open(run_dir, run_id="llama-qlora-r64", name="llama-qlora-r64",
-                                config={"train": {"mode": "qlora"}}, total_steps=100)
+        writer = RunWriter.open(
+            run_dir,
+            run_id="llama-qlora-r64",
+            name="llama-qlora-r64",
+            config={"train": {"mode": "qlora"}},
+            total_steps=100,
+        )
         try:
             writer.log_metrics(31, {"loss": 1.5, "tokens_per_s": 999.0})
             await wait_for(pilot, lambda: table_rows(app)[3][4] == "31/100")

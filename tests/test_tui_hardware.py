@@ -9,22 +9,31 @@ from nibblora.tui.text import gpu_line, hardware_lines
 def test_no_gpu_says_so_and_shows_cpu_and_ram():
     snapshot = monitor().read()
     assert snapshot.gpus == [] and snapshot.source == "none"
-    assert hardware_lines(snapshot) == ["no GPU (NVML: NVML Shared Library Not Found)",
-                                        "CPU 12% of 16 cores  RAM 20.0 GiB / 128.0 GiB"]
+    assert hardware_lines(snapshot) == [
+        "no GPU (NVML: NVML Shared Library Not Found)",
+        "CPU 12% of 16 cores  RAM 20.0 GiB / 128.0 GiB",
+    ]
 
 
 def test_one_gpu_reads_every_field():
     snapshot = monitor([h200(procs={4242: 3 * GIB})]).read()
     assert snapshot.source == "nvml"
-    assert snapshot.gpus == [GpuReading(0, "NVIDIA H200", 40 * GIB, 141 * GIB, 87.0, 61.0, 512.0, 700.0,
-                                        {4242: 3 * GIB})]
-    assert gpu_line(snapshot.gpus[0]) == ("GPU0 NVIDIA H200  mem 40.0 GiB / 141.0 GiB (28%)  util 87%  temp 61C  "
-                                          "power 512/700 W")
+    assert snapshot.gpus == [
+        GpuReading(0, "NVIDIA H200", 40 * GIB, 141 * GIB, 87.0, 61.0, 512.0, 700.0, {4242: 3 * GIB})
+    ]
+    assert gpu_line(snapshot.gpus[0]) == (
+        "GPU0 NVIDIA H200  mem 40.0 GiB / 141.0 GiB (28%)  util 87%  temp 61C  power 512/700 W"
+    )
 
 
 def test_a_field_that_raises_reads_as_na_and_the_rest_still_shows():
-    broken = h200(name=b"NVIDIA A100", util=NVMLError("Not Supported"), temp=NVMLError("GPU is lost"),
-                  power_mw=RuntimeError("driver hiccup"), procs=NVMLError("no permission"))
+    broken = h200(
+        name=b"NVIDIA A100",
+        util=NVMLError("Not Supported"),
+        temp=NVMLError("GPU is lost"),
+        power_mw=RuntimeError("driver hiccup"),
+        procs=NVMLError("no permission"),
+    )
     snapshot = monitor([broken, h200()]).read()
     first, second = snapshot.gpus
     assert first.name == "NVIDIA A100" and first.memory_used_bytes == 40 * GIB
@@ -47,8 +56,9 @@ def test_device_count_failing_never_raises():
 
 def test_torch_cuda_fallback_when_nvml_is_missing():
     fallback = lambda: [GpuReading(0, "Fake GPU", 2 * GIB, 8 * GIB)]  # noqa: E731
-    snapshot = HardwareMonitor(nvml=FakeNvml(init_error=NVMLError("no driver")), cuda_fallback=fallback,
-                               system=fixed_system).read()
+    snapshot = HardwareMonitor(
+        nvml=FakeNvml(init_error=NVMLError("no driver")), cuda_fallback=fallback, system=fixed_system
+    ).read()
     assert snapshot.source == "torch.cuda"
     lines = hardware_lines(snapshot)
     assert lines[0] == "GPU0 Fake GPU  mem 2.0 GiB / 8.0 GiB (25%)  util n/a  temp n/a  power n/a"

@@ -1,9 +1,14 @@
 """Training-memory estimates by component (`python -m nibblora.memory` prints the 1B/7B/13B/70B table).
 
-    from nibblora.memory import estimate_memory
-    print(estimate_memory("path/to/config.json", "qlora", r=64, batch_size=4, seq_len=1024).format())
+from nibblora.memory import estimate_memory
+print(estimate_memory("path/to/config.json", "qlora", r=64, batch_size=4, seq_len=1024).format())
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nibblora._lazy import lazy_exports
 from nibblora.memory.estimate import (
     COMPONENTS,
     DTYPE_BYTES,
@@ -12,10 +17,23 @@ from nibblora.memory.estimate import (
     estimate_memory,
     lesson_table,
 )
-from nibblora.memory.measure import MemoryMeter
 
-__all__ = ["COMPONENTS", "DTYPE_BYTES", "MemoryEstimate", "MemoryMeter", "activation_bytes", "estimate_memory",
-           "lesson_table", "main"]
+if TYPE_CHECKING:
+    from nibblora.memory.measure import MemoryMeter
+
+# MemoryMeter reads torch.cuda and psutil; the estimates and the CLI need neither.
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {"MemoryMeter": "nibblora.memory.measure"})
+
+__all__ = [
+    "COMPONENTS",
+    "DTYPE_BYTES",
+    "MemoryEstimate",
+    "MemoryMeter",
+    "activation_bytes",
+    "estimate_memory",
+    "lesson_table",
+    "main",
+]
 
 
 def main(argv=None) -> int:

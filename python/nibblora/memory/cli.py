@@ -23,8 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPE_BYTES))
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    parser.add_argument("--pure-16bit", dest="mixed_precision", action="store_false",
-                        help="full FT without fp32 master weights (what nibblora.train does)")
+    parser.add_argument(
+        "--pure-16bit",
+        dest="mixed_precision",
+        action="store_false",
+        help="full FT without fp32 master weights (what nibblora.train does)",
+    )
     parser.add_argument("--paged-optimizer", action="store_true", help="optimizer states in host memory")
     return parser
 
@@ -37,9 +41,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = "all-linear" if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
     try:
         estimate = estimate_memory(
-            args.model, args.mode, r=args.r, target_modules=targets, batch_size=args.batch_size,
-            seq_len=args.seq_len, dtype=args.dtype, optimizer=args.optimizer,
-            gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+            args.model,
+            args.mode,
+            r=args.r,
+            target_modules=targets,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            dtype=args.dtype,
+            optimizer=args.optimizer,
+            gradient_checkpointing=args.gradient_checkpointing,
+            mixed_precision=args.mixed_precision,
             paged_optimizer=args.paged_optimizer,
         )
     except (ValueError, FileNotFoundError) as err:

@@ -27,8 +27,7 @@ from nibblora.lora.params import ALL_SEVEN, DecoderShape, projection_lora_params
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MODES = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
-COMPONENTS = ("weights", "quant_constants", "master_weights", "gradients", "optimizer_states", "adapter",
-              "activations")
+COMPONENTS = ("weights", "quant_constants", "master_weights", "gradients", "optimizer_states", "adapter", "activations")
 # Nominal sizes for the no-argument table.
 TABLE_MODELS = {"1B": "llama-3.2-1b", "7B": "llama-2-7b", "13B": "llama-2-13b", "70B": "llama-2-70b"}
 
@@ -75,8 +74,14 @@ def _targets(target_modules: str | list[str]) -> tuple[str, ...]:
     return names
 
 
-def activation_bytes(shape: DecoderShape, batch_size: int, seq_len: int, dtype_bytes: int,
-                     gradient_checkpointing: bool, lora_rank_sum: int = 0) -> int:
+def activation_bytes(
+    shape: DecoderShape,
+    batch_size: int,
+    seq_len: int,
+    dtype_bytes: int,
+    gradient_checkpointing: bool,
+    lora_rank_sum: int = 0,
+) -> int:
     """Bytes of saved activations for one micro-batch (an estimate; see the module docstring).
 
     Per layer and token, nibblora's decoder saves about 14 hidden-size vectors (norm inputs and outputs, q, the
@@ -87,8 +92,9 @@ def activation_bytes(shape: DecoderShape, batch_size: int, seq_len: int, dtype_b
     tokens = batch_size * seq_len
     head_dim = shape.head_dim or shape.hidden_size // shape.num_attention_heads
     kv = shape.num_key_value_heads * head_dim
-    per_layer = tokens * ((14 * shape.hidden_size + 4 * shape.intermediate_size + 2 * kv) * dtype_bytes
-                          + lora_rank_sum * 4)
+    per_layer = tokens * (
+        (14 * shape.hidden_size + 4 * shape.intermediate_size + 2 * kv) * dtype_bytes + lora_rank_sum * 4
+    )
     if gradient_checkpointing:
         layers = shape.num_hidden_layers * tokens * shape.hidden_size * dtype_bytes + per_layer
     else:
@@ -160,19 +166,29 @@ def estimate_memory(
     if paged_optimizer:
         c["optimizer_states"] = 0
     c["activations"] = activation_bytes(shape, batch_size, seq_len, e, gradient_checkpointing, rank_sum)
-    inputs = dict(mode=mode, r=r, target_modules=target_modules, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
-                  optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
-                  paged_optimizer=paged_optimizer)
+    inputs = dict(
+        mode=mode,
+        r=r,
+        target_modules=target_modules,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing,
+        mixed_precision=mixed_precision,
+        paged_optimizer=paged_optimizer,
+    )
     return MemoryEstimate(mode, total, trainable, c, inputs)
 
 
-def lesson_table(batch_size: int = 1, seq_len: int = 512, r: int = 16,
-                 models: Mapping[str, str] | None = None) -> str:
+def lesson_table(batch_size: int = 1, seq_len: int = 512, r: int = 16, models: Mapping[str, str] | None = None) -> str:
     """The table for 1B, 7B, 13B and 70B: full FT (bf16 + fp32 master + AdamW), LoRA (bf16 base) and QLoRA (NF4
     base), in GB, with each column explained under it."""
     models = dict(models or TABLE_MODELS)
-    header = (f"{'model':<6} {'params':>8} {'full FT':>9} {'16 B/param':>10} {'LoRA':>8} {'QLoRA':>8} "
-              f"{'QLoRA weights':>13} {'QLoRA adapter+opt':>17}")
+    header = (
+        f"{'model':<6} {'params':>8} {'full FT':>9} {'16 B/param':>10} {'LoRA':>8} {'QLoRA':>8} "
+        f"{'QLoRA weights':>13} {'QLoRA adapter+opt':>17}"
+    )
     lines = [header, "-" * len(header)]
     for label, preset in models.items():
         kw = dict(batch_size=batch_size, seq_len=seq_len, r=r, target_modules="all-linear")

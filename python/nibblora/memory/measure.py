@@ -13,18 +13,31 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import sys
 import threading
 from functools import cache
 
-import psutil
 import torch
 
 SAMPLE_SECONDS = 0.002
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 @cache
@@ -56,6 +69,14 @@ def _anonymous_rss() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    try:
+        import psutil  # the [tui] extra; only needed where /proc is missing (macOS)
+    except ImportError:
+        import resource
+
+        # Without psutil the peak resident set is the best stand-in (bytes on macOS, KiB elsewhere).
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
     return psutil.Process().memory_info().rss
 
 

@@ -1,8 +1,8 @@
 """bitsandbytes-compatible blockwise 4-bit quantization (NF4, FP4; INT4 for comparison), with double quantization.
 
-    q = quantize_4bit(weight, "nf4", blocksize=64, double_quant=True)   # QuantizedTensor
-    w = dequantize_4bit(q, torch.bfloat16)
-    sd = to_bnb_state_dict(q, "model.layers.0.mlp.up_proj.weight")       # the keys transformers saves
+q = quantize_4bit(weight, "nf4", blocksize=64, double_quant=True)   # QuantizedTensor
+w = dequantize_4bit(q, torch.bfloat16)
+sd = to_bnb_state_dict(q, "model.layers.0.mlp.up_proj.weight")       # the keys transformers saves
 """
 
 from nibblora.quant.api import (

@@ -7,13 +7,42 @@
         store.metrics(since_step=100)           # {step: {name: value}}
         store.events(), store.logs()
     request_stop("out/my-run")                  # the trainer checkpoints, then exits as 'stopped'
+    scan = scan_runs("out")                     # .runs, and .unreadable: damaged stores with the reason
+
+A damaged runs.sqlite raises RunStoreError (an InputError) naming the file and saying what is wrong with it.
 
 Metric names are stable and flat: loss, lr, grad_norm, tokens_per_s, mem_allocated_bytes, mem_reserved_bytes,
 mem_peak_bytes, mem_estimate_bytes, eval_<set>_loss, eval_<set>_tokens.
 """
 
-from nibblora.runs.read import RunInfo, RunStore, effective_status, list_runs, open_run, request_stop
+from nibblora.runs.read import (
+    UNREADABLE,
+    RunInfo,
+    RunScan,
+    RunStore,
+    RunStoreError,
+    UnreadableStore,
+    effective_status,
+    list_runs,
+    open_run,
+    request_stop,
+    scan_runs,
+)
 from nibblora.runs.store import DB_NAME, STATUSES, RunWriter
 
-__all__ = ["DB_NAME", "STATUSES", "RunInfo", "RunStore", "RunWriter", "effective_status", "list_runs", "open_run",
-           "request_stop"]
+__all__ = [
+    "DB_NAME",
+    "STATUSES",
+    "UNREADABLE",
+    "RunInfo",
+    "RunScan",
+    "RunStore",
+    "RunStoreError",
+    "RunWriter",
+    "UnreadableStore",
+    "effective_status",
+    "list_runs",
+    "open_run",
+    "request_stop",
+    "scan_runs",
+]

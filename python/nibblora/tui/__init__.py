@@ -7,19 +7,44 @@ The app and its pieces (for tests and for embedding): `QloraTUI`, `JobIndex` / `
 the run stores), `HardwareMonitor` (NVML, torch.cuda, psutil), `render_plot` (braille line plots).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nibblora._lazy import lazy_exports
 from nibblora.tui.cli import main
-from nibblora.tui.hardware import GpuReading, HardwareMonitor, HardwareSnapshot, SystemReading
-from nibblora.tui.jobs import Job, JobIndex, RunSeries
-from nibblora.tui.plot import Series, render_plot
 
+if TYPE_CHECKING:
+    from nibblora.tui.app import QloraTUI
+    from nibblora.tui.hardware import GpuReading, HardwareMonitor, HardwareSnapshot, SystemReading
+    from nibblora.tui.jobs import Job, JobIndex, RunSeries
+    from nibblora.tui.plot import Series, render_plot
 
-def __getattr__(name: str):
-    if name == "QloraTUI":  # Textual loads only when the app is wanted (not for --once)
-        from nibblora.tui.app import QloraTUI
+# Only the command line loads at once: the console script must start (and say what is missing) even without the
+# [tui] extra, and `--once` never loads Textual.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "QloraTUI": "nibblora.tui.app",
+        **dict.fromkeys(
+            ("GpuReading", "HardwareMonitor", "HardwareSnapshot", "SystemReading"), "nibblora.tui.hardware"
+        ),
+        **dict.fromkeys(("Job", "JobIndex", "RunSeries"), "nibblora.tui.jobs"),
+        **dict.fromkeys(("Series", "render_plot"), "nibblora.tui.plot"),
+    },
+)
 
-        return QloraTUI
-    raise AttributeError(name)
-
-
-__all__ = ["GpuReading", "HardwareMonitor", "HardwareSnapshot", "Job", "JobIndex", "QloraTUI", "RunSeries", "Series",
-           "SystemReading", "main", "render_plot"]
+__all__ = [
+    "GpuReading",
+    "HardwareMonitor",
+    "HardwareSnapshot",
+    "Job",
+    "JobIndex",
+    "QloraTUI",
+    "RunSeries",
+    "Series",
+    "SystemReading",
+    "main",
+    "render_plot",
+]

@@ -18,15 +18,24 @@ from nibblora.tui.hardware import HardwareMonitor, HardwareSnapshot
 from nibblora.tui.jobs import Job, JobIndex, attach_gpu_memory
 from nibblora.tui.launch import LaunchedJob, console_tail
 from nibblora.tui.screens import CompareScreen, JobScreen
-from nibblora.tui.text import fmt_bytes, fmt_duration, fmt_number, fmt_step, fmt_time
+from nibblora.tui.text import fmt_bytes, fmt_duration, fmt_number, fmt_step, fmt_time, unreadable_lines
 from nibblora.tui.widgets import STATUS_STYLES, Cell, HardwarePanel, sort_key
 
 __all__ = ["CompareScreen", "ConfirmScreen", "JobScreen", "JobsScreen", "QloraTUI", "StartJobScreen"]
 
 # (column key, header); the first is the compare mark.
-TABLE_COLUMNS = (("mark", " "), ("name", "name"), ("method", "method"), ("status", "status"), ("step", "step"),
-                 ("loss", "loss"), ("tokens_per_s", "tok/s"), ("gpu_mem", "GPU mem"), ("eta", "ETA"),
-                 ("started", "started"))
+TABLE_COLUMNS = (
+    ("mark", " "),
+    ("name", "name"),
+    ("method", "method"),
+    ("status", "status"),
+    ("step", "step"),
+    ("loss", "loss"),
+    ("tokens_per_s", "tok/s"),
+    ("gpu_mem", "GPU mem"),
+    ("eta", "ETA"),
+    ("started", "started"),
+)
 SORTABLE = [key for key, _ in TABLE_COLUMNS[1:]]
 
 
@@ -40,8 +49,11 @@ def job_row(job: Job, marked: bool) -> dict[str, Cell]:
         "step": Cell(fmt_step(job), job.step, justify="right"),
         "loss": Cell(fmt_number(job.loss), job.loss, justify="right"),
         "tokens_per_s": Cell("-" if tps is None else f"{tps:,.0f}", tps, justify="right"),
-        "gpu_mem": Cell("-" if job.gpu_memory_bytes is None else fmt_bytes(job.gpu_memory_bytes),
-                        job.gpu_memory_bytes, justify="right"),
+        "gpu_mem": Cell(
+            "-" if job.gpu_memory_bytes is None else fmt_bytes(job.gpu_memory_bytes),
+            job.gpu_memory_bytes,
+            justify="right",
+        ),
         "eta": Cell(fmt_duration(job.eta_seconds), job.eta_seconds, justify="right"),
         "started": Cell(fmt_time(job.info.created_at), job.info.created_at),
     }
@@ -74,6 +86,7 @@ class JobsScreen(Screen):
         table.border_title = "jobs"
         yield table
         yield Static(id="empty")
+        yield Static(id="unreadable", classes="hidden")
         yield HardwarePanel(id="hardware")
         yield Footer()
 
@@ -133,10 +146,18 @@ class QloraTUI(App):
     #jobs { height: 1fr; border: round $primary-darken-2; }
     #empty { height: auto; padding: 0 1; color: $text-muted; }
     #empty.hidden { display: none; }
+    #unreadable { height: auto; max-height: 8; padding: 0 1; color: $error; }
+    #unreadable.hidden { display: none; }
     """
 
-    def __init__(self, runs_dir: str | Path = "runs", *, hardware: HardwareMonitor | None = None,
-                 poll_seconds: float = 1.0, hardware_seconds: float = 2.0):
+    def __init__(
+        self,
+        runs_dir: str | Path = "runs",
+        *,
+        hardware: HardwareMonitor | None = None,
+        poll_seconds: float = 1.0,
+        hardware_seconds: float = 2.0,
+    ):
         super().__init__()
         self.runs_dir = Path(runs_dir)
         self.index = JobIndex(self.runs_dir)
@@ -238,14 +259,20 @@ class QloraTUI(App):
         self.jobs = fresh
         if changed:
             self._sort(table, selected)
+        problems = unreadable_lines(jobs)
+        unreadable = screen.query_one("#unreadable", Static)
+        unreadable.update("\n".join(problems))
+        unreadable.set_class(not problems, "hidden")
         empty = screen.query_one("#empty", Static)
         if jobs:
             empty.add_class("hidden")
         else:
             empty.remove_class("hidden")
             where = "" if self.runs_dir.is_dir() else " (the directory does not exist yet)"
-            empty.update(f"no runs under {self.runs_dir}{where}. Press n to start a job from a config file, or run "
-                         f"`python -m nibblora.train CONFIG.toml` with output_dir inside {self.runs_dir}.")
+            empty.update(
+                f"no runs under {self.runs_dir}{where}. Press n to start a job from a config file, or run "
+                f"`python -m nibblora.train CONFIG.toml` with output_dir inside {self.runs_dir}."
+            )
         arrow = "\u2193" if self.sort_reverse else "\u2191"
         table.border_subtitle = f"{len(jobs)} runs \u00b7 sorted by {self.sort_column} {arrow} (o / r / click a header)"
 
@@ -263,8 +290,13 @@ class QloraTUI(App):
 
     # -- actions -----------------------------------------------------------------------------------------------
     def open_job(self, key: str) -> None:
-        if key in self.jobs:
-            self.push_screen(JobScreen(key))
+        job = self.jobs.get(key)
+        if job is None:
+            return
+        if job.error is not None:  # nothing to show but why
+            self.notify(f"{job.info.run_dir}: {job.error}", severity="error", timeout=10)
+            return
+        self.push_screen(JobScreen(key))
 
     def toggle_mark(self, key: str) -> None:
         if key in self.marked:
@@ -299,8 +331,13 @@ class QloraTUI(App):
             if yes:
                 self._request_stop(job)
 
-        self.push_screen(ConfirmScreen(f"Stop {job.name}? It writes a checkpoint at the end of its current step, "
-                                       "then exits as 'stopped' (run the same config again to resume)."), answered)
+        self.push_screen(
+            ConfirmScreen(
+                f"Stop {job.name}? It writes a checkpoint at the end of its current step, "
+                "then exits as 'stopped' (run the same config again to resume)."
+            ),
+            answered,
+        )
 
     @work(thread=True, group="stop")
     def _request_stop(self, job: Job) -> None:
@@ -333,8 +370,11 @@ class QloraTUI(App):
                 continue
             self.launched.remove(job)
             if code != 0:
-                self.notify(f"{job.config_path.name} exited with code {code}: {console_tail(job.console_log)}",
-                            severity="error", timeout=15)
+                self.notify(
+                    f"{job.config_path.name} exited with code {code}: {console_tail(job.console_log)}",
+                    severity="error",
+                    timeout=15,
+                )
 
     def on_unmount(self) -> None:
         self.hardware.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from collections.abc import Sequence
@@ -20,9 +21,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What each mode imports from the [tui] extra (nvidia-ml-py is optional: without it the GPU panel says why).
+NEEDED_ONCE = ("psutil",)
+NEEDED_APP = ("psutil", "textual")
+
+
+def missing_packages(names: Sequence[str]) -> list[str]:
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runs_dir = Path(args.runs_dir)
+    missing = missing_packages(NEEDED_ONCE if args.once else NEEDED_APP)
+    if missing:
+        print(
+            f"qlora-tui: error: {', '.join(missing)} not installed; install the dashboard's extra: "
+            "pip install 'nibblora[tui]'",
+            file=sys.stderr,
+        )
+        return 2
     if args.once:
         from nibblora.tui.hardware import HardwareMonitor
         from nibblora.tui.jobs import JobIndex

@@ -31,10 +31,15 @@ class StartJobScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(f"Start a training job: the path of its TOML config, relative to {os.getcwd()} "
-                        "(\u2192 accepts a suggestion)")
-            yield Input(placeholder="path/to/config.toml", id="config",
-                        suggester=SuggestFromList(find_configs(Path.cwd()), case_sensitive=False))
+            yield Label(
+                f"Start a training job: the path of its TOML config, relative to {os.getcwd()} "
+                "(\u2192 accepts a suggestion)"
+            )
+            yield Input(
+                placeholder="path/to/config.toml",
+                id="config",
+                suggester=SuggestFromList(find_configs(Path.cwd()), case_sensitive=False),
+            )
             yield Label("", id="error")
             with Horizontal():
                 yield Button("Start", variant="primary", id="start")

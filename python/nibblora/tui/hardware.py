@@ -8,6 +8,8 @@ Every NVML field is read on its own: one that raises becomes None (shown as n/a)
 
 from __future__ import annotations
 
+import glob
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -100,22 +102,39 @@ class NvmlGpus:
             power = _field(lambda: nv.nvmlDeviceGetPowerUsage(handle))
             limit = _field(lambda: nv.nvmlDeviceGetEnforcedPowerManagementLimit(handle))
             procs = _field(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle)) or []
-            gpus.append(GpuReading(
-                index=i,
-                name=_field(lambda: _text(nv.nvmlDeviceGetName(handle))),
-                memory_used_bytes=_field(lambda: int(memory.used)),
-                memory_total_bytes=_field(lambda: int(memory.total)),
-                utilization_percent=_field(lambda: float(util.gpu)),
-                temperature_c=_field(lambda: float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))),
-                power_w=None if power is None else power / 1000.0,
-                power_limit_w=None if limit is None else limit / 1000.0,
-                processes=_field(lambda: {int(p.pid): int(p.usedGpuMemory or 0) for p in procs}) or {},
-            ))
+            gpus.append(
+                GpuReading(
+                    index=i,
+                    name=_field(lambda: _text(nv.nvmlDeviceGetName(handle))),
+                    memory_used_bytes=_field(lambda: int(memory.used)),
+                    memory_total_bytes=_field(lambda: int(memory.total)),
+                    utilization_percent=_field(lambda: float(util.gpu)),
+                    temperature_c=_field(lambda: float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))),
+                    power_w=None if power is None else power / 1000.0,
+                    power_limit_w=None if limit is None else limit / 1000.0,
+                    processes=_field(lambda: {int(p.pid): int(p.usedGpuMemory or 0) for p in procs}) or {},
+                )
+            )
         return gpus
 
 
+# Device nodes a CUDA driver creates on Linux (/dev/dxg: WSL2's GPU bridge). Without any of them torch.cuda
+# cannot see a GPU either, and importing torch just to hear so costs seconds of the dashboard's start.
+LINUX_GPU_DEVICE_GLOBS = ("/dev/nvidia[0-9]*", "/dev/nvidiactl", "/dev/dxg")
+
+
+def cuda_driver_may_exist(platform: str = sys.platform) -> bool:
+    """False only where it is certain no CUDA device is visible (Linux without NVIDIA device nodes)."""
+    if not platform.startswith("linux"):
+        return True
+    return any(glob.glob(pattern) for pattern in LINUX_GPU_DEVICE_GLOBS)
+
+
 def torch_cuda_gpus() -> list[GpuReading]:
-    """The fallback without NVML: memory per device from torch.cuda.mem_get_info (no utilisation)."""
+    """The fallback without NVML: memory per device from torch.cuda.mem_get_info (no utilisation).
+    Imports torch only when a CUDA device may exist (or torch is loaded already)."""
+    if "torch" not in sys.modules and not cuda_driver_may_exist():
+        return []
     import torch
 
     if not torch.cuda.is_available():
@@ -137,8 +156,12 @@ class HardwareMonitor:
     GpuReadings when NVML is unusable (default torch.cuda). system: a callable giving the SystemReading.
     """
 
-    def __init__(self, nvml=None, cuda_fallback: Callable[[], list[GpuReading]] | None = torch_cuda_gpus,
-                 system: Callable[[], SystemReading] = read_system):
+    def __init__(
+        self,
+        nvml=None,
+        cuda_fallback: Callable[[], list[GpuReading]] | None = torch_cuda_gpus,
+        system: Callable[[], SystemReading] = read_system,
+    ):
         self._nvml_module = nvml
         self._cuda_fallback = cuda_fallback
         self._system = system

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nibblora.runs import DB_NAME, RunInfo, effective_status, open_run
+from nibblora.runs import DB_NAME, RunInfo, RunStoreError, UnreadableStore, effective_status, open_run
 
 LIST_METRICS = ("loss", "tokens_per_s", "mem_peak_bytes")
 RESCAN_SECONDS = 5.0  # how often the runs directory is walked for new run stores
@@ -32,6 +31,7 @@ class Job:
     mem_peak_bytes: float | None = None
     steps_per_s: float | None = None
     gpu_memory_bytes: int | None = None  # what NVML says this job's process holds, over all GPUs
+    error: str | None = None  # why its run store cannot be read (status 'unreadable'); None for a readable run
 
     @property
     def key(self) -> str:
@@ -90,14 +90,16 @@ def read_jobs_of(run_dir: Path) -> list[Job]:
         for info in store.runs():
             latest = store.latest(LIST_METRICS, info.run_id)
             step = max((s for s, _ in latest.values()), default=None)
-            jobs.append(Job(
-                info,
-                step=step,
-                loss=latest.get("loss", (None, None))[1],
-                tokens_per_s=latest.get("tokens_per_s", (None, None))[1],
-                mem_peak_bytes=latest.get("mem_peak_bytes", (None, None))[1],
-                steps_per_s=store.steps_per_second(info.run_id) if info.status == "running" else None,
-            ))
+            jobs.append(
+                Job(
+                    info,
+                    step=step,
+                    loss=latest.get("loss", (None, None))[1],
+                    tokens_per_s=latest.get("tokens_per_s", (None, None))[1],
+                    mem_peak_bytes=latest.get("mem_peak_bytes", (None, None))[1],
+                    steps_per_s=store.steps_per_second(info.run_id) if info.status == "running" else None,
+                )
+            )
         return jobs
 
 
@@ -139,13 +141,20 @@ class JobIndex:
                 continue
             try:
                 found = read_jobs_of(db.parent)
-            except (sqlite3.Error, FileNotFoundError, KeyError, ValueError) as err:
-                # A store being created this instant, or not a run store; keep what we had.
+            except FileNotFoundError:
+                continue  # removed since the last walk
+            except RunStoreError as err:
                 self.errors[db] = str(err)
-                if cached is not None:
-                    jobs.extend(cached[1])
-                continue
-            self.errors.pop(db, None)
+                if err.transient:
+                    # Being created this instant, or locked for a moment: keep what we had and read it again.
+                    if cached is not None:
+                        jobs.extend(cached[1])
+                    continue
+                # Damaged: one row that says so (with the reason), never a run that silently disappears.
+                store = UnreadableStore(db.parent, err.reason, sig[0][1] / 1e9 if sig[0] else time.time())
+                found = [Job(store.run_info(), error=err.reason)]
+            else:
+                self.errors.pop(db, None)
             self._cache[db] = (sig, found)
             jobs.extend(found)
         for gone in set(self._cache) - live:
@@ -171,7 +180,18 @@ class RunSeries:
     _resumed_at: float | None = None  # write time of the latest resume
 
     def poll(self) -> tuple[int, list[dict]]:
-        """Read what was written since the last poll; returns (new metric rows, new log lines)."""
+        """Read what was written since the last poll; returns (new metric rows, new log lines).
+
+        A store being created this instant (or locked for a moment) gives (0, []); a damaged one raises
+        RunStoreError."""
+        try:
+            return self._poll()
+        except RunStoreError as err:
+            if err.transient:
+                return 0, []
+            raise
+
+    def _poll(self) -> tuple[int, list[dict]]:
         with open_run(self.run_dir) as store:
             self.info = store.run(self.run_id)
             events = store.events(self.run_id, since_id=self.last_event_id)
@@ -197,7 +217,7 @@ class RunSeries:
         if logs:
             self.last_log_id = logs[-1]["id"]
             self.logs.extend(logs)
-            del self.logs[:-self.max_log_lines]
+            del self.logs[: -self.max_log_lines]
         return len(rows), logs
 
     def series(self, name: str) -> list[tuple[int, float]]:
@@ -205,7 +225,7 @@ class RunSeries:
 
     def eval_sets(self) -> list[str]:
         names = [n for n in self.metrics if n.startswith("eval_") and n.endswith("_loss")]
-        return sorted(n[len("eval_"):-len("_loss")] for n in names)
+        return sorted(n[len("eval_") : -len("_loss")] for n in names)
 
     def latest(self, name: str) -> float | None:
         values = self.metrics.get(name)

@@ -8,8 +8,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nibblora.train.config import load_config
-
 
 @dataclass
 class LaunchedJob:
@@ -33,6 +31,8 @@ def start_job(config_path: str | Path, runs_dir: str | Path) -> tuple[LaunchedJo
     """Validate the config (raises nibblora.train.ConfigError with the key at fault), then start the trainer in
     its own session, so it outlives the dashboard. Returns the job and a sentence for the user."""
     config_path = Path(config_path).expanduser()
+    from nibblora.train.config import load_config  # nibblora.train imports torch: only when a job starts
+
     config = load_config(config_path)
     output_dir, moved = plan_output_dir(config.output_dir, Path(runs_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -41,8 +41,14 @@ def start_job(config_path: str | Path, runs_dir: str | Path) -> tuple[LaunchedJo
     if moved:
         command += ["--set", f"output_dir={str(output_dir)!r}".replace("'", '"')]
     with open(console_log, "ab") as out:
-        process = subprocess.Popen(command, cwd=os.getcwd(), stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=os.getcwd(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     message = f"started {config_path.name} (pid {process.pid}) in {output_dir}"
     if moved:
         message += f" (its output_dir {config.output_dir} is outside the runs directory)"

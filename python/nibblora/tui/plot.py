@@ -1,6 +1,6 @@
 """Line plots in braille characters (2 x 4 dots a cell), as Rich Text: no plotting dependency.
 
-    text = render_plot([Series("train", [(1, 2.3), (2, 2.1)], "cyan")], width=60, height=10)
+text = render_plot([Series("train", [(1, 2.3), (2, 2.1)], "cyan")], width=60, height=10)
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def _line(x0: int, y0: int, x1: int, y1: int):
             y0 += sy
 
 
-def render_plot(series: list[Series], width: int, height: int, y_format: Callable[[float], str] | None = None,
-                log_y: bool = False) -> Text:
+def render_plot(
+    series: list[Series], width: int, height: int, y_format: Callable[[float], str] | None = None, log_y: bool = False
+) -> Text:
     """A plot `width` x `height` cells including a y axis on the left and the x range on the last line.
     Series share the axes; a cell where two series meet takes the later one's colour."""
     y_format = y_format or (lambda v: f"{v:.4g}")

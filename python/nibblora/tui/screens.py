@@ -100,17 +100,21 @@ class JobScreen(Screen):
         s = self.series
         evals = s.eval_sets()
         loss = [Series("train", s.series("loss"), "cyan")]
-        loss += [Series(f"eval {name}", s.series(f"eval_{name}_loss"), EVAL_STYLES[i % len(EVAL_STYLES)])
-                 for i, name in enumerate(evals)]
+        loss += [
+            Series(f"eval {name}", s.series(f"eval_{name}_loss"), EVAL_STYLES[i % len(EVAL_STYLES)])
+            for i, name in enumerate(evals)
+        ]
         self.query_one("#loss", PlotPanel).set_series(loss)
         self.query_one("#lr", PlotPanel).set_series([Series("lr", s.series("lr"), "green")])
         self.query_one("#grad_norm", PlotPanel).set_series([Series("norm", s.series("grad_norm"), "yellow")])
         self.query_one("#tokens_per_s", PlotPanel).set_series([Series("tok/s", s.series("tokens_per_s"), "cyan")])
-        self.query_one("#memory", PlotPanel).set_series([
-            Series("peak", s.series("mem_peak_bytes"), "red"),
-            Series("alloc", s.series("mem_allocated_bytes"), "cyan"),
-            Series("est", s.series("mem_estimate_bytes"), "green"),
-        ])
+        self.query_one("#memory", PlotPanel).set_series(
+            [
+                Series("peak", s.series("mem_peak_bytes"), "red"),
+                Series("alloc", s.series("mem_allocated_bytes"), "cyan"),
+                Series("est", s.series("mem_estimate_bytes"), "green"),
+            ]
+        )
         self.query_one("#info", Static).update(self._info_text())
         log = self.query_one("#log", RichLog)
         for line in logs:
@@ -215,9 +219,11 @@ class CompareScreen(Screen):
             info = run.info
             peak = max(run.metrics.get("mem_peak_bytes", {}).values(), default=None)
             text.append("\u2501 ", style=RUN_STYLES[i]).append(self._label(i), style="bold")
-            text.append(f"  {info.status}  {info.config.get('train', {}).get('mode', '?')}  "
-                        f"step {run.last_step if run.last_step >= 0 else '-'}"
-                        f"{'/' + str(info.total_steps) if info.total_steps else ''}  "
-                        f"loss {fmt_number(run.latest('loss'))}  peak {fmt_bytes(peak)}\n")
+            text.append(
+                f"  {info.status}  {info.config.get('train', {}).get('mode', '?')}  "
+                f"step {run.last_step if run.last_step >= 0 else '-'}"
+                f"{'/' + str(info.total_steps) if info.total_steps else ''}  "
+                f"loss {fmt_number(run.latest('loss'))}  peak {fmt_bytes(peak)}\n"
+            )
         text.rstrip()
         self.query_one("#info", Static).update(text)

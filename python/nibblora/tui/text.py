@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from nibblora.runs import DB_NAME
 from nibblora.tui.hardware import GpuReading, HardwareSnapshot
 from nibblora.tui.jobs import Job, attach_gpu_memory
 
@@ -54,8 +55,17 @@ def job_cells(job: Job) -> tuple[str, ...]:
     """The job list's cells, in COLUMNS order, as plain strings."""
     tps = "-" if job.tokens_per_s is None else f"{job.tokens_per_s:,.0f}"
     gpu = "-" if job.gpu_memory_bytes is None else fmt_bytes(job.gpu_memory_bytes)
-    return (job.name, job.method, job.status, fmt_step(job), fmt_number(job.loss), tps, gpu,
-            fmt_duration(job.eta_seconds), fmt_time(job.info.created_at))
+    return (
+        job.name,
+        job.method,
+        job.status,
+        fmt_step(job),
+        fmt_number(job.loss),
+        tps,
+        gpu,
+        fmt_duration(job.eta_seconds),
+        fmt_time(job.info.created_at),
+    )
 
 
 def gpu_line(gpu: GpuReading) -> str:
@@ -89,8 +99,13 @@ def hardware_lines(snapshot: HardwareSnapshot) -> list[str]:
     return lines
 
 
+def unreadable_lines(jobs: list[Job]) -> list[str]:
+    """One line per run store that could not be read: its folder and why."""
+    return [f"unreadable: {job.info.run_dir / DB_NAME}: {job.error}" for job in jobs if job.error is not None]
+
+
 def summary(jobs: list[Job], snapshot: HardwareSnapshot | None, root: str) -> str:
-    """The `--once` text: a fixed-width job table, then the hardware lines."""
+    """The `--once` text: a fixed-width job table, a line for each unreadable run store, then the hardware lines."""
     if snapshot is not None:
         attach_gpu_memory(jobs, snapshot.gpu_memory_by_pid())
     rows = [COLUMNS] + [job_cells(j) for j in sorted(jobs, key=lambda j: j.info.created_at)]
@@ -98,6 +113,7 @@ def summary(jobs: list[Job], snapshot: HardwareSnapshot | None, root: str) -> st
     lines = [f"runs under {root}: {len(jobs)}"]
     if jobs:
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += unreadable_lines(jobs)
     if snapshot is not None:
         lines += [""] + hardware_lines(snapshot)
     return "\n".join(lines)

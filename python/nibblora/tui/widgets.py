@@ -13,7 +13,13 @@ from nibblora.tui.hardware import HardwareSnapshot
 from nibblora.tui.plot import Series, render_plot
 from nibblora.tui.text import gpu_line, system_line
 
-STATUS_STYLES = {"running": "bold green", "finished": "cyan", "failed": "bold red", "stopped": "yellow"}
+STATUS_STYLES = {
+    "running": "bold green",
+    "finished": "cyan",
+    "failed": "bold red",
+    "stopped": "yellow",
+    "unreadable": "bold magenta",
+}
 
 
 class Cell(Text):
@@ -24,8 +30,12 @@ class Cell(Text):
         self.sort_value = sort_value
 
     def same_as(self, other: object) -> bool:
-        return (isinstance(other, Cell) and other.plain == self.plain and other.style == self.style
-                and other.justify == self.justify)
+        return (
+            isinstance(other, Cell)
+            and other.plain == self.plain
+            and other.style == self.style
+            and other.justify == self.justify
+        )
 
 
 def sort_key(cell: Cell):

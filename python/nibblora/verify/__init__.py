@@ -1,10 +1,24 @@
 """`python -m nibblora.verify`: check a merged model against its base + adapter (max |logit diff|, KL).
 
-    from nibblora.verify import verify_merge
-    report = verify_merge("base", "adapter", "merged")     # VerifyReport
-    print(report.format()); assert report.passed
+from nibblora.verify import verify_merge
+report = verify_merge("base", "adapter", "merged")     # VerifyReport
+print(report.format()); assert report.passed
 """
 
-from nibblora.verify.check import SAMPLE_PROMPTS, VerifyReport, main, verify_merge
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nibblora._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from nibblora.verify.check import SAMPLE_PROMPTS, VerifyReport, main, verify_merge
+
+# The check runs models (torch); importing the package does not.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    dict.fromkeys(("SAMPLE_PROMPTS", "VerifyReport", "main", "verify_merge"), "nibblora.verify.check"),
+)
 
 __all__ = ["SAMPLE_PROMPTS", "VerifyReport", "main", "verify_merge"]
