@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from nibblora.data import PreparedDataset, collate_padded
 from nibblora.data.encoder import IGNORE_INDEX
 
 
@@ -78,11 +79,6 @@ def open_dataset(path: str | Path, max_length: int = 0) -> TokenizedDataset:
         raise FileNotFoundError(f"dataset {path} does not exist")
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         return TokenizedRows.from_jsonl(path, max_length)
-    try:
-        from nibblora.data import PreparedDataset  # issue 4; optional until it lands
-    except ImportError:
-        raise ValueError(f"dataset {path}: not a .jsonl file, and nibblora.data (PreparedDataset) is not "
-                         "available in this install") from None
     return PreparedDataset(path)
 
 
@@ -90,8 +86,6 @@ def pad_collate(rows: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) 
     """nibblora.data.collate_padded without the attention mask: with right padding and causal attention no real
     token ever sees a pad, and leaving the mask out keeps attention on its fast path. position_ids only for
     packed rows (the model's default 0..n-1 serves the rest). int64 tensors [batch, longest]."""
-    from nibblora.data import collate_padded
-
     batch = collate_padded(rows, pad_token_id)
     del batch["attention_mask"]
     if not any("position_ids" in r for r in rows):
