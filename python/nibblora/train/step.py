@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,7 +98,11 @@ def train_step(setup: TrainingSetup, step: int, skip_non_finite: bool) -> StepOu
             setup.paged.page_out()
     if finite or skip_non_finite:
         setup.scaler.update()
-        setup.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped first step calls scheduler.step() before any optimizer.step(); LambdaLR computes each lr
+            # from the step count, so torch's warning about a lost first lr value does not apply.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
     tokens = int(all_reduce_sum(torch.tensor(tokens_local, device=device), info).item())
     return StepOutput(loss, lr, grad_norm, n_tokens, tokens, longest, finite)
