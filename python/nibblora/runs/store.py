@@ -232,10 +232,12 @@ class RunWriter:
 
 def _check_store(conn: sqlite3.Connection, path: Path) -> None:
     """RunStoreError unless SQLite finds the file intact and every table has the columns this version writes."""
-    problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
-    if problems != ["ok"]:
-        raise RunStoreError(f"opening the run store: {path} is damaged ({problems[0]}); move it away (or delete "
-                            "it) to start a new one, or choose another output_dir")
+    rows = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+    if rows != ["ok"]:
+        problems = [line for row in rows for line in str(row).splitlines() if line and not line.startswith("***")]
+        more = f" and {len(problems) - 1} more problems" if len(problems) > 1 else ""
+        raise RunStoreError(f"opening the run store: {path} is damaged ({(problems or rows)[0]}{more}); move it "
+                            "away (or delete it) to start a new one, or choose another output_dir")
     for table, columns in COLUMNS.items():
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if not columns <= have:
