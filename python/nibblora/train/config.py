@@ -7,7 +7,6 @@ Every field is documented in docs/training.md; a test keeps that page and these 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
@@ -272,9 +271,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        child = node.get(part, {})
+        if not isinstance(child, dict):
             raise ConfigError(f"--set {assignment!r}: {part} is not a table")
+        node[part] = child = dict(child)
+        node = child
     node[parts[-1]] = _parse_value(text.strip())
 
 
@@ -283,10 +284,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
     overrides applied first. Every problem is a ConfigError naming the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"a training config is a table of sections, got {_show(data)}")
-    try:
-        data = copy.deepcopy(data)
-    except RecursionError:
-        raise ConfigError("the config is nested too deeply") from None
+    data = dict(data)  # overrides copy each table they change (apply_override): the caller's dict stays as it was
     for assignment in overrides:
         apply_override(data, assignment)
     config = _from_dict(TrainConfig, data, "")
