@@ -195,7 +195,13 @@ def test_apply_threads_sets_torch_threads_and_auto_follows_omp_num_threads(monke
         assert default_threads() == 3 and apply_threads(0) == 3 and torch.get_num_threads() == 3
         monkeypatch.delenv("OMP_NUM_THREADS")
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-        assert default_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+        assert default_threads() == 8  # an idle 16-core machine, two local ranks
+        monkeypatch.setattr(os, "getloadavg", lambda: (12.4, 0.0, 0.0))
+        assert default_threads() == 2  # 4 CPUs idle
+        monkeypatch.setattr(os, "getloadavg", lambda: (40.0, 0.0, 0.0))
+        assert default_threads() == 1
         with pytest.raises(ValueError, match="threads must be"):
             apply_threads(-1)
     finally:
