@@ -32,7 +32,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from nibblora.errors import CheckpointError
+from nibblora.errors import CheckpointError, OutputError
 from nibblora.lora import load_adapter, lora_modules, save_adapter
 from nibblora.train.distributed import DistInfo, barrier
 from nibblora.train.state_files import load_state, save_state, state_paths
@@ -293,10 +293,15 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, trainer_state
     save_state(rng_state(), tmp / rng_stem(info.rank))
     barrier(info)
     if info.is_main:
-        save_weights(model, tmp if mode == "full" else tmp / ADAPTER_DIR, mode, base_model_path)
-        save_state(trainer_state, tmp / TRAINER_STATE)
-        write_manifest(tmp, step)
-        _fsync_tree(tmp)
+        try:
+            save_weights(model, tmp if mode == "full" else tmp / ADAPTER_DIR, mode, base_model_path)
+            save_state(trainer_state, tmp / TRAINER_STATE)
+            write_manifest(tmp, step)
+            _fsync_tree(tmp)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputError(f"writing checkpoint {final}: {err.strerror or err}; the earlier checkpoints are "
+                              "kept (free some space, then run the same command to resume)") from None
         if final.exists():  # the same step saved before a crash (or found damaged) and now again
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nibblora.errors import NibbloraError
+from nibblora.errors import NibbloraError, OutputError
 from nibblora.memory import estimate_memory
 from nibblora.outdir import move_into_place, temp_sibling
 from nibblora.runs import RunWriter
@@ -34,7 +34,7 @@ from nibblora.train.checkpointing import (
 )
 from nibblora.train.config import TrainConfig
 from nibblora.train.data import TokenizedDataset
-from nibblora.train.distributed import any_rank, init_distributed, shutdown
+from nibblora.train.distributed import DistInfo, any_rank, init_distributed, shutdown
 from nibblora.train.lock import lock_run_folder
 from nibblora.train.setup import TrainingSetup, build_model, setup_training
 from nibblora.train.step import StepOutput, evaluate, token_loss_sum, train_step
@@ -130,18 +130,19 @@ def train(config: TrainConfig, train_dataset: TokenizedDataset | None = None,
         shutdown(info)
 
 
-def _train_recorded(config: TrainConfig, train_dataset, eval_datasets, writer: RunWriter | None, log: _Logger,
-                    info) -> TrainResult:
+def _train_recorded(config: TrainConfig, train_dataset: TokenizedDataset | None,
+                    eval_datasets: dict[str, TokenizedDataset] | None, writer: RunWriter | None, log: _Logger,
+                    info: DistInfo) -> TrainResult:
     """Train, and end the run store's record as finished, stopped or failed whatever happens."""
-    progress = {"step": 0}
+    result = TrainResult(Path(config.output_dir), "finished", 0)
     try:
         if info.is_main:
             remove_partial_checkpoints(Path(config.output_dir))
             remove_stale_exports(Path(config.output_dir))
         with _StopSignal() as stop_signal:
             setup = setup_training(config, info, log, log.event, train_dataset, eval_datasets)
-            progress["step"] = setup.start_step
-            result = run_steps(setup, writer, log, stop_signal, progress)
+            result.step, result.trainable_params = setup.start_step, setup.trainable_count
+            run_steps(setup, result, writer, log, stop_signal)
         if writer is not None:
             writer.finish(result.status, f"{result.status} at step {result.step}", result.step)
         return result
@@ -149,15 +150,15 @@ def _train_recorded(config: TrainConfig, train_dataset, eval_datasets, writer: R
         if writer is not None:
             status = "stopped" if isinstance(err, KeyboardInterrupt) else "failed"
             message = str(err) if isinstance(err, NibbloraError) else f"{type(err).__name__}: {err}"
-            writer.finish(status, message, progress["step"])
+            writer.finish(status, message, result.step)
         raise
 
 
-def run_steps(setup: TrainingSetup, writer: RunWriter | None, log: _Logger, stop_signal: _StopSignal,
-              progress: dict[str, int]) -> TrainResult:
-    """The step loop, from setup.start_step to train.max_steps (or a stop request); then the final export."""
+def run_steps(setup: TrainingSetup, result: TrainResult, writer: RunWriter | None, log: _Logger,
+              stop_signal: _StopSignal) -> None:
+    """The step loop, from setup.start_step to train.max_steps (or a stop request), filling `result` as it goes;
+    then the final export."""
     config, info, tc = setup.config, setup.info, setup.config.train
-    result = TrainResult(Path(config.output_dir), "finished", setup.start_step, trainable_params=setup.trainable_count)
     longest_seen = 0
     step = setup.start_step
     while step < tc.max_steps:
@@ -174,7 +175,6 @@ def run_steps(setup: TrainingSetup, writer: RunWriter | None, log: _Logger, stop
         result.peak_memory_bytes = max(result.peak_memory_bytes, metrics["mem_peak_bytes"])
         result.estimated_memory_bytes = int(metrics["mem_estimate_bytes"])
         result.tokens_per_s = metrics["tokens_per_s"]
-        progress["step"] = step
         if not out.applied:
             _non_finite(setup, out, step, metrics, writer, log, result)  # raises under nan_policy "stop"
         final_step = step == tc.max_steps
@@ -194,7 +194,6 @@ def run_steps(setup: TrainingSetup, writer: RunWriter | None, log: _Logger, stop
         log(f"stopped at step {step} on request; checkpoint written, resume by running the same command")
     if info.is_main:
         result.weights_dir = export_weights(config, setup.model)
-    return result
 
 
 def _step_metrics(setup: TrainingSetup, out: StepOutput, seconds: float, longest_seen: int) -> dict[str, float]:
@@ -282,12 +281,16 @@ def export_weights(config: TrainConfig, model: nn.Module) -> Path:
     """The final weights at output_dir/adapter (LoRA, QLoRA) or output_dir/model (full): written into a temp
     sibling folder, then moved into place (nibblora.outdir), so the path holds a complete export or the old one."""
     final = Path(config.output_dir) / ("model" if config.train.mode == "full" else "adapter")
-    tmp = temp_sibling(final)
     try:
-        with torch.no_grad():
-            save_weights(model, tmp, config.train.mode, config.model.path)
-        move_into_place(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_sibling(final)
+        try:
+            with torch.no_grad():
+                save_weights(model, tmp, config.train.mode, config.model.path)
+            move_into_place(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        raise OutputError(f"writing the final weights to {final}: {err.strerror or err}; nothing was replaced, and "
+                          "the last checkpoint is kept (free some space, then run the same command)") from None
     return final
 

@@ -129,8 +129,17 @@ def find_resume_step(config: TrainConfig, info: DistInfo, log: Log, event: Event
     return None if found < 0 else found
 
 
-def _same_keys(saved: Any, fresh: dict, what: str, directory: Path) -> None:
-    if not isinstance(saved, dict) or set(saved) != set(fresh):
+def _fits(saved: Any, fresh: dict, what: str, directory: Path, required: tuple[str, ...] = ()) -> None:
+    """`saved` may hold only keys `fresh` has (a newer torch may add some; loading sets them as attributes, so a
+    foreign key is refused), with values of the same kind, and must hold `required`."""
+    def same_kind(a: Any, b: Any) -> bool:
+        numbers = (int, float)
+        if a is None or b is None or type(a) is type(b):
+            return True
+        return isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool)
+
+    if not isinstance(saved, dict) or not set(saved) <= set(fresh) or not set(required) <= set(saved) or not all(
+            same_kind(saved[k], fresh[k]) for k in saved):
         raise CheckpointError(f"reading checkpoint {directory}: its {what} state does not fit this run's {what}; "
                               "the checkpoint is damaged or from another config")
 
@@ -141,24 +150,29 @@ def apply_trainer_state(state: dict, optimizer: torch.optim.Optimizer, scheduler
     into first (so a state from another config fails with a CheckpointError, not deep inside a later step)."""
     saved = state.get("optimizer")
     fresh = optimizer.state_dict()
-    _same_keys(saved, fresh, "optimizer", directory)
-    groups = saved["param_groups"]
-    if not isinstance(groups, list) or [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups] != [
-            len(g["params"]) for g in fresh["param_groups"]]:
-        raise CheckpointError(f"reading checkpoint {directory}: its optimizer holds other parameters than this run "
-                              "trains (did train.mode or lora.target_modules change?)")
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+        raise CheckpointError(f"reading checkpoint {directory}: its optimizer state is malformed")
+    groups, per_param = saved["param_groups"], saved["state"]
+    if not isinstance(groups, list) or not isinstance(per_param, dict) or len(groups) != len(fresh["param_groups"]):
+        raise CheckpointError(f"reading checkpoint {directory}: its optimizer holds other parameter groups than "
+                              "this run (did train.mode change?)")
+    for group, fresh_group in zip(groups, fresh["param_groups"]):
+        _fits(group, fresh_group, "optimizer", directory, required=("params", "lr", "betas", "eps", "weight_decay"))
+        if not isinstance(group["params"], list) or len(group["params"]) != len(fresh_group["params"]):
+            raise CheckpointError(f"reading checkpoint {directory}: its optimizer holds other parameters than this "
+                                  "run trains (did train.mode or lora.target_modules change?)")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     index = [i for g in groups for i in g["params"]]
-    per_param = saved["state"]
-    if not isinstance(per_param, dict):
-        raise CheckpointError(f"reading checkpoint {directory}: its optimizer state is malformed")
     for i, p in zip(index, params):
-        for key, value in (per_param.get(i) or {}).items():
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != p.shape:
-                raise CheckpointError(f"reading checkpoint {directory}: optimizer state {key} of parameter {i} has "
-                                      f"shape {list(value.shape)}, the parameter {list(p.shape)} (did lora.r change?)")
-    _same_keys(state.get("scheduler"), scheduler.state_dict(), "scheduler", directory)
-    _same_keys(state.get("scaler"), scaler.state_dict(), "grad scaler", directory)
+        entry = per_param.get(i, {})
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"reading checkpoint {directory}: optimizer state of parameter {i} is malformed")
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor) or (value.ndim > 0 and value.shape != p.shape):
+                raise CheckpointError(f"reading checkpoint {directory}: optimizer state {key} of parameter {i} does "
+                                      f"not fit the parameter's shape {list(p.shape)} (did lora.r change?)")
+    _fits(state.get("scheduler"), scheduler.state_dict(), "scheduler", directory, required=("last_epoch", "base_lrs"))
+    _fits(state.get("scaler"), scaler.state_dict(), "grad scaler", directory)
     try:
         optimizer.load_state_dict(saved)
         scheduler.load_state_dict(state["scheduler"])
