@@ -134,7 +134,7 @@ def _assert_sane(config: TrainConfig) -> None:
     assert len(config.train.betas) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in config.train.betas)
     assert config.train.mode in ("full", "lora", "qlora") and config.train.nan_policy in ("stop", "skip")
     assert config.data.batch_size >= 1 and config.train.grad_accum >= 1 and config.train.max_steps >= 1
-    assert config.train.log_every >= 1 and config.checkpoint.keep_last >= 1 and config.output_dir
+    assert config.train.log_every >= 1 and config.checkpoint.keep_last >= 0 and config.output_dir
     assert config.lora.target_modules and (isinstance(config.lora.target_modules, str)
                                            or all(isinstance(t, str) for t in config.lora.target_modules))
     assert all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in config.data.eval.items())

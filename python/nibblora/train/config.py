@@ -110,7 +110,7 @@ class EvalSection:
 @dataclass
 class CheckpointSection:
     every: int = option(100, ge=0)  # write a checkpoint every N steps (and at the end); 0: only at the end
-    keep_last: int = option(2, ge=1)  # older checkpoints are deleted
+    keep_last: int = option(2, ge=0)  # older checkpoints are deleted (0: keep every checkpoint)
     resume: bool = option(True)  # continue from the newest intact checkpoint in output_dir if there is one
 
 
@@ -135,9 +135,10 @@ class TrainConfig:
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):
                 for f in dataclasses.fields(value):
-                    _check(getattr(value, f.name), f, f"{section.name}.{f.name}", _hints(type(value))[f.name])
+                    checked = _check(getattr(value, f.name), f, f"{section.name}.{f.name}", _hints(type(value))[f.name])
+                    setattr(value, f.name, checked)
             else:
-                _check(value, section, section.name, _hints(TrainConfig)[section.name])
+                setattr(self, section.name, _check(value, section, section.name, _hints(TrainConfig)[section.name]))
         if len(self.train.betas) != 2 or not all(0 <= b < 1 for b in self.train.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.train.betas}")
         targets = self.lora.target_modules
@@ -212,9 +213,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _check(value: Any, f: dataclasses.Field, key: str, hint: Any) -> None:
-    """Type and Rule of one field's value (also for configs built in Python, not read from TOML)."""
-    _coerce(value, hint, key)
+def _check(value: Any, f: dataclasses.Field, key: str, hint: Any) -> Any:
+    """Type and Rule of one field's value (also for configs built in Python, not read from TOML); returns the
+    value as its type (an integer given for a float field becomes a float)."""
+    value = _coerce(value, hint, key)
     rule: Rule = f.metadata.get("rule", Rule())
     if rule.choices and value not in rule.choices:
         raise ConfigError(f"{key} must be one of {', '.join(rule.choices)}, got {_show(value)}")
@@ -231,6 +233,7 @@ def _check(value: Any, f: dataclasses.Field, key: str, hint: Any) -> None:
         if key == "model.path":
             raise ConfigError("model.path is required: a Hugging Face checkpoint folder")
         raise ConfigError(f"{key} must not be empty")
+    return value
 
 
 def _from_dict(cls, data: dict[str, Any], where: str):
