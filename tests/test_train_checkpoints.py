@@ -186,3 +186,16 @@ def test_resuming_with_another_lora_rank_names_the_key(model_dir, tmp_path):
     four_steps(model_dir, out)
     with pytest.raises(CheckpointError, match="lora.r"):
         train(config(model_dir, out, 6, lora={"r": 8}), tiny_rows(16), quiet=True)
+
+
+def test_a_rerun_removes_what_a_killed_run_left_half_written(model_dir, tmp_path):
+    out = tmp_path / "run"
+    four_steps(model_dir, out)
+    stale = [out / ".adapter.tmp-abc123", out / ".tmp-adapter", out / "checkpoints" / ".tmp-step-00000006"]
+    for path in stale:
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes(b"half")
+    result = train(config(model_dir, out, 6), tiny_rows(16), quiet=True)
+    assert not any(path.exists() for path in stale)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert result.weights_dir == out / "adapter" and (out / "adapter" / "adapter_model.safetensors").is_file()
