@@ -38,9 +38,9 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def config(model_dir: Path, out: Path, max_steps: int, lora: dict | None = None):
+def config(model_dir: Path, out: Path, max_steps: int, lora: dict | None = None, mode: str = "lora"):
     # A constant schedule: a 4-step run resumed to 6 steps uses the learning rates of a 6-step run.
-    return tiny_config(model_dir, out, train={"max_steps": max_steps, "schedule": "constant"},
+    return tiny_config(model_dir, out, train={"max_steps": max_steps, "schedule": "constant", "mode": mode},
                        checkpoint={"every": 2, "keep_last": 2}, lora={"dropout": 0.1, **(lora or {})})
 
 
@@ -199,3 +199,15 @@ def test_a_rerun_removes_what_a_killed_run_left_half_written(model_dir, tmp_path
     assert not any(path.exists() for path in stale)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert result.weights_dir == out / "adapter" and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["full", "qlora"])
+def test_resume_is_exact_in_the_other_modes(model_dir, tmp_path, mode):
+    rows = tiny_rows(16)
+    reference = train(config(model_dir, tmp_path / "ref", 6, mode=mode), rows, quiet=True).losses
+    train(config(model_dir, tmp_path / "run", 4, mode=mode), rows, quiet=True)
+    newest = tmp_path / "run" / "checkpoints" / "step-00000004"
+    verify_checkpoint(newest, mode)
+    assert (newest / ("model.safetensors" if mode == "full" else "adapter/adapter_model.safetensors")).is_file()
+    resumed = train(config(model_dir, tmp_path / "run", 6, mode=mode), rows, quiet=True).losses
+    assert resumed == {5: reference[5], 6: reference[6]}
