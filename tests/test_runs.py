@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from nibblora.runs import RunWriter, effective_status, list_runs, open_run, request_stop
 from nibblora.runs.store import RunStoreError
 

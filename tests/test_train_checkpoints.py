@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_train import tiny_checkpoint, tiny_config, tiny_rows
-
 from nibblora.errors import CheckpointError
 from nibblora.runs import open_run
 from nibblora.train import train

@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from nibblora.train import ConfigError, TrainConfig, config_from_dict, load_config
 from nibblora.train.cli import main
 
@@ -185,7 +184,6 @@ def test_a_config_nested_100000_deep_is_one_config_error(tmp_path):
 
 def test_apply_threads_sets_torch_threads_and_auto_follows_omp_num_threads(monkeypatch):
     import torch
-
     from nibblora.train.threads import apply_threads, default_threads
 
     before = torch.get_num_threads()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from helpers_train import tiny_checkpoint, tiny_rows
-
 from nibblora.runs import open_run, request_stop
 from nibblora.train.lock import OutputDirInUseError, lock_run_folder
 

@@ -10,14 +10,13 @@ import pytest
 import torch
 from helpers_models import hf_tiny_model, save_hf
 from helpers_train import tiny_config, tiny_rows
-from safetensors.torch import load_file
-
 from nibblora.runs import open_run
 from nibblora.train import TokenizedRows, train
 from nibblora.train.checkpointing import checkpoint_dirs
 from nibblora.train.cli import main
 from nibblora.train.data import step_micro_batches
 from nibblora.train.loop import NonFiniteLossError
+from safetensors.torch import load_file
 
 POISON = 2  # a token id whose embedding is NaN: any row holding it gives a NaN loss
 BATCH = 2

@@ -136,8 +136,9 @@ def load_weights(model: nn.Module, directory: Path, mode: str) -> None:
         try:
             load_safetensors_model(model, str(directory / FULL_WEIGHTS))
         except (SafetensorError, RuntimeError, OSError) as err:
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CheckpointError(f"reading checkpoint {directory}: {FULL_WEIGHTS} does not fit this model "
-                                  f"({str(err).splitlines()[0]}); did model.path change since the checkpoint?") from None
+                                  f"({first_line}); did model.path change since the checkpoint?") from None
         return
     _load_adapter_in_place(model, directory / ADAPTER_DIR)
 

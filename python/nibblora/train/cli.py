@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"nibblora.train: error: {err}", file=sys.stderr)
         return 2
-    from nibblora.train.loop import train  # torch and the model code load only for a valid config
+    # torch and the model code load only for a valid config
+    from nibblora.train.loop import train
 
     try:
         result = train(config, quiet=args.quiet)

@@ -18,7 +18,6 @@ from typing import Protocol
 import torch
 
 from nibblora.data import PreparedDataset, collate_padded
-from nibblora.data.encoder import IGNORE_INDEX
 
 
 class TokenizedDataset(Protocol):

@@ -38,7 +38,8 @@ def lock_run_folder(output_dir: str | Path) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "a process that has not written its pid yet"
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            holder = holder or "unknown: it has not written it yet"
             raise OutputDirInUseError(
                 f"output_dir {output_dir} is in use by another trainer (pid {holder}); wait for it to finish, stop "
                 "it (nibblora.runs.request_stop), or choose another output_dir") from None

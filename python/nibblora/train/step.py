@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nibblora.train.data import IGNORE_INDEX, TokenizedDataset, eval_batches, pad_collate, step_micro_batches
+from nibblora.data.encoder import IGNORE_INDEX
+from nibblora.train.data import (
+    TokenizedDataset,
+    eval_batches,
+    pad_collate,
+    step_micro_batches,
+)
 from nibblora.train.distributed import DistInfo, all_reduce_sum
 from nibblora.train.setup import TrainingSetup
 
