@@ -65,6 +65,10 @@ class TrainingSetup:
     threads: int  # torch CPU threads in use
 
     @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.trainable_params)
 
@@ -196,8 +200,8 @@ def setup_training(config: TrainConfig, info: DistInfo, log: Log, event: Event,
     meter = MemoryMeter(device)
     torch.manual_seed(tc.seed)  # the same adapter init on every rank
     model, trainable = build_model(config, device)
-    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab_size is not None and config.data.pad_token_id >= vocab_size:
+    vocab_size = model.config.vocab_size
+    if config.data.pad_token_id >= vocab_size:
         raise ConfigError(f"data.pad_token_id {config.data.pad_token_id} is not in the model's vocabulary "
                           f"(vocab_size {vocab_size}); use the tokenizer's pad id")
     log(f"{tc.mode} on {device} (world size {info.world_size}, {threads} CPU threads): "

@@ -24,6 +24,7 @@ from torch import nn
 from nibblora.data.encoder import IGNORE_INDEX
 from nibblora.train.data import (
     TokenizedDataset,
+    check_token_ids,
     eval_batches,
     pad_collate,
     step_micro_batches,
@@ -71,6 +72,8 @@ def train_step(setup: TrainingSetup, step: int, skip_non_finite: bool) -> StepOu
     micro = step_micro_batches(setup.train_dataset, step, config.data.batch_size, tc.grad_accum, info.world_size,
                                info.rank, tc.seed)
     batches = [pad_collate([setup.train_dataset[i] for i in idx], config.data.pad_token_id) for idx in micro]
+    for idx, batch in zip(micro, batches):
+        check_token_ids(batch, setup.vocab_size, idx)
     n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     n_tokens = int(all_reduce_sum(torch.tensor(n_local, device=device), info).item())
     tokens_local = sum(int((b["input_ids"] != config.data.pad_token_id).sum()) for b in batches)
@@ -123,7 +126,9 @@ def evaluate(model: nn.Module, dataset: TokenizedDataset, batch_size: int, max_b
     total = torch.zeros((), dtype=torch.float64, device=info.device)
     count = torch.zeros((), dtype=torch.int64, device=info.device)
     for indices in eval_batches(dataset, batch_size, max_batches, info.rank, info.world_size):
-        batch = {k: v.to(info.device) for k, v in pad_collate([dataset[i] for i in indices], pad_token_id).items()}
+        cpu_batch = pad_collate([dataset[i] for i in indices], pad_token_id)
+        check_token_ids(cpu_batch, model.config.vocab_size, indices, what="eval row")
+        batch = {k: v.to(info.device) for k, v in cpu_batch.items()}
         with autocast():
             logits = model(batch["input_ids"], position_ids=batch.get("position_ids"))
         loss_sum, n = token_loss_sum(logits, batch["labels"])
