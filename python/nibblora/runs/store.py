@@ -3,6 +3,8 @@
 Tables (see docs/training.md for the full schema):
     runs     one row per run: id, name, status, pid, host, heartbeat, config (JSON), stop_requested, times
     metrics  (run_id, step, name) -> value; stable flat names: loss, lr, grad_norm, tokens_per_s, ...
+    nonfinite_metrics  (run_id, step, name) -> 'nan' | 'inf' | '-inf': values `metrics` cannot hold (SQLite
+             stores NaN as NULL); a (step, name) is in exactly one of the two tables
     events   what happened when: started, checkpoint, eval, resumed, stopped, finished, failed
     logs     the run's log lines
 
@@ -13,12 +15,15 @@ holds nothing. The writer commits after each step so a reader sees every finishe
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sqlite3
 import threading
 import time
 from pathlib import Path
+
+from nibblora.errors import InputError
 
 DB_NAME = "runs.sqlite"
 STATUSES = ("running", "finished", "failed", "stopped")
@@ -46,6 +51,14 @@ CREATE TABLE IF NOT EXISTS metrics (
     time REAL NOT NULL,
     PRIMARY KEY (run_id, step, name)
 );
+CREATE TABLE IF NOT EXISTS nonfinite_metrics (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (run_id, step, name)
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,
@@ -65,7 +78,21 @@ CREATE TABLE IF NOT EXISTS logs (
 CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (run_id, name, step);
 """
 
+# The columns each table must have: a store from an older version gains new tables, never loses columns.
+COLUMNS = {
+    "runs": {"run_id", "name", "status", "pid", "host", "created_at", "updated_at", "heartbeat_at", "ended_at",
+             "config_json", "total_steps", "stop_requested"},
+    "metrics": {"run_id", "step", "name", "value", "time"},
+    "nonfinite_metrics": {"run_id", "step", "name", "value", "time"},
+    "events": {"id", "run_id", "time", "step", "kind", "message", "data_json"},
+    "logs": {"id", "run_id", "time", "level", "message"},
+}
+
 HEARTBEAT_SECONDS = 5.0
+
+
+class RunStoreError(InputError):
+    """runs.sqlite exists but is not a usable run store (damaged, or another file); the message names it."""
 
 
 def db_path(run_dir: str | Path) -> Path:
@@ -97,10 +124,30 @@ class RunWriter:
 
     @classmethod
     def open(cls, run_dir: str | Path, run_id: str, name: str, config: dict, total_steps: int | None = None) -> RunWriter:
+        """RunStoreError (one line naming the file and what to do) when runs.sqlite is damaged or not a store."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        conn = connect(db_path(run_dir))
-        conn.executescript(SCHEMA)
+        path = db_path(run_dir)
+        conn = None
+        try:
+            conn = connect(path)
+            conn.executescript(SCHEMA)
+            _check_store(conn, path)
+            writer = cls._register(conn, run_id, name, config, total_steps)
+        except sqlite3.DatabaseError as err:
+            if conn is not None:
+                conn.close()
+            raise RunStoreError(f"opening the run store: {path} is damaged or not a run store ({err}); move it "
+                                "away (or delete it) to start a new one, or choose another output_dir") from None
+        except RunStoreError:
+            conn.close()
+            raise
+        writer._start_heartbeat()
+        return writer
+
+    @classmethod
+    def _register(cls, conn: sqlite3.Connection, run_id: str, name: str, config: dict,
+                  total_steps: int | None) -> RunWriter:
         now = time.time()
         with conn:
             conn.execute("BEGIN IMMEDIATE")
@@ -117,9 +164,7 @@ class RunWriter:
                     "config_json, total_steps) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, name, os.getpid(), socket.gethostname(), now, now, now, json.dumps(config), total_steps),
                 )
-        writer = cls(conn, run_id)
-        writer._start_heartbeat()
-        return writer
+        return cls(conn, run_id)
 
     def _start_heartbeat(self) -> None:
         # A thread, not the loop, beats: one training step may take longer than a reader's patience.
@@ -135,14 +180,24 @@ class RunWriter:
             self.conn.execute(sql, args)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Record metrics of one step (replacing that step's earlier values, as after a resume)."""
+        """Record metrics of one step (replacing that step's earlier values, as after a resume). Non-finite values
+        (NaN, +-inf) go to nonfinite_metrics as text: `metrics.value` is a NOT NULL REAL and SQLite turns NaN
+        into NULL."""
         now = time.time()
+        values = {name: float(value) for name, value in metrics.items()}
+        finite = [(self.run_id, step, name, v, now) for name, v in values.items() if math.isfinite(v)]
+        nonfinite = [(self.run_id, step, name, repr(v), now) for name, v in values.items() if not math.isfinite(v)]
         with self._lock, self.conn:
             self.conn.execute("BEGIN")
+            self.conn.executemany("DELETE FROM metrics WHERE run_id=? AND step=? AND name=?",
+                                  [row[:3] for row in nonfinite])
+            self.conn.executemany("DELETE FROM nonfinite_metrics WHERE run_id=? AND step=? AND name=?",
+                                  [row[:3] for row in finite])
             self.conn.executemany(
-                "INSERT OR REPLACE INTO metrics (run_id, step, name, value, time) VALUES (?, ?, ?, ?, ?)",
-                [(self.run_id, step, name, float(value), now) for name, value in metrics.items()],
-            )
+                "INSERT OR REPLACE INTO metrics (run_id, step, name, value, time) VALUES (?, ?, ?, ?, ?)", finite)
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO nonfinite_metrics (run_id, step, name, value, time) VALUES (?, ?, ?, ?, ?)",
+                nonfinite)
             self.conn.execute("UPDATE runs SET updated_at=?, heartbeat_at=? WHERE run_id=?", (now, now, self.run_id))
 
     def event(self, kind: str, message: str, step: int | None = None, data: dict | None = None) -> None:
@@ -173,3 +228,19 @@ class RunWriter:
         self._execute("UPDATE runs SET status=?, updated_at=?, ended_at=? WHERE run_id=?",
                       (status, now, now, self.run_id))
         self.conn.close()
+
+
+def _check_store(conn: sqlite3.Connection, path: Path) -> None:
+    """RunStoreError unless SQLite finds the file intact and every table has the columns this version writes."""
+    rows = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+    if rows != ["ok"]:
+        problems = [line for row in rows for line in str(row).splitlines() if line and not line.startswith("***")]
+        more = f" and {len(problems) - 1} more problems" if len(problems) > 1 else ""
+        raise RunStoreError(f"opening the run store: {path} is damaged ({(problems or rows)[0]}{more}); move it "
+                            "away (or delete it) to start a new one, or choose another output_dir")
+    for table, columns in COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if not columns <= have:
+            raise RunStoreError(f"opening the run store: {path} has a table {table} without the columns "
+                                f"{', '.join(sorted(columns - have))}; it is not a nibblora run store: move it away "
+                                "or choose another output_dir")

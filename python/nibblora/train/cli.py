@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from nibblora.errors import NibbloraError
 from nibblora.train.config import ConfigError, load_config
 
 
@@ -23,19 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """0: finished or stopped on request; 1: training failed (a non-finite loss, a write error); 2: bad input
+    (config, data, checkpoint, a damaged run store, an output_dir another trainer holds); 130: interrupted."""
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"nibblora.train: error: {err}", file=sys.stderr)
         return 2
-    from nibblora.train.loop import train  # torch and the model code load only for a valid config
+    # torch and the model code load only for a valid config
+    from nibblora.train.loop import train
 
     try:
         result = train(config, quiet=args.quiet)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # InputError is a ValueError
         print(f"nibblora.train: error: {err}", file=sys.stderr)
         return 2
+    except NibbloraError as err:  # NonFiniteLossError, OutputError
+        print(f"nibblora.train: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("nibblora.train: interrupted; resume from the last checkpoint by running the same command",
               file=sys.stderr)

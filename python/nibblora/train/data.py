@@ -15,9 +15,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from nibblora.data import PreparedDataset, collate_padded
 from nibblora.data.encoder import IGNORE_INDEX
+from nibblora.errors import DataError, DataFileNotFoundError
 
 
 class TokenizedDataset(Protocol):
@@ -32,19 +35,11 @@ class TokenizedRows(torch.utils.data.Dataset):
     `labels` defaults to `input_ids` (every token trained); rows longer than `max_length` (> 0) are truncated.
     """
 
-    def __init__(self, rows: Sequence[dict], max_length: int = 0):
+    def __init__(self, rows: Sequence[dict], max_length: int = 0, *, names: Sequence[str] | None = None):
+        """`names[i]` says where row i came from in errors (from_jsonl passes "file:line"); default "row i"."""
         self.rows = []
         for i, row in enumerate(rows):
-            if "input_ids" not in row:
-                raise ValueError(f"row {i} has no input_ids")
-            item = {k: torch.as_tensor(v, dtype=torch.long) for k, v in row.items()
-                    if k in ("input_ids", "labels", "position_ids")}
-            item.setdefault("labels", item["input_ids"].clone())
-            if item["labels"].shape != item["input_ids"].shape:
-                raise ValueError(f"row {i}: labels and input_ids differ in length")
-            if max_length > 0:
-                item = {k: v[:max_length] for k, v in item.items()}
-            self.rows.append(item)
+            self.rows.append(_row_tensors(row, names[i] if names is not None else f"row {i}", max_length))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -54,15 +49,17 @@ class TokenizedRows(torch.utils.data.Dataset):
 
     @classmethod
     def from_jsonl(cls, path: str | Path, max_length: int = 0) -> TokenizedRows:
-        rows = []
+        rows, names = [], []
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{line_no}: not JSON ({err})") from None
-        return cls(rows, max_length)
+                    except (json.JSONDecodeError, RecursionError) as err:
+                        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+                        raise DataError(f"{path}:{line_no}: not JSON ({reason})") from None
+                    names.append(f"{path}:{line_no}")
+        return cls(rows, max_length, names=names)
 
     def to_jsonl(self, path: str | Path) -> Path:
         with open(path, "w", encoding="utf-8") as f:
@@ -71,18 +68,49 @@ class TokenizedRows(torch.utils.data.Dataset):
         return Path(path)
 
 
+_ROW_KEYS = ("input_ids", "labels", "position_ids")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _ids(value: object, key: str, where: str) -> torch.Tensor:
+    """A 1-D int64 tensor from a list / tuple of ints, or a 1-D integer tensor or numpy array."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise DataError(f"{where}: {key} must be a 1-D integer tensor, got {value.dtype} of shape "
+                            f"{list(value.shape)}")
+        return value.to(torch.long)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise DataError(f"{where}: {key} must be a list of integers")
+    if value and not (_INT64[0] <= min(value) and max(value) <= _INT64[1]):
+        raise DataError(f"{where}: {key} holds a number outside int64")
+    return torch.tensor(value, dtype=torch.long)
+
+
+def _row_tensors(row: object, where: str, max_length: int) -> dict[str, torch.Tensor]:
+    """One row as 1-D int64 tensors (input_ids, labels, position_ids when given); DataError naming `where`."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object with input_ids (and labels), got {type(row).__name__}")
+    if "input_ids" not in row:
+        raise DataError(f"{where}: the row has no input_ids")
+    item = {k: _ids(row[k], k, where) for k in _ROW_KEYS if k in row}
+    item.setdefault("labels", item["input_ids"].clone())
+    for key in ("labels", "position_ids"):
+        if key in item and item[key].shape != item["input_ids"].shape:
+            raise DataError(f"{where}: {key} and input_ids differ in length")
+    if max_length > 0:
+        item = {k: v[:max_length] for k, v in item.items()}
+    return item
+
+
 def open_dataset(path: str | Path, max_length: int = 0) -> TokenizedDataset:
     """A .jsonl file of tokenized rows, or a folder written by nibblora's data preparation (PreparedDataset)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset {path} does not exist")
+        raise DataFileNotFoundError(f"dataset {path} does not exist")
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         return TokenizedRows.from_jsonl(path, max_length)
-    try:
-        from nibblora.data import PreparedDataset  # issue 4; optional until it lands
-    except ImportError:
-        raise ValueError(f"dataset {path}: not a .jsonl file, and nibblora.data (PreparedDataset) is not "
-                         "available in this install") from None
     return PreparedDataset(path)
 
 
@@ -90,13 +118,25 @@ def pad_collate(rows: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) 
     """nibblora.data.collate_padded without the attention mask: with right padding and causal attention no real
     token ever sees a pad, and leaving the mask out keeps attention on its fast path. position_ids only for
     packed rows (the model's default 0..n-1 serves the rest). int64 tensors [batch, longest]."""
-    from nibblora.data import collate_padded
-
     batch = collate_padded(rows, pad_token_id)
     del batch["attention_mask"]
     if not any("position_ids" in r for r in rows):
         del batch["position_ids"]
     return batch
+
+
+def check_token_ids(batch: dict[str, torch.Tensor], vocab_size: int, rows: Sequence[int],
+                    what: str = "training row") -> None:
+    """DataError naming the row when an id is outside the vocabulary (the embedding lookup would fail, on a GPU
+    with a device-side assert that ends the process): input_ids in [0, vocab_size), labels there or -100."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    bad_ids = (ids < 0) | (ids >= vocab_size)
+    bad_labels = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab_size)
+    for name, bad, values in (("input_ids", bad_ids, ids), ("labels", bad_labels, labels)):
+        if bool(bad.any()):
+            i, j = (int(x) for x in bad.nonzero()[0])
+            raise DataError(f"{what} {rows[i]}: {name} holds {int(values[i, j])} at position {j}, outside the "
+                            f"model's vocabulary (vocab_size {vocab_size}); was the data tokenized for another model?")
 
 
 def index_stream(num_rows: int, seed: int, start: int) -> Iterator[int]:

@@ -2,54 +2,49 @@
 
     result = train(load_config("qlora.toml"))
 
-One optimizer step:
-    rows     = the step's micro-batches (a pure function of seed and step; see nibblora.train.data)
-    n_tokens = supervised tokens (labels != -100 after the shift) over ALL micro-batches and ranks
-    for each micro-batch: loss_sum = CE summed over its tokens; backward(loss_sum / n_tokens)
-    clip, AdamW step, scheduler step
-so the loss is the mean over every supervised token of the step, however the tokens fall into micro-batches,
-devices and padding. A micro-batch with many supervised tokens weighs more than one with few, as it should.
+train() holds the run folder's lock and the run store, builds everything once (nibblora.train.setup), then
+steps (nibblora.train.step): log, evaluate, checkpoint, until max_steps or a stop request; the final weights go
+to <output_dir>/adapter (or /model) through the same atomic-output helper the tools use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
+import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from nibblora.lora import inject_lora
-from nibblora.memory import MemoryMeter, estimate_memory
-from nibblora.models import load_model
+from nibblora.errors import NibbloraError, OutputError
+from nibblora.memory import estimate_memory
+from nibblora.outdir import move_into_place, temp_sibling
 from nibblora.runs import RunWriter
 from nibblora.train.checkpointing import (
     latest_checkpoint,
-    load_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
     save_weights,
 )
 from nibblora.train.config import TrainConfig
-from nibblora.train.data import (
-    IGNORE_INDEX,
-    TokenizedDataset,
-    eval_batches,
-    open_dataset,
-    pad_collate,
-    step_micro_batches,
-)
-from nibblora.train.distributed import DistInfo, all_reduce_sum, any_rank, init_distributed, shutdown
-from nibblora.train.optim import PagedOptimizerStates, build_optimizer, build_scheduler
+from nibblora.train.data import TokenizedDataset
+from nibblora.train.distributed import DistInfo, any_rank, init_distributed, shutdown
+from nibblora.train.lock import lock_run_folder
+from nibblora.train.setup import TrainingSetup, build_model, setup_training
+from nibblora.train.step import StepOutput, evaluate, token_loss_sum, train_step
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["NonFiniteLossError", "TrainResult", "build_model", "evaluate", "token_loss_sum", "train"]
+
+
+class NonFiniteLossError(NibbloraError):
+    """The loss (or gradient norm) became NaN or infinite and train.nan_policy is "stop". The update was not
+    applied; the checkpoints written before are kept. The CLI reports it in one line and exits 1."""
 
 
 @dataclass
@@ -64,42 +59,12 @@ class TrainResult:
     estimated_memory_bytes: int = 0
     tokens_per_s: float = 0.0
     weights_dir: Path | None = None  # output_dir/adapter or output_dir/model
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over supervised positions, number of them).
-
-    logits [batch, seq, vocab] predict the token after each position, so they meet labels shifted by one.
-    The loss is taken in float32 whatever the logits' dtype.
-    """
-    shifted = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, (shifted != IGNORE_INDEX).sum()
-
-
-def build_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, int]:
-    """The model to train (full: every parameter; lora / qlora: adapters injected, the base frozen).
-    Returns (model, trainable parameter count)."""
-    mode = config.train.mode
-    dtype = DTYPES[config.model.dtype]
-    quantize = config.model.quant_type if mode == "qlora" else None
-    model = load_model(config.model.path, dtype=dtype, quantize=quantize, device=device,
-                       double_quant=config.model.double_quant,
-                       gradient_checkpointing=config.model.gradient_checkpointing)
-    if mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        targets = config.lora.target_modules
-        inject_lora(model, targets if isinstance(targets, str) else list(targets), r=config.lora.r,
-                    alpha=config.lora.alpha, dropout=config.lora.dropout, rslora=config.lora.rslora)
-    model.train()
-    return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose update was skipped (nan_policy "skip")
 
 
 class _Logger:
-    """Log lines to stderr and to the run store (rank 0 only)."""
+    """Log lines to the run store and the console (rank 0 only): info on stdout unless quiet, warnings and
+    errors on stderr always."""
 
     def __init__(self, writer: RunWriter | None, quiet: bool):
         self.writer, self.quiet = writer, quiet
@@ -107,9 +72,15 @@ class _Logger:
     def __call__(self, message: str, level: str = "info") -> None:
         if self.writer is None:
             return
-        if not self.quiet:
+        if level != "info":
+            print(f"nibblora.train: {level}: {message}", file=sys.stderr, flush=True)
+        elif not self.quiet:
             print(f"nibblora.train: {message}", flush=True)
         self.writer.log(message, level)
+
+    def event(self, kind: str, message: str, step: int | None = None, data: dict | None = None) -> None:
+        if self.writer is not None:
+            self.writer.event(kind, message, step, data)
 
 
 class _StopSignal:
@@ -117,7 +88,7 @@ class _StopSignal:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -137,221 +108,189 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: TokenizedDataset, batch_size: int, max_batches: int, pad_token_id: int,
-             info: DistInfo, autocast) -> tuple[float, int]:
-    """(mean next-token loss over the set's supervised tokens, their number), over all ranks."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=info.device)
-    count = torch.zeros((), dtype=torch.int64, device=info.device)
-    for indices in eval_batches(dataset, batch_size, max_batches, info.rank, info.world_size):
-        batch = {k: v.to(info.device) for k, v in pad_collate([dataset[i] for i in indices], pad_token_id).items()}
-        with autocast():
-            logits = model(batch["input_ids"], position_ids=batch.get("position_ids"))
-        loss_sum, n = token_loss_sum(logits, batch["labels"])
-        total += loss_sum.double()
-        count += n
-    model.train(was_training)
-    total, count = all_reduce_sum(total, info), all_reduce_sum(count, info)
-    return (total / count.clamp(min=1)).item(), int(count.item())
-
-
 def train(config: TrainConfig, train_dataset: TokenizedDataset | None = None,
           eval_datasets: dict[str, TokenizedDataset] | None = None, *, quiet: bool = False) -> TrainResult:
     """Fine-tune as `config` says; datasets given here replace data.train / data.eval. Resumes from the newest
-    checkpoint in output_dir when checkpoint.resume is on. Run under torchrun for DDP."""
+    intact checkpoint in output_dir when checkpoint.resume is on. Run under torchrun for DDP.
+
+    Raises OutputDirInUseError when another trainer holds output_dir, RunStoreError for a damaged runs.sqlite,
+    NonFiniteLossError when the loss becomes NaN under train.nan_policy "stop"."""
     info = init_distributed(config.train.device)
     output_dir = Path(config.output_dir)
-    writer = None
-    if info.is_main:
-        run_name = config.run_name or output_dir.name
-        writer = RunWriter.open(output_dir, run_id=run_name, name=run_name, config=config.to_dict(),
-                                total_steps=config.train.max_steps)
-    log = _Logger(writer, quiet)
-    step = 0
     try:
+        with contextlib.ExitStack() as held:
+            writer = None
+            if info.is_main:
+                held.enter_context(lock_run_folder(output_dir))
+                run_name = config.run_name or output_dir.name
+                writer = RunWriter.open(output_dir, run_id=run_name, name=run_name, config=config.to_dict(),
+                                        total_steps=config.train.max_steps)
+            return _train_recorded(config, train_dataset, eval_datasets, writer, _Logger(writer, quiet), info)
+    finally:
+        shutdown(info)
+
+
+def _train_recorded(config: TrainConfig, train_dataset: TokenizedDataset | None,
+                    eval_datasets: dict[str, TokenizedDataset] | None, writer: RunWriter | None, log: _Logger,
+                    info: DistInfo) -> TrainResult:
+    """Train, and end the run store's record as finished, stopped or failed whatever happens."""
+    result = TrainResult(Path(config.output_dir), "finished", 0)
+    try:
+        if info.is_main:
+            remove_partial_checkpoints(Path(config.output_dir))
+            remove_stale_exports(Path(config.output_dir))
         with _StopSignal() as stop_signal:
-            result = _train(config, train_dataset, eval_datasets, info, writer, log, stop_signal)
-            step = result.step
+            setup = setup_training(config, info, log, log.event, train_dataset, eval_datasets)
+            result.step, result.trainable_params = setup.start_step, setup.trainable_count
+            run_steps(setup, result, writer, log, stop_signal)
         if writer is not None:
             writer.finish(result.status, f"{result.status} at step {result.step}", result.step)
         return result
     except BaseException as err:
         if writer is not None:
             status = "stopped" if isinstance(err, KeyboardInterrupt) else "failed"
-            writer.finish(status, f"{type(err).__name__}: {err}", step)
+            message = str(err) if isinstance(err, NibbloraError) else f"{type(err).__name__}: {err}"
+            writer.finish(status, message, result.step)
         raise
-    finally:
-        shutdown(info)
 
 
-def _train(config: TrainConfig, train_dataset, eval_datasets, info: DistInfo, writer: RunWriter | None, log,
-           stop_signal: _StopSignal) -> TrainResult:
-    tc, device = config.train, info.device
-    output_dir = Path(config.output_dir)
-    if info.is_main:
-        remove_partial_checkpoints(output_dir)
-    if device.type == "cpu" and config.model.dtype == "float16":
-        raise ValueError("model.dtype float16 needs CUDA; on a CPU use float32 or bfloat16")
-    if train_dataset is None:
-        train_dataset = open_dataset(config.data.train, config.data.max_length)
-    if eval_datasets is None:
-        eval_datasets = {name: open_dataset(path, config.data.max_length) for name, path in config.data.eval.items()}
-    if len(train_dataset) == 0:
-        raise ValueError("the training set is empty")
-
-    meter = MemoryMeter(device)
-    torch.manual_seed(tc.seed)  # the same adapter init on every rank
-    model, trainable = build_model(config, device)
-    log(f"{tc.mode} on {device} (world size {info.world_size}): {trainable:,} trainable parameters")
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.betas[0], tc.betas[1]), tc.eps)
-    warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * tc.max_steps)
-    scheduler = build_scheduler(optimizer, tc.max_steps, warmup, tc.schedule, tc.min_lr_ratio)
-    paged = PagedOptimizerStates(optimizer, device)
-    if tc.paged_optimizer and not paged.active:
-        log("paged_optimizer has no effect on a CPU: the optimizer states already live in host memory")
-    paged.active = paged.active and tc.paged_optimizer
-    use_cuda_amp = device.type == "cuda" and config.model.dtype != "float32"
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.model.dtype == "float16")
-
-    def autocast():
-        if use_cuda_amp:
-            return torch.autocast("cuda", dtype=DTYPES[config.model.dtype])
-        return contextlib.nullcontext()
-
-    start_step = 0
-    resume_from = latest_checkpoint(output_dir) if config.checkpoint.resume else None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, tc.mode, info)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
-        log(f"resumed from {resume_from} at step {start_step}")
-        if writer is not None:
-            writer.event("resumed", f"resumed from step {start_step}", start_step, {"checkpoint": str(resume_from)})
-    elif writer is not None:
-        writer.event("started", f"{tc.mode} training started", 0)
-
-    train_model: nn.Module = model
-    if info.enabled:
-        # Every rank built the same model from the same seed, so nothing needs broadcasting. broadcast_buffers is
-        # deprecated in favour of forward_sync_buffers, which still syncs at init; we want no sync at all.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
-
-    result = TrainResult(output_dir, "finished", start_step, trainable_params=trainable)
+def run_steps(setup: TrainingSetup, result: TrainResult, writer: RunWriter | None, log: _Logger,
+              stop_signal: _StopSignal) -> None:
+    """The step loop, from setup.start_step to train.max_steps (or a stop request), filling `result` as it goes;
+    then the final export."""
+    config, info, tc = setup.config, setup.info, setup.config.train
     longest_seen = 0
-    estimate_args = dict(r=config.lora.r, target_modules=config.lora.target_modules, dtype=config.model.dtype,
-                         gradient_checkpointing=config.model.gradient_checkpointing, mixed_precision=False,
-                         paged_optimizer=paged.active, double_quant=config.model.double_quant)
-    eval_every = config.eval.every
-    eval_batch = config.eval.batch_size or config.data.batch_size
-    step = start_step
+    step = setup.start_step
     while step < tc.max_steps:
         if any_rank(stop_signal.requested or (writer is not None and writer.stop_requested()), info):
             result.status = "stopped"
             break
         t0 = time.perf_counter()
-        micro = step_micro_batches(train_dataset, step, config.data.batch_size, tc.grad_accum, info.world_size,
-                                   info.rank, tc.seed)
-        batches = [pad_collate([train_dataset[i] for i in idx], config.data.pad_token_id) for idx in micro]
-        n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        n_tokens = int(all_reduce_sum(torch.tensor(n_local, device=device), info).item())
-        tokens_local = sum(int((b["input_ids"] != config.data.pad_token_id).sum()) for b in batches)
-        longest_seen = max([longest_seen] + [b["input_ids"].shape[1] for b in batches])
-        loss_total = torch.zeros((), dtype=torch.float64, device=device)
-        for j, cpu_batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in cpu_batch.items()}
-            last = j == len(batches) - 1
-            # DDP all-reduces gradients on the last micro-batch only; it averages over ranks, hence * world_size.
-            sync = train_model.no_sync() if info.enabled and not last else contextlib.nullcontext()
-            with sync:
-                with autocast():
-                    logits = train_model(batch["input_ids"], position_ids=batch.get("position_ids"))
-                loss_sum, _ = token_loss_sum(logits, batch["labels"])
-                scaler.scale(loss_sum * info.world_size / max(n_tokens, 1)).backward()
-            loss_total += loss_sum.detach().double()
-            del logits, loss_sum
-        scaler.unscale_(optimizer)
-        max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, max_norm)
-        lr = scheduler.get_last_lr()[0]
-        if paged.active:
-            paged.page_in()
-        scaler.step(optimizer)
-        if paged.active:
-            paged.page_out()
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        out = train_step(setup, step, skip_non_finite=tc.nan_policy == "skip")
         step += 1
-
-        loss = (all_reduce_sum(loss_total, info) / max(n_tokens, 1)).item()
-        tokens = int(all_reduce_sum(torch.tensor(tokens_local, device=device), info).item())
-        seconds = time.perf_counter() - t0
-        result.losses[step] = loss
+        longest_seen = max(longest_seen, out.longest)
+        metrics = _step_metrics(setup, out, time.perf_counter() - t0, longest_seen)
+        result.losses[step] = out.loss
         result.step = step
-        metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / seconds,
-                   "supervised_tokens": n_tokens, **meter.read()}
-        estimate = estimate_memory(model.config, tc.mode, batch_size=config.data.batch_size, seq_len=longest_seen,
-                                   **estimate_args)
-        metrics["mem_estimate_bytes"] = estimate.total_bytes
         result.peak_memory_bytes = max(result.peak_memory_bytes, metrics["mem_peak_bytes"])
-        result.estimated_memory_bytes = estimate.total_bytes
+        result.estimated_memory_bytes = int(metrics["mem_estimate_bytes"])
         result.tokens_per_s = metrics["tokens_per_s"]
+        if not out.applied:
+            _non_finite(setup, out, step, metrics, writer, log, result)  # raises under nan_policy "stop"
         final_step = step == tc.max_steps
-        if eval_datasets and ((eval_every and step % eval_every == 0) or final_step):
-            for name, dataset in eval_datasets.items():
-                eval_loss, eval_tokens = evaluate(model, dataset, eval_batch, config.eval.max_batches,
-                                                  config.data.pad_token_id, info, autocast)
-                metrics[f"eval_{name}_loss"] = eval_loss
-                metrics[f"eval_{name}_tokens"] = eval_tokens
-                result.eval[f"eval_{name}_loss"] = eval_loss
+        if setup.eval_datasets and ((config.eval.every and step % config.eval.every == 0) or final_step):
+            metrics.update(run_evals(setup))
+            result.eval.update({k: v for k, v in metrics.items() if k.startswith("eval_") and k.endswith("_loss")})
         if writer is not None:
             writer.log_metrics(step, metrics)
             if step % tc.log_every == 0 or final_step:
-                evals = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") and k.endswith("_loss"))
-                log(f"step {step}/{tc.max_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {float(grad_norm):.3f} "
-                    f"{metrics['tokens_per_s']:.0f} tok/s{evals}")
+                log(_step_line(step, tc.max_steps, out, metrics))
         every = config.checkpoint.every
         if (every and step % every == 0) or final_step:
-            _checkpoint(config, step, model, optimizer, scheduler, scaler, info, writer)
+            write_checkpoint(setup, step, writer)
 
     if result.status == "stopped":
-        _checkpoint(config, step, model, optimizer, scheduler, scaler, info, writer)
+        write_checkpoint(setup, step, writer)
         log(f"stopped at step {step} on request; checkpoint written, resume by running the same command")
     if info.is_main:
-        result.weights_dir = _export_weights(config, model)
-    return result
+        result.weights_dir = export_weights(config, setup.model)
 
 
-def _checkpoint(config, step, model, optimizer, scheduler, scaler, info, writer) -> None:
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "world_size": info.world_size}
-    path = save_checkpoint(Path(config.output_dir), step, model, state, config.train.mode, config.model.path, info,
-                           config.checkpoint.keep_last)
+def _step_metrics(setup: TrainingSetup, out: StepOutput, seconds: float, longest_seen: int) -> dict[str, float]:
+    config = setup.config
+    metrics: dict[str, float] = {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+                                 "tokens_per_s": out.tokens / seconds, "supervised_tokens": out.supervised_tokens,
+                                 **setup.meter.read()}
+    estimate = estimate_memory(
+        setup.model.config, config.train.mode, batch_size=config.data.batch_size, seq_len=longest_seen,
+        r=config.lora.r, target_modules=config.lora.target_modules, dtype=config.model.dtype,
+        gradient_checkpointing=config.model.gradient_checkpointing, mixed_precision=False,
+        paged_optimizer=setup.paged.active, double_quant=config.model.double_quant)
+    metrics["mem_estimate_bytes"] = estimate.total_bytes
+    return metrics
+
+
+def _step_line(step: int, max_steps: int, out: StepOutput, metrics: dict[str, float]) -> str:
+    evals = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") and k.endswith("_loss"))
+    return (f"step {step}/{max_steps} loss {out.loss:.4f} lr {out.lr:.2e} grad_norm {out.grad_norm:.3f} "
+            f"{metrics['tokens_per_s']:.0f} tok/s{evals}")
+
+
+def _non_finite(setup: TrainingSetup, out: StepOutput, step: int, metrics: dict[str, float],
+                writer: RunWriter | None, log: _Logger, result: TrainResult) -> None:
+    """A step whose loss or gradient norm was NaN / inf: recorded, then skipped or the run stopped (nan_policy)."""
+    what = (f"loss became {_show(out.loss)}" if not math.isfinite(out.loss)
+            else f"the gradient norm became {_show(out.grad_norm)}")
+    if setup.config.train.nan_policy == "skip":
+        result.skipped_steps.append(step)
+        log(f"{what} at step {step}; skipped the step (train.nan_policy = \"skip\"): the weights are unchanged",
+            "warning")
+        log.event("skipped_step", f"{what} at step {step}; update skipped", step, None)
+        return
+    if writer is not None:
+        writer.log_metrics(step, metrics)
+    last = latest_checkpoint(setup.config.output_dir)
+    kept = f"the last checkpoint, {last.name}, is kept" if last is not None else "no checkpoint was written yet"
+    raise NonFiniteLossError(f"{what} at step {step}; stopped without applying that update ({kept}); lower train.lr, "
+                             "check the data, or set train.nan_policy = \"skip\" to skip such steps")
+
+
+def _show(value: float) -> str:
+    return "NaN" if math.isnan(value) else repr(value)
+
+
+def run_evals(setup: TrainingSetup) -> dict[str, float]:
+    """eval_<name>_loss and eval_<name>_tokens of every eval set."""
+    config = setup.config
+    batch_size = config.eval.batch_size or config.data.batch_size
+    metrics: dict[str, float] = {}
+    for name, dataset in setup.eval_datasets.items():
+        loss, tokens = evaluate(setup.model, dataset, batch_size, config.eval.max_batches, config.data.pad_token_id,
+                                setup.info, setup.autocast)
+        metrics[f"eval_{name}_loss"] = loss
+        metrics[f"eval_{name}_tokens"] = tokens
+    return metrics
+
+
+def write_checkpoint(setup: TrainingSetup, step: int, writer: RunWriter | None) -> Path:
+    """Checkpoint `step`: weights, the trainer state (JSON + safetensors) and every rank's random state."""
+    config, info = setup.config, setup.info
+    global_batch = config.data.batch_size * config.train.grad_accum * info.world_size
+    state = {"step": step, "world_size": info.world_size, "global_batch": global_batch,
+             "samples_seen": step * global_batch, "seed": config.train.seed,
+             "optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
+             "scaler": setup.scaler.state_dict()}
+    path = save_checkpoint(Path(config.output_dir), step, setup.model, state, config.train.mode, config.model.path,
+                           info, config.checkpoint.keep_last)
     if writer is not None:
         writer.event("checkpoint", f"checkpoint at step {step}", step, {"path": str(path)})
+    return path
 
 
-def _export_weights(config: TrainConfig, model: nn.Module) -> Path:
-    """The final weights at output_dir/adapter (LoRA, QLoRA) or output_dir/model (full), replaced atomically."""
-    from nibblora.outdir import move_into_place
+def remove_stale_exports(output_dir: Path) -> None:
+    """Temp folders of a final export a killed run left behind (only call it while holding the run folder lock)."""
+    if not output_dir.is_dir():
+        return
+    for name in ("adapter", "model"):
+        for path in [*output_dir.glob(f".{name}.tmp-*"), output_dir / f".tmp-{name}"]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
 
-    output_dir = Path(config.output_dir)
-    name = "model" if config.train.mode == "full" else "adapter"
-    tmp = output_dir / f".tmp-{name}"
-    import shutil
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(model, tmp, config.train.mode, config.model.path)
-    source = tmp / "adapter" if config.train.mode != "full" else tmp
-    final = output_dir / name
-    move_into_place(source, final)
-    shutil.rmtree(tmp, ignore_errors=True)
+def export_weights(config: TrainConfig, model: nn.Module) -> Path:
+    """The final weights at output_dir/adapter (LoRA, QLoRA) or output_dir/model (full): written into a temp
+    sibling folder, then moved into place (nibblora.outdir), so the path holds a complete export or the old one."""
+    final = Path(config.output_dir) / ("model" if config.train.mode == "full" else "adapter")
+    try:
+        tmp = temp_sibling(final)
+        try:
+            with torch.no_grad():
+                save_weights(model, tmp, config.train.mode, config.model.path)
+            move_into_place(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        raise OutputError(f"writing the final weights to {final}: {err.strerror or err}; nothing was replaced, and "
+                          "the last checkpoint is kept (free some space, then run the same command)") from None
     return final
+
