@@ -10,7 +10,7 @@ import time
 
 import pytest
 from nibblora.runs import RunWriter, effective_status, list_runs, open_run, request_stop
-from nibblora.runs.store import RunStoreError
+from nibblora.errors import RunStoreError
 
 
 def test_writer_and_reader_round_trip_metrics_events_logs(tmp_path):
@@ -135,7 +135,7 @@ CORRUPTIONS = {
 def test_a_damaged_store_is_one_error_naming_the_file(tmp_path, damage):
     path = _filled_store(tmp_path)
     CORRUPTIONS[damage](path)
-    with pytest.raises(RunStoreError, match=f"^opening the run store: {path} .*move it away"):
+    with pytest.raises(RunStoreError, match=f"^opening the run store: {path}: .*move it away"):
         RunWriter.open(tmp_path, "r", "r", {})
 
 

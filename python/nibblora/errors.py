@@ -10,7 +10,8 @@
     │   ├── DataError                  a dataset row, template or tokenizer is wrong
     │   │   └── DataFileNotFoundError (FileNotFoundError)
     │   ├── ConfigError                a training / tool config value is wrong; the message names the key
-    │   └── ExportError                an offline tool (quantize, merge, verify) was given bad input or options
+    │   ├── ExportError                an offline tool (quantize, merge, verify) was given bad input or options
+    │   └── RunStoreError              a run's runs.sqlite is damaged or not a run store
     └── OutputError (OSError)          writing an output failed (disk full, permissions): nothing was kept
 
 The Rust core's errors arrive as these classes too (rust/python/src/errors.rs maps each kind in one place).
@@ -67,6 +68,18 @@ class ExportError(InputError):
     """A problem with an offline tool's input (files, config, options): reported as one line, exit code 2."""
 
 
+class RunStoreError(InputError):
+    """A runs.sqlite that cannot be read or written: damaged, or not a nibblora run store. `path` is the file,
+    `reason` says what is wrong in words; `transient` is True when it is probably being created or briefly locked
+    (read it again before reporting)."""
+
+    def __init__(self, path, reason: str, *, transient: bool = False, phase: str = "reading runs"):
+        super().__init__(f"{phase}: {path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.transient = transient
+
+
 class OutputError(NibbloraError, OSError):
     """An output could not be written (disk full, permission denied); the message names the folder, and nothing
     partial was left behind."""
@@ -84,5 +97,6 @@ __all__ = [
     "MissingTensorError",
     "NibbloraError",
     "OutputError",
+    "RunStoreError",
     "UnsupportedModelError",
 ]

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nibblora.errors import InputError
+from nibblora.errors import RunStoreError
 from nibblora.runs.store import DB_NAME, HEARTBEAT_SECONDS, connect, db_path
 
 # A run whose heartbeat is older than this (and whose pid we cannot check) is taken as dead.
@@ -41,17 +41,6 @@ RUNS_COLUMNS = (
     "config_json",
 )
 UNREADABLE = "unreadable"  # the status a damaged store's row shows
-
-
-class RunStoreError(InputError):
-    """A runs.sqlite that cannot be read. `path` is the file, `reason` says what is wrong with it in words;
-    `transient` is True when it is probably being created or briefly locked (read it again before reporting)."""
-
-    def __init__(self, path: Path, reason: str, *, transient: bool = False):
-        super().__init__(f"reading runs: {path}: {reason}")
-        self.path = path
-        self.reason = reason
-        self.transient = transient
 
 
 @dataclass

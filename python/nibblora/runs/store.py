@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from nibblora.errors import InputError
+from nibblora.errors import RunStoreError
 
 DB_NAME = "runs.sqlite"
 STATUSES = ("running", "finished", "failed", "stopped")
@@ -89,10 +89,7 @@ COLUMNS = {
 }
 
 HEARTBEAT_SECONDS = 5.0
-
-
-class RunStoreError(InputError):
-    """runs.sqlite exists but is not a usable run store (damaged, or another file); the message names it."""
+_OPENING = "opening the run store"
 
 
 def db_path(run_dir: str | Path) -> Path:
@@ -137,8 +134,8 @@ class RunWriter:
         except sqlite3.DatabaseError as err:
             if conn is not None:
                 conn.close()
-            raise RunStoreError(f"opening the run store: {path} is damaged or not a run store ({err}); move it "
-                                "away (or delete it) to start a new one, or choose another output_dir") from None
+            raise RunStoreError(path, f"damaged or not a run store ({err}); move it "
+                                "away (or delete it) to start a new one, or choose another output_dir", phase=_OPENING) from None
         except RunStoreError:
             conn.close()
             raise
@@ -236,11 +233,11 @@ def _check_store(conn: sqlite3.Connection, path: Path) -> None:
     if rows != ["ok"]:
         problems = [line for row in rows for line in str(row).splitlines() if line and not line.startswith("***")]
         more = f" and {len(problems) - 1} more problems" if len(problems) > 1 else ""
-        raise RunStoreError(f"opening the run store: {path} is damaged ({(problems or rows)[0]}{more}); move it "
-                            "away (or delete it) to start a new one, or choose another output_dir")
+        raise RunStoreError(path, f"damaged ({(problems or rows)[0]}{more}); move it "
+                            "away (or delete it) to start a new one, or choose another output_dir", phase=_OPENING)
     for table, columns in COLUMNS.items():
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if not columns <= have:
-            raise RunStoreError(f"opening the run store: {path} has a table {table} without the columns "
+            raise RunStoreError(path, f"has a table {table} without the columns "
                                 f"{', '.join(sorted(columns - have))}; it is not a nibblora run store: move it away "
-                                "or choose another output_dir")
+                                "or choose another output_dir", phase=_OPENING)

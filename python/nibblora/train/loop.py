@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nibblora.errors import NibbloraError, OutputError
+from nibblora.errors import NibbloraError
 from nibblora.memory import estimate_memory
-from nibblora.outdir import move_into_place, temp_sibling
+from nibblora.checkpoint import atomic_output_dir
 from nibblora.runs import RunWriter
 from nibblora.train.checkpointing import (
     latest_checkpoint,
@@ -278,19 +278,11 @@ def remove_stale_exports(output_dir: Path) -> None:
 
 
 def export_weights(config: TrainConfig, model: nn.Module) -> Path:
-    """The final weights at output_dir/adapter (LoRA, QLoRA) or output_dir/model (full): written into a temp
-    sibling folder, then moved into place (nibblora.outdir), so the path holds a complete export or the old one."""
+    """The final weights at output_dir/adapter (LoRA, QLoRA) or output_dir/model (full), written through the
+    tools' atomic output folder (nibblora.checkpoint.atomic_output_dir): the path holds a complete export or the
+    old one, and a write failure is one OutputError naming the folder (the last checkpoint is kept)."""
     final = Path(config.output_dir) / ("model" if config.train.mode == "full" else "adapter")
-    try:
-        tmp = temp_sibling(final)
-        try:
-            with torch.no_grad():
-                save_weights(model, tmp, config.train.mode, config.model.path)
-            move_into_place(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as err:
-        raise OutputError(f"writing the final weights to {final}: {err.strerror or err}; nothing was replaced, and "
-                          "the last checkpoint is kept (free some space, then run the same command)") from None
+    with atomic_output_dir(final) as tmp, torch.no_grad():
+        save_weights(model, tmp, config.train.mode, config.model.path)
     return final
 
