@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nibblora.models.config import ModelConfig
+from nibblora.models.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, linear_cross_entropy, shift_labels
 
 
 class RMSNorm(nn.Module):
@@ -316,6 +317,8 @@ class LlamaForCausalLM(nn.Module):
         if not self.lm_head.weight.is_meta:
             self.init_weights()
         self.model.gradient_checkpointing = gradient_checkpointing
+        # Tokens per chunk of the fused lm_head + cross-entropy when forward gets labels; 0: plain full logits.
+        self.loss_chunk_tokens = DEFAULT_CHUNK_TOKENS
 
     def tie_weights(self) -> None:
         """Share one matrix between the input embedding and the output head (tie_word_embeddings)."""
@@ -364,8 +367,10 @@ class LlamaForCausalLM(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
-    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
-        """Next-token logits.
+        labels: torch.Tensor | None = None,
+        loss_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCache] | tuple[torch.Tensor, int]:
+        """Next-token logits, or with `labels` the training loss.
 
         input_ids: int64 [batch, seq].
         attention_mask: [batch, past + seq], 1 for real tokens and 0 for padding; covers the cached tokens too.
@@ -373,17 +378,33 @@ class LlamaForCausalLM(nn.Module):
         past_key_values: a KVCache, extended in place with this call's keys and values.
         use_cache: return (logits, cache) instead of logits, creating a cache when none was passed.
         logits_to_keep: if > 0, compute logits for the last that many positions only (saves memory in generation).
+        labels: int64 [batch, seq], -100 where the loss must not look. Instead of logits, return (sum of the
+            next-token cross-entropy over supervised positions as a float32 scalar, their number), computed in
+            chunks by `linear_cross_entropy` (no [tokens, vocab] logits kept for backward) while the lm_head is a
+            plain nn.Linear and `loss_chunk_tokens` > 0, else from full logits.
+        loss_rows: `supervised_rows(shift_labels(labels))` computed ahead on the CPU (spares CUDA a host sync).
         Returns logits [batch, seq (or logits_to_keep), vocab].
         """
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        if labels is not None:
+            return self._loss_sum(hidden, labels, loss_rows)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         if use_cache:
             return logits, past_key_values
         return logits
+
+    def _loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        targets = shift_labels(labels)
+        if self.loss_chunk_tokens > 0 and type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets, rows=rows,
+                                        chunk_tokens=self.loss_chunk_tokens)
+        logits = self.lm_head(hidden).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, int((targets != IGNORE_INDEX).sum())
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """`generate(self, input_ids, **kwargs)`: see the function below."""

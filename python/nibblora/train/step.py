@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nibblora.data.encoder import IGNORE_INDEX
+from nibblora.models.llama import LlamaForCausalLM
+from nibblora.models.loss import shift_labels, supervised_rows
 from nibblora.train.data import (
     TokenizedDataset,
     check_token_ids,
@@ -63,6 +65,20 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, (shifted != IGNORE_INDEX).sum()
 
 
+def model_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], cpu_labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's supervised positions (float32 scalar). nibblora's own
+    models take the labels and compute it in chunks from the hidden states (no [tokens, vocab] logits kept); any
+    other module returns logits and the loss is taken from them. The supervised rows are found on the CPU labels,
+    so a CUDA device never waits for the host."""
+    inner = model.module if hasattr(model, "module") else model  # DDP wraps the model
+    if isinstance(inner, LlamaForCausalLM):
+        loss_sum, _ = model(batch["input_ids"], position_ids=batch.get("position_ids"), labels=batch["labels"],
+                            loss_rows=supervised_rows(shift_labels(cpu_labels)))
+        return loss_sum
+    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"))
+    return token_loss_sum(logits, batch["labels"])[0]
+
+
 def train_step(setup: TrainingSetup, step: int, skip_non_finite: bool) -> StepOutput:
     """Optimizer step `step` (0-based): forward and backward over this rank's micro-batches, clip, then the AdamW
     and scheduler steps. A non-finite loss (or, without a grad scaler, gradient norm) leaves the weights alone;
@@ -86,11 +102,10 @@ def train_step(setup: TrainingSetup, step: int, skip_non_finite: bool) -> StepOu
         sync = setup.train_model.no_sync() if info.enabled and not last else contextlib.nullcontext()
         with sync:
             with setup.autocast():
-                logits = setup.train_model(batch["input_ids"], position_ids=batch.get("position_ids"))
-            loss_sum, _ = token_loss_sum(logits, batch["labels"])
+                loss_sum = model_loss_sum(setup.train_model, batch, cpu_batch["labels"])
             setup.scaler.scale(loss_sum * info.world_size / max(n_tokens, 1)).backward()
         loss_total += loss_sum.detach().double()
-        del logits, loss_sum
+        del loss_sum
     setup.scaler.unscale_(setup.optimizer)
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.trainable_params, max_norm))
@@ -130,10 +145,9 @@ def evaluate(model: nn.Module, dataset: TokenizedDataset, batch_size: int, max_b
         check_token_ids(cpu_batch, model.config.vocab_size, indices, what="eval row")
         batch = {k: v.to(info.device) for k, v in cpu_batch.items()}
         with autocast():
-            logits = model(batch["input_ids"], position_ids=batch.get("position_ids"))
-        loss_sum, n = token_loss_sum(logits, batch["labels"])
+            loss_sum = model_loss_sum(model, batch, cpu_batch["labels"])
         total += loss_sum.double()
-        count += n
+        count += int((cpu_batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     model.train(was_training)
     total, count = all_reduce_sum(total, info), all_reduce_sum(count, info)
     return (total / count.clamp(min=1)).item(), int(count.item())
