@@ -86,3 +86,32 @@ def reference_model(base: LlamaForCausalLM, adapter_dir: Path | None) -> LlamaFo
     if adapter_dir is not None:
         load_adapter(model, adapter_dir, check_base_model=False)
     return model.eval()
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def save_served_model(folder: Path, seed: int = 0) -> tuple[LlamaForCausalLM, Path]:
+    """A tiny Llama checkpoint with a trained byte-level tokenizer and a ChatML template, as the server reads it.
+    Returns (the model, folder)."""
+    from helpers_data import byte_level_tokenizer
+
+    byte_level_tokenizer(folder, eos="<|im_end|>")
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config["chat_template"] = CHATML
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    from tokenizers import Tokenizer
+
+    eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|im_end|>")
+    model = tiny_model(seed, vocab_size=640, eos_token_id=eos, max_position_embeddings=1024)
+    with torch.no_grad():  # a larger output scale, so greedy choices are not near-ties
+        model.lm_head.weight.mul_(20.0)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+              **{k: v for k, v in TINY.items() if k != "eos_token_id"}, "vocab_size": 640,
+              "max_position_embeddings": 1024, "eos_token_id": eos, "rms_norm_eps": model.config.rms_norm_eps,
+              "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    return model, folder
