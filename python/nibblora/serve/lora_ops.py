@@ -5,11 +5,10 @@ Two ways to add the low-rank terms of a batch whose tokens belong to different a
 - segment (Punica's SGMV): the tokens are laid out sorted by adapter slot, so each adapter owns one contiguous
   segment; per segment, `y[s:e] += scaling * (x[s:e] @ A[:r].T) @ B[:r]` at that adapter's OWN rank r. No FLOP
   is spent on padding; the cost is one pair of small matmuls (and a Python iteration) per segment.
-- gathered (BGMV-like, padded): every slot's A stacked into one [S * r_max, in] matrix, so one GEMM gives every
-  token's projection on every slot; a per-token one-hot (times the slot's scaling) keeps only its own adapter's
-  columns, and a second GEMM against the stacked B [S * r_max, out] adds the update. Two big matmuls whatever the
-  number of adapters, but S * r_max columns where the segment path needs only r: it wins for decode steps
-  (one row per sequence, many distinct adapters) where per-segment overhead dominates.
+- gathered (Punica's BGMV): each token row gathers its own adapter's A and B (padded only to the largest rank
+  among the adapters of THIS batch, not to the slot size) and one batched matmul pair does every row at once.
+  The cost is one gather + two bmm per module whatever the number of adapters: it can win for decode steps
+  (one row per sequence, many distinct adapters), where per-segment overhead dominates.
 
 Which is cheaper depends on the shape (tokens, segments) and the machine, so `KernelChooser` times both on the
 real slot tensors the first time a shape bucket is seen and keeps the winner.
@@ -80,16 +79,14 @@ class LoRABatch:
     segments: list[tuple[int, int, int]]
     token_slots: torch.Tensor
     kernel: str = "segment"
-    _one_hot: torch.Tensor | None = None
+    _rows: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
 
-    def one_hot(self, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
-        """[T, S] with a 1 at each token's slot (all zero for base-only tokens); built once per step."""
-        if self._one_hot is None or self._one_hot.dtype != dtype:
-            slots = self.token_slots
-            hot = torch.zeros(slots.shape[0], num_slots + 1, dtype=dtype, device=slots.device)
-            hot.scatter_(1, torch.where(slots < 0, num_slots, slots)[:, None], 1.0)
-            self._one_hot = hot[:, :num_slots]
-        return self._one_hot
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(token indices that use an adapter [n], their slots [n], the distinct slots), built once per step."""
+        if self._rows is None:
+            rows = torch.nonzero(self.token_slots >= 0).flatten()
+            self._rows = (rows, self.token_slots[rows], sorted({slot for _, _, slot in self.segments}))
+        return self._rows
 
 
 def add_lora_segments(y: torch.Tensor, x: torch.Tensor, slots: LoRASlots, batch: LoRABatch) -> None:
@@ -103,13 +100,17 @@ def add_lora_segments(y: torch.Tensor, x: torch.Tensor, slots: LoRASlots, batch:
 
 
 def add_lora_gathered(y: torch.Tensor, x: torch.Tensor, slots: LoRASlots, batch: LoRABatch) -> None:
-    """y [T, out] += the same update as add_lora_segments through two GEMMs over every slot, padded to r_max."""
-    num_slots, max_rank, in_features = slots.lora_A.shape
-    xa = x @ slots.lora_A.view(num_slots * max_rank, in_features).t()  # [T, S * r_max]
-    # Keep only each token's own slot, scaled; base-only tokens get a zero row.
-    keep = batch.one_hot(num_slots, x.dtype) * slots.scaling  # [T, S]
-    xa = (xa.view(-1, num_slots, max_rank) * keep[:, :, None]).view(-1, num_slots * max_rank)
-    y.addmm_(xa, slots.lora_Bt.view(num_slots * max_rank, -1))
+    """y [T, out] += the same update as add_lora_segments, every adapted row at once (BGMV): each row gathers its
+    adapter's A / B, padded to the largest rank among this batch's adapters, and two bmm do the rest."""
+    rows, row_slots, used = batch.rows()
+    rank = max(slots.ranks[s] for s in used)
+    if rank == 0:
+        return
+    a = slots.lora_A[row_slots, :rank]  # [n, r, in]
+    bt = slots.lora_Bt[row_slots, :rank]  # [n, r, out]
+    xa = torch.bmm(a, x[rows, :, None])  # [n, r, 1]; rows past an adapter's rank are zero in A
+    xa = xa * slots.scaling[row_slots][:, None, None]
+    y.index_add_(0, rows, torch.bmm(xa.transpose(1, 2), bt)[:, 0])
 
 
 class BatchedLoRALinear(nn.Module):
