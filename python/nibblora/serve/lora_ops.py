@@ -39,6 +39,8 @@ class LoRASlots:
     scaling: torch.Tensor
     ranks: list[int] = field(default_factory=list)
     scaling_list: list[float] = field(default_factory=list)
+    # Per slot: (A[:r].T [in, r], B.T [r, out], scaling) views, made once at write time, not every step.
+    views: list[tuple[torch.Tensor, torch.Tensor, float] | None] = field(default_factory=list)
 
     @classmethod
     def empty(cls, num_slots: int, max_rank: int, in_features: int, out_features: int,
@@ -49,6 +51,7 @@ class LoRASlots:
             torch.zeros(num_slots, dtype=dtype, device=device),
             [0] * num_slots,
             [0.0] * num_slots,
+            [None] * num_slots,
         )
 
     def write(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float) -> None:
@@ -59,12 +62,14 @@ class LoRASlots:
         if lora_A is None:
             self.ranks[slot], self.scaling_list[slot] = 0, 0.0
             self.scaling[slot] = 0.0
+            self.views[slot] = None
             return
         r = lora_A.shape[0]
         self.lora_A[slot, :r].copy_(lora_A, non_blocking=non_blocking)
         self.lora_Bt[slot, :r].copy_(lora_B.t(), non_blocking=non_blocking)
         self.ranks[slot], self.scaling_list[slot] = r, float(scaling)
         self.scaling[slot] = float(scaling)
+        self.views[slot] = (self.lora_A[slot, :r].t(), self.lora_Bt[slot, :r], float(scaling))
 
 
 @dataclass
@@ -91,12 +96,16 @@ class LoRABatch:
 
 def add_lora_segments(y: torch.Tensor, x: torch.Tensor, slots: LoRASlots, batch: LoRABatch) -> None:
     """y [T, out] += each segment's scaling * (x @ A.T) @ B.T at the adapter's own rank (SGMV), in place."""
+    whole = len(batch.segments) == 1 and batch.segments[0][0] == 0 and batch.segments[0][1] == x.shape[0]
     for start, end, slot in batch.segments:
-        r = slots.ranks[slot]
-        if r == 0:
+        view = slots.views[slot]
+        if view is None:  # this adapter does not adapt this module
             continue
-        xa = x[start:end] @ slots.lora_A[slot, :r].t()  # [tokens, r]
-        y[start:end].addmm_(xa, slots.lora_Bt[slot, :r], alpha=slots.scaling_list[slot])
+        a_t, b_t, scaling = view
+        if whole:  # one adapter for the whole batch: no slicing
+            y.addmm_(x @ a_t, b_t, alpha=scaling)
+        else:
+            y[start:end].addmm_(x[start:end] @ a_t, b_t, alpha=scaling)  # [tokens, r] @ [r, out]
 
 
 def add_lora_gathered(y: torch.Tensor, x: torch.Tensor, slots: LoRASlots, batch: LoRABatch) -> None:
