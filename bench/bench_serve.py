@@ -185,7 +185,7 @@ def run_nibblora(args, base_folder, adapter_folders, prompts, outputs, adapter_i
                                         max_cpu_loras=max(args.max_loras, len(used)), max_lora_rank=args.rank,
                                         max_num_seqs=args.batch, max_num_batched_tokens=args.token_budget,
                                         kv_cache_tokens=args.batch * 256, max_model_len=1024))
-    # Every adapter is known to the engine (registered); only those the workload uses are ever read again.
+    # Register the adapters the workload uses (peft loads the same set), all held in host memory.
     names = [None] * len(adapter_ids)
     if not merged:
         for i in used:

@@ -109,6 +109,7 @@ class Engine:
         self._aborts: list[str] = []
         self.wakeup = threading.Event()
         self._kernel_steps = {"segment": 0, "gathered": 0}
+        self._running_after_step = self._waiting_after_step = 0
 
     # ---- setup --------------------------------------------------------------------------------------------
     def _wrap_linears(self, model: LlamaForCausalLM, config: EngineConfig):
@@ -196,13 +197,20 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self.scheduler.running)
+        """Running sequences after the last step (safe to read from any thread)."""
+        return self._running_after_step
 
     @property
     def num_waiting(self) -> int:
+        """Requests waiting: those the last step left queued plus those added since (any thread)."""
         with self._lock:
-            queued = len(self._inbox)
-        return self.scheduler.num_waiting + queued
+            return self._waiting_after_step + len(self._inbox)
+
+    def _snapshot_counts(self) -> None:
+        # Other threads read these numbers; the scheduler's own containers change under them during a step.
+        running, waiting = len(self.scheduler.running), self.scheduler.num_waiting
+        with self._lock:
+            self._running_after_step, self._waiting_after_step = running, waiting
 
     def has_work(self) -> bool:
         with self._lock:
@@ -213,6 +221,12 @@ class Engine:
     # ---- the step (engine thread) -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Admit, schedule, run one forward over the batch, sample; the outputs of every request that moved."""
+        try:
+            return self._step()
+        finally:
+            self._snapshot_counts()
+
+    def _step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         with self._lock:
             inbox, aborts = self._inbox, self._aborts
