@@ -32,12 +32,12 @@ import json
 import logging
 import math
 import random
-import statistics
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -135,7 +135,7 @@ class PeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -324,13 +324,8 @@ def main() -> None:
                         if kind != "identical" or done_merged:
                             continue
                         done_merged = True
-                    fn = {"nibblora": lambda: run_nibblora(args, base, adapters, prompts, outputs, ids, device),
-                          "merged": lambda: run_nibblora(args, base, adapters, prompts, outputs, ids, device, True),
-                          "peft-per-adapter": lambda: run_peft(args, base, adapters, prompts, outputs, ids, device,
-                                                               False),
-                          "peft-mixed": lambda: run_peft(args, base, adapters, prompts, outputs, ids, device, True),
-                          }[contender]
-                    seconds, tokens, latencies, peak = fn()
+                    seconds, tokens, latencies, peak = run_contender(contender, args, base, adapters, prompts,
+                                                                     outputs, ids, device)
                     result = Result(contender, kind, n, len(set(ids)), seconds, tokens, args.requests, latencies, peak)
                     rows.append(result.row())
                     print(_format_row(rows[-1]), flush=True)
@@ -339,6 +334,14 @@ def main() -> None:
     print(_summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def run_contender(contender, args, base, adapters, prompts, outputs, ids, device) -> tuple:
+    if contender in ("nibblora", "merged"):
+        return run_nibblora(args, base, adapters, prompts, outputs, ids, device, merged=contender == "merged")
+    if contender in ("peft-per-adapter", "peft-mixed"):
+        return run_peft(args, base, adapters, prompts, outputs, ids, device, mixed=contender == "peft-mixed")
+    raise ValueError(f"unknown contender {contender!r}: use nibblora, peft-per-adapter, peft-mixed or merged")
 
 
 def _format_row(row: dict) -> str:

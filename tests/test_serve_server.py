@@ -56,7 +56,7 @@ def server(tmp_path_factory):
            "--api-key", API_KEY, "--adapter", f"alpha={adapters['alpha']}", "--adapter", f"beta={adapters['beta']}",
            "--max-loras", "2", "--max-cpu-loras", "4", "--max-num-seqs", "4", "--max-queue", "3",
            "--runs-dir", str(runs)]
-    log = open(root / "server.log", "w")
+    log = open(root / "server.log", "w")  # noqa: SIM115 -- the server writes to it until the fixture ends
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90

@@ -89,7 +89,7 @@ class AsyncEngine:
                 continue
             try:
                 outputs = engine.step()
-            except Exception:  # a bug in a step must not leave every client hanging: fail them, keep serving
+            except Exception:  # noqa: BLE001 -- a bug in a step must not hang every client: log it, fail them
                 message = traceback.format_exc()
                 log.error("engine step failed:\n%s", message)
                 self._fail_all(message.strip().splitlines()[-1])

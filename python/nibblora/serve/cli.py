@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = "python -m nibblora.serve"
     try:
-        app, async_engine, name = build_server(args)
+        app, _async_engine, name = build_server(args)
     except (NibbloraError, FileNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

@@ -82,7 +82,8 @@ class EngineMetrics:
                    [f"nibblora_prompt_tokens_total {self.prompt_tokens}"])
             metric("nibblora_generation_tokens_total", "counter", "Tokens generated.",
                    [f"nibblora_generation_tokens_total {self.generation_tokens}"])
-            metric("nibblora_engine_steps_total", "counter", "Engine steps run.", [f"nibblora_engine_steps_total {self.steps}"])
+            metric("nibblora_engine_steps_total", "counter", "Engine steps run.",
+                   [f"nibblora_engine_steps_total {self.steps}"])
             metric("nibblora_preemptions_total", "counter", "Sequences preempted for KV blocks.",
                    [f"nibblora_preemptions_total {self.preemptions}"])
             for name, value in sorted(extra_counters.items()):

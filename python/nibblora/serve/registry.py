@@ -21,7 +21,8 @@ class ServerRegistration:
     path: Path | None
 
     @classmethod
-    def create(cls, runs_dir: str | Path | None, host: str, port: int, model: str, model_path: str) -> ServerRegistration:
+    def create(cls, runs_dir: str | Path | None, host: str, port: int, model: str,
+               model_path: str) -> ServerRegistration:
         """Write the registry file; with no runs dir (none given, no $NIBBLORA_RUNS_DIR, no ./runs) write none."""
         if runs_dir is None:
             runs_dir = os.environ.get("NIBBLORA_RUNS_DIR") or ("runs" if Path("runs").is_dir() else None)

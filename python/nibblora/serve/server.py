@@ -70,10 +70,10 @@ def create_app(async_engine: AsyncEngine, codec: TextCodec | None, *, model_name
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return JSONResponse(error_body("invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                               "authentication_error", code=401), status_code=401)
+        if (api_key and request.url.path.startswith("/v1")
+                and request.headers.get("authorization", "") != f"Bearer {api_key}"):
+            return JSONResponse(error_body("invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                           "authentication_error", code=401), status_code=401)
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
