@@ -104,12 +104,12 @@ def save_served_model(folder: Path, seed: int = 0) -> tuple[LlamaForCausalLM, Pa
     from tokenizers import Tokenizer
 
     eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|im_end|>")
-    model = tiny_model(seed, vocab_size=640, eos_token_id=eos, max_position_embeddings=1024)
+    model = tiny_model(seed, vocab_size=640, eos_token_id=eos, max_position_embeddings=4096)
     with torch.no_grad():  # a larger output scale, so greedy choices are not near-ties
         model.lm_head.weight.mul_(20.0)
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
               **{k: v for k, v in TINY.items() if k != "eos_token_id"}, "vocab_size": 640,
-              "max_position_embeddings": 1024, "eos_token_id": eos, "rms_norm_eps": model.config.rms_norm_eps,
+              "max_position_embeddings": 4096, "eos_token_id": eos, "rms_norm_eps": model.config.rms_norm_eps,
               "torch_dtype": "float32"}
     (folder / "config.json").write_text(json.dumps(config))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

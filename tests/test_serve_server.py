@@ -187,7 +187,7 @@ def test_errors_name_the_field(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     r = _post(server, "/v1/chat/completions", {"model": "alpha", "messages": "hi"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = _post(server, "/v1/completions", {"model": "alpha", "prompt": [1] * 1100})
+    r = _post(server, "/v1/completions", {"model": "alpha", "prompt": [1] * 4200})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = httpx.post(server["url"] + "/v1/completions", json={"model": "alpha", "prompt": "hi"})
     assert r.status_code == 401
@@ -228,21 +228,38 @@ def _wait_idle(server) -> str:
 
 def test_disconnect_frees_blocks_and_overload_answers_429(server):
     async def scenario():
-        body = {"model": "alpha", "prompt": [1, 2, 3], "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
+        body = {"model": "alpha", "prompt": [1, 2, 3], "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         async with httpx.AsyncClient(base_url=server["url"], headers=_headers(), timeout=30) as client:
-            streams, responses = [], []
+            streams, lines = [], []
             # 4 running (--max-num-seqs 4) + 3 waiting (--max-queue 3): the next one is refused.
-            for _ in range(7):
+            for _ in range(4):
                 cm = client.stream("POST", "/v1/completions", json=body)
-                responses.append(await cm.__aenter__())
+                response = await cm.__aenter__()
                 streams.append(cm)
-                assert responses[-1].status_code == 200
+                assert response.status_code == 200
+                # keep the line iterator: a dropped one closes the response, which is a disconnect
+                lines.append(response.aiter_lines())
+                first = await lines[-1].__anext__()  # running now, not waiting
+                assert first.startswith("data: ")
+
+            async def wait_in_queue():
+                async with client.stream("POST", "/v1/completions", json=body) as response:
+                    async for _ in response.aiter_lines():
+                        pass
+
+            waiting = [asyncio.create_task(wait_in_queue()) for _ in range(3)]
+            for _ in range(200):
+                metrics = (await client.get("/metrics")).text
+                if _metric(metrics, "nibblora_requests_waiting") == 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert _metric(metrics, "nibblora_requests_running") == 4, metrics
             refused = await client.post("/v1/completions", json={**body, "stream": False})
-            # read one chunk of the first stream, then hang up on all of them mid-generation
-            lines = responses[0].aiter_lines()
-            first = await lines.__anext__()
-            assert first.startswith("data: ")
+            # hang up on all of them mid-generation (or while still queued)
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
             for cm in streams:
                 await cm.__aexit__(None, None, None)
             return refused
