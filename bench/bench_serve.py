@@ -280,8 +280,8 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--requests", type=int, default=256)
-    p.add_argument("--n", type=int, nargs="+", default=[1, 8, 64, 512])
+    p.add_argument("--requests", type=int, default=None, help="default 256 (quick: 64)")
+    p.add_argument("--n", type=int, nargs="+", default=None, help="adapter counts (default 1 8 64 512; quick: 1 8 64)")
     p.add_argument("--workloads", nargs="+", default=["identical", "uniform", "skewed", "distinct"])
     p.add_argument("--contenders", nargs="+", default=["nibblora", "peft-per-adapter", "peft-mixed", "merged"])
     p.add_argument("--batch", type=int, default=32, help="max sequences per batch, every contender")
@@ -295,8 +295,10 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 256, 688, 2, 4, 4
-        args.vocab, args.requests, args.n = 2048, 64, [1, 8, 64]
+        args.vocab = 2048
+        args.requests, args.n = args.requests or 64, args.n or [1, 8, 64]
         args.prompt_len, args.output_len, args.batch = [8, 48], [4, 24], 16
+    args.requests, args.n = args.requests or 256, args.n or [1, 8, 64, 512]
     device = torch.device(args.device)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.threads:
