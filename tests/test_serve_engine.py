@@ -82,7 +82,7 @@ def test_4bit_base_equals_load_adapter_on_the_same_4bit_model(tmp_path):
     engine_model = load_model(folder, quantize="nf4")
     shapes = module_shapes(engine_model)
     adapters = random_adapters(tmp_path / "ad", shapes, 4, seed=2)
-    engine = Engine(engine_model, EngineConfig(max_loras=2, kv_cache_tokens=1024))
+    engine = Engine(engine_model, EngineConfig(max_loras=2, kv_cache_tokens=1024, max_model_len=256))
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [1, 2, 3, 4, 5], [20]]
@@ -118,7 +118,7 @@ def test_stop_tokens_and_stop_strings(tmp_path):
 
     model, folder = save_served_model(tmp_path / "m")
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    engine = Engine(model, EngineConfig(max_loras=1, kv_cache_tokens=1024), tokenizer=tok)
+    engine = Engine(model, EngineConfig(max_loras=1, kv_cache_tokens=1024, max_model_len=256), tokenizer=tok)
     prompt = tok.encode("The quick brown fox").ids
     [free] = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     assert free.finish_reason == "length" and free.text == tok.decode(free.token_ids, skip_special_tokens=True)
