@@ -7,7 +7,7 @@ import os
 
 from nibblora.serve.metrics import EngineMetrics, histogram_quantile, parse_prometheus
 from nibblora.serve.registry import ServerRegistration, read_registrations
-from nibblora.tui.servers import ServerIndex
+from nibblora.tui.servers import ServerIndex, servers_text
 
 
 def _page(tokens: int) -> str:
@@ -55,5 +55,6 @@ def test_registry_and_rates(tmp_path):
     second, _ = index.poll()
     assert second.tokens_per_s == 150.0
     assert "150.0 tok/s" in second.summary() and "3 on device / 7 loaded" in second.summary()
+    assert servers_text([second]) == second.summary() and "no inference servers" in servers_text([])
     reg.remove()
     assert read_registrations(tmp_path) == []

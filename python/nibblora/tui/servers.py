@@ -107,3 +107,11 @@ class ServerIndex:
                 status.tokens_per_s = (tokens - previous[1]) / (now - previous[0])
             self._last_tokens[url] = (now, tokens)
         return status
+
+
+def servers_text(statuses: list[ServerStatus]) -> str:
+    """The dashboard's server panel (and `qlora-tui --once`): one line per server, or a hint when there is none."""
+    if not statuses:
+        return ("no inference servers: start one with `python -m nibblora.serve --runs-dir RUNS_DIR ...` "
+                "or pass --server URL")
+    return "\n".join(status.summary() for status in statuses)
