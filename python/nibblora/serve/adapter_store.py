@@ -73,6 +73,8 @@ class AdapterStore:
         self.slot_refs = [0] * max_loras
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(max_loras))
         self.stats = StoreStats()
+        self._copy_stream = None  # CUDA: slot copies run here, beside the compute stream
+        self._copies_done = None
 
     # ---- registry (any thread) -------------------------------------------------------------------------
     def read(self, path: str | Path) -> AdapterWeights:
@@ -195,14 +197,39 @@ class AdapterStore:
             # Prefer an empty slot, else the least recently used idle one.
             slot = next((s for s in free if self.slot_owner[s] is None), free[0])
             self.stats.device_misses += 1
-            for name, module_slots in self.slots.items():
-                m = weights.modules.get(name)
-                module_slots.write(slot, None if m is None else m.lora_A, None if m is None else m.lora_B,
-                                   0.0 if m is None else m.scaling)
+            self._write_slot(slot, weights)
             self.slot_owner[slot] = ref
         self.slot_refs[slot] += 1
         self._slot_lru.move_to_end(slot)
         return slot
+
+    def _write_slot(self, slot: int, weights: AdapterWeights) -> None:
+        """Copy an adapter into a slot. On CUDA the copies go on a side stream from pinned memory after whatever
+        compute is queued (the slot's old contents may still be read), and only the next forward waits for them
+        (wait_for_copies). Each step ends with a host sync (sampling), so today this saves the host from blocking
+        on the copies rather than hiding them under a forward; reads from disk are the part that overlaps compute."""
+        def write_all() -> None:
+            for name, module_slots in self.slots.items():
+                m = weights.modules.get(name)
+                module_slots.write(slot, None if m is None else m.lora_A, None if m is None else m.lora_B,
+                                   0.0 if m is None else m.scaling)
+
+        if self.device.type != "cuda":
+            write_all()
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        # The slot's previous contents may still be read by queued compute: start after it.
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            write_all()
+        self._copies_done = self._copy_stream.record_event()
+
+    def wait_for_copies(self) -> None:
+        """Make the compute stream wait for slot copies issued so far (CUDA; nothing to do on the CPU)."""
+        if self._copies_done is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._copies_done)
+            self._copies_done = None
 
     def release_slot(self, slot: int) -> None:
         self.slot_refs[slot] -= 1

@@ -260,6 +260,7 @@ class Engine:
         lora_batch = self.runner.build_lora_batch(items)
         lora_batch.kernel = self.kernels.choose(lora_batch, self._probe)
         self._kernel_steps[lora_batch.kernel] += 1
+        self.store.wait_for_copies()
         logits = self.runner.forward(items, lora_batch)
 
         sampling = []
