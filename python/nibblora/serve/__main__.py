@@ -1,0 +1,3 @@
+from nibblora.serve.cli import main
+
+raise SystemExit(main())

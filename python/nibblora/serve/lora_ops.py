@@ -1,0 +1,212 @@
+"""Batched heterogeneous LoRA: the base projection once for the whole batch, each token's own adapter on top.
+
+Two ways to add the low-rank terms of a batch whose tokens belong to different adapters (and some to none):
+
+- segment (Punica's SGMV): the tokens are laid out sorted by adapter slot, so each adapter owns one contiguous
+  segment; per segment, `y[s:e] += scaling * (x[s:e] @ A[:r].T) @ B[:r]` at that adapter's OWN rank r. No FLOP
+  is spent on padding; the cost is one pair of small matmuls (and a Python iteration) per segment.
+- gathered (Punica's BGMV): each token row gathers its own adapter's A and B (padded only to the largest rank
+  among the adapters of THIS batch, not to the slot size) and one batched matmul pair does every row at once.
+  The cost is one gather + two bmm per module whatever the number of adapters: it can win for decode steps
+  (one row per sequence, many distinct adapters), where per-segment overhead dominates.
+
+Which is cheaper depends on the shape (tokens, segments) and the machine, so `KernelChooser` times both on the
+real slot tensors the first time a shape bucket is seen and keeps the winner.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+KERNELS = ("auto", "segment", "gathered")
+
+
+@dataclass
+class LoRASlots:
+    """Device-resident adapters of one linear module, in `num_slots` slots padded to `max_rank`.
+
+    lora_A: [S, r_max, in]; lora_Bt: [S, r_max, out] (B transposed, so a slot's first r rows are B.T);
+    rows past a slot's rank are zero. ranks: the true rank per slot (0: the adapter does not adapt this module).
+    scaling: float [S] on the device (0 where rank is 0), plus the same values as Python floats.
+    """
+
+    lora_A: torch.Tensor
+    lora_Bt: torch.Tensor
+    scaling: torch.Tensor
+    ranks: list[int] = field(default_factory=list)
+    scaling_list: list[float] = field(default_factory=list)
+    # Per slot: (A[:r].T [in, r], B.T [r, out], scaling) views, made once at write time, not every step.
+    views: list[tuple[torch.Tensor, torch.Tensor, float] | None] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, num_slots: int, max_rank: int, in_features: int, out_features: int,
+              dtype: torch.dtype, device: torch.device) -> LoRASlots:
+        return cls(
+            torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device),
+            torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device),
+            torch.zeros(num_slots, dtype=dtype, device=device),
+            [0] * num_slots,
+            [0.0] * num_slots,
+            [None] * num_slots,
+        )
+
+    def write(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float) -> None:
+        """Put one adapter's A [r, in] / B [out, r] (host tensors) into `slot`; None clears the slot."""
+        non_blocking = self.lora_A.device.type == "cuda"
+        self.lora_A[slot].zero_()
+        self.lora_Bt[slot].zero_()
+        if lora_A is None:
+            self.ranks[slot], self.scaling_list[slot] = 0, 0.0
+            self.scaling[slot] = 0.0
+            self.views[slot] = None
+            return
+        r = lora_A.shape[0]
+        self.lora_A[slot, :r].copy_(lora_A, non_blocking=non_blocking)
+        self.lora_Bt[slot, :r].copy_(lora_B.t(), non_blocking=non_blocking)
+        self.ranks[slot], self.scaling_list[slot] = r, float(scaling)
+        self.scaling[slot] = float(scaling)
+        self.views[slot] = (self.lora_A[slot, :r].t(), self.lora_Bt[slot, :r], float(scaling))
+
+
+@dataclass
+class LoRABatch:
+    """How the flat tokens [T] of one step map to adapter slots.
+
+    segments: (start, end, slot) for each run of tokens that use an adapter (base-only tokens appear in none).
+    token_slots: int64 [T] on the device, the slot of each token or -1 (base only).
+    kernel: "segment" or "gathered".
+    """
+
+    segments: list[tuple[int, int, int]]
+    token_slots: torch.Tensor
+    kernel: str = "segment"
+    _rows: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(token indices that use an adapter [n], their slots [n], the distinct slots), built once per step."""
+        if self._rows is None:
+            rows = torch.nonzero(self.token_slots >= 0).flatten()
+            self._rows = (rows, self.token_slots[rows], sorted({slot for _, _, slot in self.segments}))
+        return self._rows
+
+
+def add_lora_segments(y: torch.Tensor, x: torch.Tensor, slots: LoRASlots, batch: LoRABatch) -> None:
+    """y [T, out] += each segment's scaling * (x @ A.T) @ B.T at the adapter's own rank (SGMV), in place."""
+    whole = len(batch.segments) == 1 and batch.segments[0][0] == 0 and batch.segments[0][1] == x.shape[0]
+    for start, end, slot in batch.segments:
+        view = slots.views[slot]
+        if view is None:  # this adapter does not adapt this module
+            continue
+        a_t, b_t, scaling = view
+        if whole:  # one adapter for the whole batch: no slicing
+            y.addmm_(x @ a_t, b_t, alpha=scaling)
+        else:
+            y[start:end].addmm_(x[start:end] @ a_t, b_t, alpha=scaling)  # [tokens, r] @ [r, out]
+
+
+def add_lora_gathered(y: torch.Tensor, x: torch.Tensor, slots: LoRASlots, batch: LoRABatch) -> None:
+    """y [T, out] += the same update as add_lora_segments, every adapted row at once (BGMV): each row gathers its
+    adapter's A / B, padded to the largest rank among this batch's adapters, and two bmm do the rest."""
+    rows, row_slots, used = batch.rows()
+    rank = max(slots.ranks[s] for s in used)
+    if rank == 0:
+        return
+    a = slots.lora_A[row_slots, :rank]  # [n, r, in]
+    bt = slots.lora_Bt[row_slots, :rank]  # [n, r, out]
+    xa = torch.bmm(a, x[rows, :, None])  # [n, r, 1]; rows past an adapter's rank are zero in A
+    xa = xa * slots.scaling[row_slots][:, None, None]
+    y.index_add_(0, rows, torch.bmm(xa.transpose(1, 2), bt)[:, 0])
+
+
+class BatchedLoRALinear(nn.Module):
+    """A frozen base linear (nn.Linear or NF4Linear) plus the LoRA terms of whichever adapters the batch uses.
+
+    forward(x [..., in]) -> [..., out]: `base(x)` once for all tokens, then the current `LoRABatch` (set by the
+    engine on the shared `context` before each step) adds the per-token updates. With no batch set, or a batch
+    of base-only tokens, it is exactly the base layer.
+    """
+
+    def __init__(self, base: nn.Module, slots: LoRASlots, context: LoRAContext) -> None:
+        super().__init__()
+        self.base = base
+        self.slots = slots
+        self.context = context
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self.context.batch
+        if batch is None or not batch.segments:
+            return y
+        shape = y.shape
+        y2, x2 = y.reshape(-1, shape[-1]), x.reshape(-1, x.shape[-1]).to(y.dtype)
+        if batch.kernel == "gathered":
+            add_lora_gathered(y2, x2, self.slots, batch)
+        else:
+            add_lora_segments(y2, x2, self.slots, batch)
+        return y2.view(shape)
+
+
+class LoRAContext:
+    """The batch layout every BatchedLoRALinear of one model reads during a forward (set, run, cleared)."""
+
+    def __init__(self) -> None:
+        self.batch: LoRABatch | None = None
+
+
+class KernelChooser:
+    """Picks segment or gathered per step shape by timing both once per (tokens, segments) bucket.
+
+    forced: "segment" or "gathered" skips the measurement (tests use it to check both paths).
+    """
+
+    def __init__(self, forced: str = "auto", repeats: int = 3) -> None:
+        if forced not in KERNELS:
+            raise ValueError(f"lora kernel must be one of {KERNELS}, got {forced!r}")
+        self.forced = forced
+        self.repeats = repeats
+        self.choices: dict[tuple[int, int], str] = {}
+
+    @staticmethod
+    def bucket(num_tokens: int, num_segments: int) -> tuple[int, int]:
+        """Round up to powers of two so a handful of measurements covers every step shape."""
+        return (1 << max(0, (num_tokens - 1).bit_length()), 1 << max(0, (num_segments - 1).bit_length()))
+
+    def choose(self, batch: LoRABatch, probe: LoRASlots | None) -> str:
+        if self.forced != "auto":
+            return self.forced
+        if not batch.segments or probe is None:
+            return "segment"
+        key = self.bucket(batch.token_slots.shape[0], len(batch.segments))
+        choice = self.choices.get(key)
+        if choice is None:
+            choice = self._measure(batch, probe)
+            self.choices[key] = choice
+        return choice
+
+    def _measure(self, batch: LoRABatch, slots: LoRASlots) -> str:
+        """Time both kernels on the real slot tensors at this step's shape; the faster one wins the bucket."""
+        num_tokens = batch.token_slots.shape[0]
+        x = torch.randn(num_tokens, slots.lora_A.shape[2], dtype=slots.lora_A.dtype, device=slots.lora_A.device)
+        y = torch.zeros(num_tokens, slots.lora_Bt.shape[2], dtype=x.dtype, device=x.device)
+        best = {}
+        for name, fn in (("segment", add_lora_segments), ("gathered", add_lora_gathered)):
+            fn(y, x, slots, batch)  # warm-up (allocator, one-hot)
+            _sync(x.device)
+            times = []
+            for _ in range(self.repeats):
+                start = time.perf_counter()
+                fn(y, x, slots, batch)
+                _sync(x.device)
+                times.append(time.perf_counter() - start)
+            best[name] = min(times)
+        return min(best, key=best.get)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
