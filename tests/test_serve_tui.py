@@ -58,3 +58,46 @@ def test_registry_and_rates(tmp_path):
     assert servers_text([second]) == second.summary() and "no inference servers" in servers_text([])
     reg.remove()
     assert read_registrations(tmp_path) == []
+
+
+def test_once_lists_given_and_registered_servers_and_says_when_one_is_down(tmp_path, capsys):
+    from nibblora.tui import cli
+
+    ServerRegistration.create(tmp_path, "127.0.0.1", 9, "tiny", "/models/tiny")  # pid alive: this process
+    assert cli.main(["--once", str(tmp_path), "--server", "http://127.0.0.1:9"]) == 0
+    out = capsys.readouterr().out
+    servers = out.split("\nservers:\n", 1)[1].strip().splitlines()
+    assert len(servers) == 1 and "http://127.0.0.1:9" in servers[0]  # registered and given: shown once
+    assert "unreachable" in servers[0] or "refused" in servers[0]
+
+
+def test_once_without_servers_prints_no_server_section(tmp_path, capsys):
+    from nibblora.tui import cli
+
+    assert cli.main(["--once", str(tmp_path)]) == 0
+    assert "servers:" not in capsys.readouterr().out
+
+
+def test_dashboard_shows_the_server_panel_only_when_there_are_servers(tmp_path):
+    from helpers_tui import drive, monitor
+    from textual.widgets import Static
+
+    from nibblora.tui.app import QloraTUI
+
+    app = QloraTUI(tmp_path, hardware=monitor())
+    app.servers = ServerIndex(str(tmp_path), fetch=lambda url: _page(10))
+
+    async def no_servers(pilot):
+        return pilot.app.screen.query_one("#servers", Static).has_class("hidden")
+
+    assert drive(app, no_servers)
+
+    app = QloraTUI(tmp_path, hardware=monitor())
+    app.servers = ServerIndex(str(tmp_path), ["http://gpu-box:8000"], fetch=lambda url: _page(10))
+
+    async def one_server(pilot):
+        panel = pilot.app.screen.query_one("#servers", Static)
+        return panel.has_class("hidden"), str(panel.render())
+
+    hidden, text = drive(app, one_server)
+    assert not hidden and "http://gpu-box:8000" in text and "3 on device / 7 loaded" in text

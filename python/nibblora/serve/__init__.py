@@ -8,11 +8,26 @@
 `python -m nibblora.serve --model DIR --adapter sql=adapters/sql` starts the HTTP server. See docs/serving.md.
 """
 
-from nibblora.serve.adapter_files import AdapterWeights, LoRAModuleWeights, read_lora_folder
-from nibblora.serve.adapter_store import AdapterRef, AdapterStore
-from nibblora.serve.engine import Engine, EngineConfig, GenerationResult, UnknownAdapterError
-from nibblora.serve.sampling import SamplingParams
-from nibblora.serve.sequence import RequestOutput
+from nibblora._lazy import lazy_exports
+
+# Heavy (torch) names load on first use, so the dashboard can read servers' metrics without importing torch.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "AdapterWeights": "nibblora.serve.adapter_files",
+        "LoRAModuleWeights": "nibblora.serve.adapter_files",
+        "read_lora_folder": "nibblora.serve.adapter_files",
+        "AdapterRef": "nibblora.serve.adapter_store",
+        "AdapterStore": "nibblora.serve.adapter_store",
+        "Engine": "nibblora.serve.engine",
+        "EngineConfig": "nibblora.serve.engine",
+        "GenerationResult": "nibblora.serve.engine",
+        "UnknownAdapterError": "nibblora.serve.engine",
+        "SamplingParams": "nibblora.serve.sampling",
+        "RequestOutput": "nibblora.serve.sequence",
+    },
+)
 
 __all__ = [
     "AdapterRef",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nibblora.errors import InputError
-from nibblora.models.generate import filter_logits
+from nibblora.models.llama import filter_logits
 
 
 @dataclass

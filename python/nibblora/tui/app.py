@@ -18,6 +18,7 @@ from nibblora.tui.hardware import HardwareMonitor, HardwareSnapshot
 from nibblora.tui.jobs import Job, JobIndex, attach_gpu_memory
 from nibblora.tui.launch import LaunchedJob, console_tail
 from nibblora.tui.screens import CompareScreen, JobScreen
+from nibblora.tui.servers import ServerIndex, ServerStatus, servers_text
 from nibblora.tui.text import fmt_bytes, fmt_duration, fmt_number, fmt_step, fmt_time, unreadable_lines
 from nibblora.tui.widgets import STATUS_STYLES, Cell, HardwarePanel, sort_key
 
@@ -87,6 +88,7 @@ class JobsScreen(Screen):
         yield table
         yield Static(id="empty")
         yield Static(id="unreadable", classes="hidden")
+        yield Static(id="servers", classes="hidden")
         yield HardwarePanel(id="hardware")
         yield Footer()
 
@@ -148,6 +150,8 @@ class QloraTUI(App):
     #empty.hidden { display: none; }
     #unreadable { height: auto; max-height: 8; padding: 0 1; color: $error; }
     #unreadable.hidden { display: none; }
+    #servers { height: auto; max-height: 8; padding: 0 1; }
+    #servers.hidden { display: none; }
     """
 
     def __init__(
@@ -157,10 +161,13 @@ class QloraTUI(App):
         hardware: HardwareMonitor | None = None,
         poll_seconds: float = 1.0,
         hardware_seconds: float = 2.0,
+        server_urls: list[str] | None = None,
     ):
         super().__init__()
         self.runs_dir = Path(runs_dir)
         self.index = JobIndex(self.runs_dir)
+        # Inference servers (nibblora.serve) registered under runs_dir or given with --server, read via /metrics.
+        self.servers = ServerIndex(str(self.runs_dir), urls=server_urls)
         self.hardware = hardware if hardware is not None else HardwareMonitor()
         self.poll_seconds = poll_seconds
         self.hardware_seconds = hardware_seconds
@@ -213,6 +220,8 @@ class QloraTUI(App):
         try:
             snapshot = self.hardware.read()
             self.call_from_thread(self._show_hardware, snapshot)
+            servers = self.servers.poll()  # HTTP with a short timeout each; a dead server reads as unreachable
+            self.call_from_thread(self._show_servers, servers)
         finally:
             self._polling_hardware = False
 
@@ -222,6 +231,16 @@ class QloraTUI(App):
             if isinstance(screen, JobsScreen):
                 return screen
         return None
+
+    def _show_servers(self, servers: list[ServerStatus]) -> None:
+        screen = self._jobs_screen()
+        if screen is None:
+            return
+        panel = screen.query_one("#servers", Static)
+        panel.set_class(not servers, "hidden")
+        if servers:
+            panel.border_title = "servers"
+            panel.update(servers_text(servers))
 
     def _show_hardware(self, snapshot: HardwareSnapshot) -> None:
         self.last_snapshot = snapshot

@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("runs_dir", nargs="?", default="runs", help="directory holding run output dirs (default: runs)")
     parser.add_argument("--once", "-1", action="store_true", help="print a plain-text summary and exit")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between reads of the run stores")
+    parser.add_argument("--server", action="append", default=[], metavar="URL",
+                        help="also watch this nibblora.serve server (repeatable); servers started with --runs-dir "
+                             "RUNS_DIR are found on their own")
     return parser
 
 
@@ -44,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.once:
         from nibblora.tui.hardware import HardwareMonitor
         from nibblora.tui.jobs import JobIndex
+        from nibblora.tui.servers import ServerIndex, servers_text
         from nibblora.tui.text import summary
 
         if not runs_dir.is_dir():
@@ -57,8 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(summary(jobs, monitor.read(), str(runs_dir)))
         finally:
             monitor.close()
+        servers = ServerIndex(str(runs_dir), urls=args.server)
+        if servers.targets():
+            print("\nservers:\n" + servers_text(servers.poll()))
         return 0
     from nibblora.tui.app import QloraTUI
 
-    QloraTUI(runs_dir, poll_seconds=max(args.interval, 0.1)).run()
+    QloraTUI(runs_dir, poll_seconds=max(args.interval, 0.1), server_urls=args.server).run()
     return 0
