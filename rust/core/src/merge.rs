@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::safetensors::Dtype;
+use crate::safetensors::{Dtype, DtypeExt};
 
 /// One low-rank update `(B @ A) * scale`: B is [rows, rank], A is [rank, cols], both row-major float32.
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +50,7 @@ fn check_float(dtype: Dtype, what: &str) -> Result<()> {
         Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(()),
         other => Err(Error::InvalidArgument(format!(
             "{what} has dtype {}; merging reads and writes F32, BF16 or F16",
-            other.name()
+            other
         ))),
     }
 }
