@@ -37,7 +37,7 @@ impl fmt::Display for Error {
             Error::NonFinite { index } => write!(
                 f,
                 "input holds a non-finite value (NaN or infinity) at flat index {index}; \
-                 4-bit quantization needs finite weights, so check the checkpoint for overflow"
+                 the weights must be finite, so check the checkpoint or adapter for overflow"
             ),
             Error::LengthMismatch { what, expected, got } => {
                 write!(f, "{what}: expected {expected} elements, got {got}")
