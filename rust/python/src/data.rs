@@ -14,6 +14,12 @@ use pyo3::types::PyDict;
 
 use crate::errors::{to_py_err, Area, TrainOnArg, TruncationArg};
 
+/// (input_ids uint32[n], loss_mask uint8[n])
+type EncodedArrays<'py> = (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u8>>);
+
+// The text signature above spells the default out for Python's inspect (and stubtest).
+const _: () = assert!(DEFAULT_MAX_LINE_BYTES == 8388608);
+
 fn data_err(phase: &str, err: Error) -> PyErr {
     to_py_err(Area::Data, phase, err)
 }
@@ -47,6 +53,9 @@ fn stats_dict<'py>(py: Python<'py>, stats: &PrepareStats) -> PyResult<Bound<'py,
 impl DataPipeline {
     #[new]
     #[pyo3(signature = (tokenizer_path, template_source, variables, train_on=TrainOnArg(TrainOn::Assistant), content_specials_as_text=true, eos_token=None))]
+    #[pyo3(
+        text_signature = "(tokenizer_path, template_source, variables, train_on='assistant', content_specials_as_text=True, eos_token=None)"
+    )]
     fn new(
         py: Python<'_>,
         tokenizer_path: PathBuf,
@@ -77,8 +86,9 @@ impl DataPipeline {
         messages_json: &str,
         add_generation_prompt: bool,
     ) -> PyResult<(String, Vec<(usize, usize)>)> {
-        let messages: serde_json::Value = serde_json::from_str(messages_json)
-            .map_err(|e| data_err("reading messages", Error::Input { location: String::new(), message: e.to_string() }))?;
+        let messages: serde_json::Value = serde_json::from_str(messages_json).map_err(|e| {
+            data_err("reading messages", Error::Input { location: String::new(), message: e.to_string() })
+        })?;
         if add_generation_prompt {
             // A prompt for generation: the plain render, no spans.
             let rendered = self
@@ -99,13 +109,10 @@ impl DataPipeline {
     }
 
     /// encode(row_json) -> (input_ids uint32[n], loss_mask uint8[n]) for one row.
-    fn encode<'py>(
-        &self,
-        py: Python<'py>,
-        row_json: &str,
-    ) -> PyResult<(Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u8>>)> {
-        let row: serde_json::Value = serde_json::from_str(row_json)
-            .map_err(|e| data_err("reading the row", Error::Input { location: String::new(), message: e.to_string() }))?;
+    fn encode<'py>(&self, py: Python<'py>, row_json: &str) -> PyResult<EncodedArrays<'py>> {
+        let row: serde_json::Value = serde_json::from_str(row_json).map_err(|e| {
+            data_err("reading the row", Error::Input { location: String::new(), message: e.to_string() })
+        })?;
         let example = py
             .allow_threads(|| self.encoder.encode_row(&row))
             .map_err(|e| data_err("encoding the row", e))?;
@@ -128,6 +135,9 @@ impl DataPipeline {
     /// the run with a DataError naming file:line. Runs with the GIL released; `progress(stats)` is called
     /// after every batch (Ctrl-C is checked there).
     #[pyo3(signature = (sources, out_dir, max_length=None, truncation=TruncationArg(Truncation::KeepStart), pack=false, shard=(0, 1), skip_bad_lines=false, batch_rows=2048, progress=None, max_line_bytes=DEFAULT_MAX_LINE_BYTES))]
+    #[pyo3(
+        text_signature = "($self, sources, out_dir, max_length=None, truncation='keep-start', pack=False, shard=..., skip_bad_lines=False, batch_rows=2048, progress=None, max_line_bytes=8388608)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn prepare<'py>(
         &self,
@@ -157,8 +167,8 @@ impl DataPipeline {
                     return Err(data_err(
                         "preparing the dataset",
                         Error::InvalidArgument(format!(
-                            "source kind {other:?} is not known: use (\"jsonl\", path) or (\"rows\", name, rows)"
-                        )),
+                        "source kind {other:?} is not known: use (\"jsonl\", path) or (\"rows\", name, rows)"
+                    )),
                     ))
                 }
             });

@@ -29,7 +29,7 @@ fn run_merge<'py>(
 ) -> PyResult<Bound<'py, PyArray1<u8>>> {
     let numel: usize = shape.iter().product();
     let rows = if shape.len() >= 2 { shape[0] } else { 1 };
-    let cols = if rows == 0 { 0 } else { numel / rows };
+    let cols = numel.checked_div(rows).unwrap_or(0);
     let mut update = Update::default();
     for (b, a, rank, scale) in terms {
         let b = b.as_slice().map_err(|_| not_contiguous())?;
@@ -58,7 +58,9 @@ struct SafetensorsFile {
 impl SafetensorsFile {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.allow_threads(|| CoreFile::open(&path)).map_err(|e| to_py_err(Area::Checkpoint, "reading safetensors", e))?;
+        let inner = py
+            .allow_threads(|| CoreFile::open(&path))
+            .map_err(|e| to_py_err(Area::Checkpoint, "reading safetensors", e))?;
         Ok(SafetensorsFile { inner })
     }
 
@@ -138,7 +140,17 @@ fn merge_array<'py>(
     magnitude: Option<PyReadonlyArray1<'py, f32>>,
 ) -> PyResult<Bound<'py, PyArray1<u8>>> {
     let base = base.as_slice().map_err(|_| not_contiguous())?;
-    run_merge(py, "merging", base, base_dtype.0, &shape, out_dtype.0, &terms, dense.as_ref(), magnitude.as_ref())
+    run_merge(
+        py,
+        "merging",
+        base,
+        base_dtype.0,
+        &shape,
+        out_dtype.0,
+        &terms,
+        dense.as_ref(),
+        magnitude.as_ref(),
+    )
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

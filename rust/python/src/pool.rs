@@ -12,7 +12,7 @@ use crate::errors::{to_py_err, Area};
 pub(crate) static OUTPUT_POOL: BufferPool = BufferPool::new(1 << 30);
 
 /// Owner of a pooled buffer behind a numpy array; gives the memory back to the pool when the array dies.
-#[pyclass]
+#[pyclass(frozen, module = "nibblora._native")]
 struct PooledBuffer {
     words: Vec<u32>,
 }

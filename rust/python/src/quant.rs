@@ -48,9 +48,10 @@ fn quantize_4bit<'py>(
         }
     };
     let mut absmax = vec![0f32; quant::num_blocks(n, blocksize)];
-    let packed = pooled_array::<u8, _>(py, Area::Compute, "quantizing to 4 bits", quant::packed_len(n), |packed| {
-        quant::quantize_4bit_into(input, qt, blocksize, packed, &mut absmax)
-    })?;
+    let packed =
+        pooled_array::<u8, _>(py, Area::Compute, "quantizing to 4 bits", quant::packed_len(n), |packed| {
+            quant::quantize_4bit_into(input, qt, blocksize, packed, &mut absmax)
+        })?;
     Ok((packed, PyArray1::from_vec(py, absmax)))
 }
 
@@ -84,6 +85,9 @@ fn dequantize_4bit<'py>(
     }
 }
 
+/// (codes uint8, nested_absmax float32, offset)
+type DoubleQuantizedArrays<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f32);
+
 /// double_quantize(absmax, offset=None) -> (codes uint8, nested_absmax float32, offset float)
 #[pyfunction]
 #[pyo3(signature = (absmax, offset=None))]
@@ -91,7 +95,7 @@ fn double_quantize<'py>(
     py: Python<'py>,
     absmax: PyReadonlyArray1<'py, f32>,
     offset: Option<f32>,
-) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f32)> {
+) -> PyResult<DoubleQuantizedArrays<'py>> {
     let a = absmax.as_slice().map_err(|_| not_contiguous())?;
     let dq = py
         .allow_threads(|| quant::double_quantize_absmax(a, offset))

@@ -222,16 +222,19 @@ impl Encoder {
                 }
                 let escaped = serde_json::to_string(s).unwrap_or_default();
                 let escaped = escaped.get(1..escaped.len().saturating_sub(1)).unwrap_or_default().to_string();
-                let found = [s.to_string(), s.trim().to_string(), escaped].into_iter().find_map(|candidate| {
-                    let at = text.match_indices(candidate.as_str()).map(|(at, _)| at).find(|&at| {
-                        !claimed.iter().any(|c| at < c.end && at + candidate.len() > c.start)
-                    })?;
-                    Some((at, candidate))
-                });
+                let found =
+                    [s.to_string(), s.trim().to_string(), escaped].into_iter().find_map(|candidate| {
+                        let at = text.match_indices(candidate.as_str()).map(|(at, _)| at).find(|&at| {
+                            !claimed.iter().any(|c| at < c.end && at + candidate.len() > c.start)
+                        })?;
+                        Some((at, candidate))
+                    });
                 match found {
                     Some((at, candidate)) => {
                         claimed.push(at..at + candidate.len());
-                        spans.extend(self.special_ranges(&candidate).into_iter().map(|r| at + r.start..at + r.end));
+                        spans.extend(
+                            self.special_ranges(&candidate).into_iter().map(|r| at + r.start..at + r.end),
+                        );
                     }
                     None => {
                         missing.get_or_insert((i, s.chars().take(60).collect()));
@@ -478,14 +481,16 @@ mod tests {
         assert_eq!(rendered.text, "yesabc", "the template sees the content as transformers shows it");
         let row = json!({"messages": [{"role": "user", "content": "<|eot_id|> <|eot_id|>"}]});
         // The template prints only part of the string: the copy it prints is still found and kept plain text.
-        let source = "{% for m in messages %}{{ m.content }}|{{ m.content.startswith('<|eot_id|>') }}{% endfor %}";
+        let source =
+            "{% for m in messages %}{{ m.content }}|{{ m.content.startswith('<|eot_id|>') }}{% endfor %}";
         let example = encoder(source, TrainOn::All).encode_row(&row).unwrap();
         assert!(!example.ids.contains(&EOT), "{:?}", example.ids);
     }
 
     #[test]
     fn a_string_the_template_rewrites_around_a_special_token_is_refused() {
-        let source = "{% for m in messages %}{{ m.content[:10] }}{% if m.content.startswith('<') %}!{% endif %}\
+        let source =
+            "{% for m in messages %}{{ m.content[:10] }}{% if m.content.startswith('<') %}!{% endif %}\
             {% endfor %}";
         let err = encoder(source, TrainOn::All)
             .encode_row(&json!({"messages": [{"role": "user", "content": "<|eot_id|>x"}]}))
@@ -529,7 +534,8 @@ mod tests {
         let source = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}\
             {% if add_generation_prompt %}[bot]{% endif %}";
         let e = encoder(source, TrainOn::Assistant);
-        let err = e.render_with_spans(&json!([{"role": "assistant", "content": "x"}])).unwrap_err().to_string();
+        let err =
+            e.render_with_spans(&json!([{"role": "assistant", "content": "x"}])).unwrap_err().to_string();
         assert!(err.contains("cannot find where assistant turn 0 starts"), "{err}");
         assert!(err.contains("start the conversation with a user or system turn"), "{err}");
     }

@@ -133,7 +133,8 @@ pub fn prepare(
     for source in sources {
         let mut reader = RowReader::open(source)?;
         loop {
-            let batch = reader.next_batch(options.batch_rows, options.max_line_bytes, &mut stats.bytes_read)?;
+            let batch =
+                reader.next_batch(options.batch_rows, options.max_line_bytes, &mut stats.bytes_read)?;
             if batch.is_empty() {
                 break;
             }
@@ -303,7 +304,12 @@ impl<'a> RowReader<'a> {
         })
     }
 
-    fn next_batch(&mut self, size: usize, max_line: usize, bytes_read: &mut u64) -> Result<Vec<(String, String)>> {
+    fn next_batch(
+        &mut self,
+        size: usize,
+        max_line: usize,
+        bytes_read: &mut u64,
+    ) -> Result<Vec<(String, String)>> {
         let mut batch = Vec::with_capacity(size.min(4096));
         let mut batch_bytes = 0usize;
         match self {
@@ -311,7 +317,8 @@ impl<'a> RowReader<'a> {
                 let mut buf = Vec::new();
                 while batch.len() < size && batch_bytes < BATCH_BYTES {
                     buf.clear();
-                    let (n, line_len) = read_line_capped(reader, &mut buf, max_line).map_err(|e| Error::io(path, &e))?;
+                    let (n, line_len) =
+                        read_line_capped(reader, &mut buf, max_line).map_err(|e| Error::io(path, &e))?;
                     if n == 0 {
                         break;
                     }
@@ -360,7 +367,11 @@ fn too_long(location: String, len: usize, max_line: usize) -> Error {
 
 /// Read one line (through its '\n') into `buf`, keeping at most `max_line` bytes of it: a longer line is
 /// consumed without being stored. Returns (bytes consumed, length of the line without its line ending).
-fn read_line_capped(reader: &mut impl BufRead, buf: &mut Vec<u8>, max_line: usize) -> std::io::Result<(usize, usize)> {
+fn read_line_capped(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    max_line: usize,
+) -> std::io::Result<(usize, usize)> {
     let mut consumed = 0usize;
     let mut line_len = 0usize;
     loop {
