@@ -220,15 +220,13 @@ impl Encoder {
                 if self.special_ranges(s).is_empty() {
                     return;
                 }
-                let escaped = serde_json::to_string(s).unwrap_or_default();
-                let escaped = escaped.get(1..escaped.len().saturating_sub(1)).unwrap_or_default().to_string();
-                let found =
-                    [s.to_string(), s.trim().to_string(), escaped].into_iter().find_map(|candidate| {
-                        let at = text.match_indices(candidate.as_str()).map(|(at, _)| at).find(|&at| {
-                            !claimed.iter().any(|c| at < c.end && at + candidate.len() > c.start)
-                        })?;
-                        Some((at, candidate))
-                    });
+                let found = self.printed_forms(s).into_iter().find_map(|candidate| {
+                    let at = text
+                        .match_indices(candidate.as_str())
+                        .map(|(at, _)| at)
+                        .find(|&at| !claimed.iter().any(|c| at < c.end && at + candidate.len() > c.start))?;
+                    Some((at, candidate))
+                });
                 match found {
                     Some((at, candidate)) => {
                         claimed.push(at..at + candidate.len());
@@ -255,6 +253,22 @@ impl Encoder {
         }
         spans.sort_by_key(|r| r.start);
         Ok(spans)
+    }
+
+    /// How a template may print a row string holding special tokens: as is, trimmed, JSON-escaped (`tojson`),
+    /// or sliced just past or before one of its special tokens (`content[10:]`). Only forms that still hold a
+    /// special token matter.
+    fn printed_forms(&self, s: &str) -> Vec<String> {
+        let escaped = serde_json::to_string(s).unwrap_or_default();
+        let escaped = escaped.get(1..escaped.len().saturating_sub(1)).unwrap_or_default().to_string();
+        let mut forms = vec![s.to_string(), s.trim().to_string(), escaped];
+        for r in self.special_ranges(s) {
+            forms.push(s[r.end..].to_string());
+            forms.push(s[..r.start].to_string());
+        }
+        let mut seen = std::collections::HashSet::new();
+        forms.retain(|f| !self.special_ranges(f).is_empty() && seen.insert(f.clone()));
+        forms
     }
 
     /// Assistant spans of a template without generation tags: turn `i` is what rendering `messages[..=i]`
