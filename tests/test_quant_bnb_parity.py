@@ -194,3 +194,15 @@ def test_signed_zeros_and_tiny_values_dequantize_with_bitsandbytes_signs(quant_t
         mine = dequantize_4bit(ours).reshape(-1)
         assert torch.equal(torch.signbit(mine), torch.signbit(theirs)), (mine[:8], theirs[:8])
         assert torch.equal(mine, theirs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_signed_zero_codes_dequantize_on_cuda_with_the_kernels_signs(quant_type):
+    """bitsandbytes' CUDA kernel applies FP4's sign bit to code 8 ("-0"), giving -0.0 (issue 13 #20)."""
+    x = torch.tensor([-0.0, 0.0, -1e-9, 1e-9, -1.0, 0.5, -1e-30, 2.0] * 16, device="cuda")
+    packed, state = bnb_quantize(x, quant_type, 64, False)
+    ours = quantize_4bit(x, quant_type, 64, double_quant=False)
+    assert torch.equal(ours.packed.reshape(-1), packed.reshape(-1))
+    theirs = bnb_functional.dequantize_4bit(packed, state).reshape(-1)
+    assert torch.equal(torch.signbit(dequantize_4bit(ours).reshape(-1)), torch.signbit(theirs))

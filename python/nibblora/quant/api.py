@@ -172,5 +172,17 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> tor
         flat = torch.from_numpy(result)
         flat = flat if dtype == torch.float32 else flat.view(dtype)
         return flat.view(state.shape)
-    result = torch_ops.dequantize_4bit_flat(q.packed, absmax, state.code.to(q.packed.device), state.blocksize, n, dtype)
+    code = _device_code(state, q.packed.device)
+    result = torch_ops.dequantize_4bit_flat(q.packed, absmax, code, state.blocksize, n, dtype)
     return result.view(state.shape)
+
+
+def _device_code(state: QuantState, device: torch.device) -> torch.Tensor:
+    """The code table as bitsandbytes' device kernel applies it. Its CUDA dequantizer multiplies every FP4
+    value by the sign of bit 3, so code 8 ("-0": a tiny negative value) gives -0.0 where the stored table (and
+    bitsandbytes' CPU path, like our Rust one) gives +0.0; codes 8..15 are the negative half."""
+    code = state.code.to(device)
+    if state.quant_type == "fp4" and device.type == "cuda":
+        code = code.clone()
+        code[8:] = -code[8:].abs()
+    return code
