@@ -176,3 +176,33 @@ def test_blocks_wider_than_a_row_dequantize_like_bitsandbytes_reference_not_its_
     assert torch.equal(ours.packed, packed)
     assert torch.equal(dequantize_4bit(ours), expected)
     assert (dequantize_4bit(ours) - x).abs().max() < 0.6
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_signed_zeros_and_tiny_values_dequantize_with_bitsandbytes_signs(quant_type, dtype, double_quant):
+    """Issue 13 #20: -0.0, +0.0 and values that round to a zero code keep exactly bitsandbytes' sign bits
+    (torch.equal treats -0.0 == +0.0, so the sign bits are compared on their own), with identical codes."""
+    x = torch.tensor([-0.0, 0.0, -1e-9, 1e-9, -1.0, 0.5, -0.0, -1e-30] * 16, dtype=torch.float32).to(dtype)
+    all_negative_zero = torch.full((64,), -0.0, dtype=dtype)
+    for values in (x, all_negative_zero, x.reshape(4, 32)):
+        packed, state = bnb_quantize(values, quant_type, 64, double_quant)
+        ours = quantize_4bit(values, quant_type, 64, double_quant=double_quant)
+        assert torch.equal(ours.packed.reshape(-1), packed.reshape(-1)), "packed codes differ"
+        theirs = bnb_functional.dequantize_4bit(packed, state).reshape(-1)
+        mine = dequantize_4bit(ours).reshape(-1)
+        assert torch.equal(torch.signbit(mine), torch.signbit(theirs)), (mine[:8], theirs[:8])
+        assert torch.equal(mine, theirs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_signed_zero_codes_dequantize_on_cuda_with_the_kernels_signs(quant_type):
+    """bitsandbytes' CUDA kernel applies FP4's sign bit to code 8 ("-0"), giving -0.0 (issue 13 #20)."""
+    x = torch.tensor([-0.0, 0.0, -1e-9, 1e-9, -1.0, 0.5, -1e-30, 2.0] * 16, device="cuda")
+    packed, state = bnb_quantize(x, quant_type, 64, False)
+    ours = quantize_4bit(x, quant_type, 64, double_quant=False)
+    assert torch.equal(ours.packed.reshape(-1), packed.reshape(-1))
+    theirs = bnb_functional.dequantize_4bit(packed, state).reshape(-1)
+    assert torch.equal(torch.signbit(dequantize_4bit(ours).reshape(-1)), torch.signbit(theirs))

@@ -190,16 +190,6 @@ def test_dequantized_buffers_return_to_the_pool_only_after_every_view_is_gone():
     set_output_pool_limit(1 << 30)
 
 
-def test_dequantize_into_a_workspace_writes_it_in_place_and_checks_it():
-    q = quantize_4bit(torch.randn(64, 96, dtype=torch.bfloat16))
-    work = torch.empty(64 * 96, dtype=torch.bfloat16)
-    result = dequantize_4bit(q, out=work)
-    assert result.data_ptr() == work.data_ptr() and result.shape == (64, 96)
-    assert torch.equal(result, dequantize_4bit(q))
-    with pytest.raises(ValueError, match="out must be a contiguous"):
-        dequantize_4bit(q, torch.bfloat16, out=torch.empty(10, dtype=torch.bfloat16))
-
-
 def test_a_corrupt_quant_state_or_a_short_packed_weight_is_refused_naming_the_key():
     sd = to_bnb_state_dict(quantize_4bit(torch.randn(128)), "layer.weight")
     broken = dict(sd, **{"layer.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(b"{oops"), dtype=torch.uint8)})

@@ -1,23 +1,62 @@
-"""Type stubs for nibblora's private Rust extension. Import the public wrappers from nibblora.quant instead."""
+"""Type stubs for nibblora's private Rust extension. Import the public wrappers from nibblora.quant instead.
+
+Errors arrive as nibblora.errors classes (rust/python/src/errors.rs): CheckpointError /
+CheckpointFileNotFoundError for safetensors files, DataError / DataFileNotFoundError for data preparation,
+InputError for bad arguments (an unknown quant type or dtype name), OutputError when writing fails,
+KeyboardInterrupt when Ctrl-C stops a long call. Checked by `python -m mypy.stubtest nibblora._native`.
+"""
 
 import os
+from collections.abc import Callable
+from typing import Literal, TypeAlias, final
+
 import numpy as np
 import numpy.typing as npt
 
+_QuantType: TypeAlias = Literal["nf4", "fp4", "int4"]
+_FloatDtype: TypeAlias = Literal["float32", "bfloat16", "float16"]
+_SafetensorsDtype: TypeAlias = Literal[
+    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16",
+    "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+]
+_TrainOn: TypeAlias = Literal["assistant", "all", "last"]
+_Truncation: TypeAlias = Literal["keep-start", "keep_start", "drop", "error"]
+_Source: TypeAlias = tuple[Literal["jsonl"], str] | tuple[Literal["rows"], str, list[str]]
+
+__all__ = [
+    "DataPipeline",
+    "NESTED_BLOCKSIZE",
+    "PooledBuffer",
+    "SafetensorsFile",
+    "TEMPLATE_NAMES",
+    "__version__",
+    "code_table",
+    "dequantize_4bit",
+    "dequantize_absmax",
+    "double_quantize",
+    "dynamic_map",
+    "merge_array",
+    "named_template_source",
+    "output_pool_stats",
+    "quantize_4bit",
+    "set_output_pool_limit",
+]
+
+__version__: str
 NESTED_BLOCKSIZE: int
 
 def quantize_4bit(
-    values: npt.NDArray[np.float32] | npt.NDArray[np.uint16], dtype: str, quant_type: str, blocksize: int
+    values: npt.NDArray[np.float32] | npt.NDArray[np.uint16], dtype: _FloatDtype, quant_type: _QuantType, blocksize: int
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     """Quantize a flat array (float32, or bfloat16/float16 bits as uint16). Returns (packed, absmax)."""
 
 def dequantize_4bit(
     packed: npt.NDArray[np.uint8],
     absmax: npt.NDArray[np.float32],
-    quant_type: str,
+    quant_type: _QuantType,
     blocksize: int,
     n: int,
-    dtype: str,
+    dtype: _FloatDtype,
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]:
     """Dequantize into a new array of n elements (float32, or uint16 bits of bfloat16/float16) in pooled memory."""
 
@@ -27,18 +66,9 @@ def set_output_pool_limit(limit_bytes: int) -> None:
 def output_pool_stats() -> tuple[int, int, int]:
     """(buffers cached, bytes cached, byte limit) of the dequantization output pool."""
 
+@final
 class PooledBuffer:
     """Owner of pooled memory behind a numpy array returned by dequantize_4bit."""
-
-def dequantize_4bit_into(
-    packed: npt.NDArray[np.uint8],
-    absmax: npt.NDArray[np.float32],
-    quant_type: str,
-    blocksize: int,
-    out: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
-    dtype: str,
-) -> None:
-    """Dequantize into `out` (float32, or uint16 bits of bfloat16/float16), in place."""
 
 def double_quantize(
     absmax: npt.NDArray[np.float32], offset: float | None = None
@@ -50,17 +80,19 @@ def dequantize_absmax(
 ) -> npt.NDArray[np.float32]:
     """Recover float32 block scales from double-quantized codes."""
 
-def code_table(quant_type: str) -> list[float]:
+def code_table(quant_type: _QuantType) -> list[float]:
     """The 16 code values of nf4, fp4 or int4, indexed by stored code."""
 
 def dynamic_map() -> npt.NDArray[np.float32]:
     """bitsandbytes' signed 8-bit dynamic map (256 sorted float32 values)."""
 
+@final
 class SafetensorsFile:
-    """A safetensors file whose header was checked (sizes, offsets, overlaps, dtype widths, truncation), then
-    memory-mapped. ValueError for a corrupt or hostile file; FileNotFoundError / OSError when unreadable."""
+    """A safetensors file whose header was checked (by the safetensors crate, plus whole-byte dtypes), then
+    memory-mapped. CheckpointError for a corrupt, hostile or unreadable file; CheckpointFileNotFoundError when
+    it does not exist."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None: ...
+    def __new__(cls, path: str | os.PathLike[str]) -> SafetensorsFile: ...
     @property
     def path(self) -> str: ...
     def tensors(self) -> list[tuple[str, str, list[int], int, int]]: ...  # name, dtype, shape, offset, nbytes
@@ -69,7 +101,7 @@ class SafetensorsFile:
     def merge(
         self,
         name: str,
-        out_dtype: str,
+        out_dtype: _SafetensorsDtype,
         terms: list[tuple[np.ndarray, np.ndarray, int, float]],
         dense: np.ndarray | None = None,
         magnitude: np.ndarray | None = None,
@@ -77,9 +109,9 @@ class SafetensorsFile:
 
 def merge_array(
     base: np.ndarray,
-    base_dtype: str,
+    base_dtype: _SafetensorsDtype,
     shape: list[int],
-    out_dtype: str,
+    out_dtype: _SafetensorsDtype,
     terms: list[tuple[np.ndarray, np.ndarray, int, float]],
     dense: np.ndarray | None = None,
     magnitude: np.ndarray | None = None,
@@ -91,18 +123,19 @@ TEMPLATE_NAMES: list[str]
 def named_template_source(name: str) -> str | None:
     """The Jinja source of a named chat format (chatml, llama-2, llama-3, mistral, alpaca), or None."""
 
+@final
 class DataPipeline:
     """A tokenizer.json + chat template + policies, compiled once; all calls release the GIL for long work."""
 
-    def __init__(
-        self,
-        tokenizer_path: str,
+    def __new__(
+        cls,
+        tokenizer_path: str | os.PathLike[str],
         template_source: str | None,
         variables: list[tuple[str, str]],
-        train_on: str = "assistant",
+        train_on: _TrainOn = "assistant",
         content_specials_as_text: bool = True,
         eos_token: str | None = None,
-    ) -> None: ...
+    ) -> DataPipeline: ...
     def render(self, messages_json: str, add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
         """(text, loss spans as character offsets)."""
     def encode(self, row_json: str) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint8]]:
@@ -110,14 +143,16 @@ class DataPipeline:
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
     def prepare(
         self,
-        sources: list[tuple],
-        out_dir: str,
+        sources: list[_Source],
+        out_dir: str | os.PathLike[str],
         max_length: int | None = None,
-        truncation: str = "keep-start",
+        truncation: _Truncation = "keep-start",
         pack: bool = False,
-        shard: tuple[int, int] = (0, 1),
+        shard: tuple[int, int] = ...,
         skip_bad_lines: bool = False,
         batch_rows: int = 2048,
-        progress: object | None = None,
+        progress: Callable[[dict[str, int]], object] | None = None,
+        max_line_bytes: int = 8388608,
     ) -> dict[str, int]:
-        """Prepare ("jsonl", path) / ("rows", name, [json]) sources into out_dir; returns the counts."""
+        """Prepare ("jsonl", path) / ("rows", name, [json]) sources into out_dir; returns the counts. A row over
+        max_line_bytes bytes stops the run with a DataError naming file:line."""

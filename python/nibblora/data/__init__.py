@@ -13,7 +13,7 @@ pass per conversation, on all cores. `python -m nibblora.prepare` is the command
 from nibblora.data.collate import collate_packed, collate_padded
 from nibblora.data.dataset import PreparedDataset, combine_shards, position_ids_for
 from nibblora.data.encoder import IGNORE_INDEX, TRAIN_ON, ConversationEncoder
-from nibblora.data.errors import DataError, DataFileNotFoundError
+from nibblora.errors import DataError, DataFileNotFoundError
 from nibblora.data.prepare import TRUNCATION, PrepareSummary, parse_shard, prepare_dataset
 from nibblora.data.sources import TEMPLATE_NAMES
 

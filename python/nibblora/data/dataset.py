@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from nibblora.data.encoder import IGNORE_INDEX
-from nibblora.data.errors import DataError, DataFileNotFoundError
+from nibblora.errors import DataError, DataFileNotFoundError
 from nibblora.data.prepare import FORMAT_NAME, METADATA
 from nibblora.outdir import check_out_dir, move_into_place, temp_sibling
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 from nibblora import __version__
 from nibblora.data.encoder import ConversationEncoder
-from nibblora.data.errors import DataError, DataFileNotFoundError, reraise_native
+from nibblora.errors import DataError, DataFileNotFoundError
 from nibblora.outdir import check_out_dir, move_into_place, temp_sibling
 
 TRUNCATION = ("keep-start", "drop", "error")
@@ -26,6 +27,9 @@ FORMAT_NAME = "nibblora.prepared"
 FORMAT_VERSION = 1
 METADATA = "metadata.json"
 _PARQUET_BATCH = 4096
+# Longest accepted row (bytes of JSON): rendering and tokenizing take a couple of hundred times a row's size in
+# memory, so one stray huge line would otherwise exhaust it. Same default as the Rust core's.
+DEFAULT_MAX_LINE_BYTES = 8 << 20
 
 
 @dataclass
@@ -138,6 +142,7 @@ def prepare_dataset(
     special_tokens_in_content: str = "text",
     overwrite: bool = False,
     progress: bool = False,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> PrepareSummary:
     """Prepare rows for supervised fine-tuning into the folder `output`.
 
@@ -148,27 +153,36 @@ def prepare_dataset(
     longer documents. pack: best-fit-decreasing into rows of max_length tokens. train_on: "assistant", "all",
     "last". shard: (i, n) or "i/n", keep rows whose position p (across all inputs) has p % n == i.
     skip_bad_lines: skip and count malformed JSON lines instead of stopping. output is written atomically and
-    must be absent or empty unless overwrite. progress: a tqdm bar on stderr.
+    must be absent or empty unless overwrite. progress: a tqdm bar on stderr. max_line_bytes: a row longer
+    than this (bytes of JSON) stops the run with a DataError naming file:line (default 8 MiB).
+    When a named template is chosen over the tokenizer's own chat template, one line on stderr says so and
+    whether they render differently. Errors: DataError / DataFileNotFoundError for bad input (truncation and
+    train_on names are checked by the Rust binding), OutputError when the output cannot be written; nothing
+    is left behind either way.
     """
     started = time.perf_counter()
     if isinstance(shard, str):
         shard = parse_shard(shard)
-    if truncation not in TRUNCATION:
-        raise DataError(f"truncation policy {truncation!r} is not known: use keep-start, drop or error")
     if max_length is not None and max_length < 1:
         raise DataError(f"max length must be positive, got {max_length}")
+    if max_line_bytes < 1:
+        raise DataError(f"max line bytes must be positive, got {max_line_bytes}")
     if pack and max_length is None:
         raise DataError("packing needs --max-length (the length of a packed row)")
     encoder = ConversationEncoder(
         tokenizer, template, train_on=train_on, special_tokens_in_content=special_tokens_in_content
     )
+    note = encoder.template_note()
+    if note:
+        print(f"nibblora.prepare: {note}", file=sys.stderr)
     out_dir = Path(output)
     input_paths = [Path(x) for x in inputs if not isinstance(x, dict)]
     check_out_dir(out_dir, overwrite, input_paths, DataError)
     tmp = temp_sibling(out_dir)
     try:
         sources = _sources(inputs, tmp)
-        stats = _run(encoder, sources, tmp, max_length, truncation, pack, shard, skip_bad_lines, progress)
+        stats = _run(encoder, sources, tmp, max_length, truncation, pack, shard, skip_bad_lines, progress,
+                     max_line_bytes)
         for scratch in tmp.glob("_input_*.jsonl"):
             scratch.unlink()
         summary = PrepareSummary(
@@ -209,7 +223,7 @@ def prepare_dataset(
     return summary
 
 
-def _run(encoder, sources, tmp, max_length, truncation, pack, shard, skip_bad_lines, progress) -> dict:
+def _run(encoder, sources, tmp, max_length, truncation, pack, shard, skip_bad_lines, progress, max_line_bytes) -> dict:
     from tqdm.auto import tqdm
 
     by_bytes = all(s[0] == "jsonl" for s in sources)
@@ -224,9 +238,7 @@ def _run(encoder, sources, tmp, max_length, truncation, pack, shard, skip_bad_li
     try:
         return encoder._native.prepare(
             sources, str(tmp), max_length=max_length, truncation=truncation, pack=pack, shard=tuple(shard),
-            skip_bad_lines=skip_bad_lines, progress=report,
+            skip_bad_lines=skip_bad_lines, progress=report, max_line_bytes=max_line_bytes,
         )
-    except (ValueError, OSError) as err:
-        raise reraise_native(err) from None
     finally:
         bar.close()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nibblora import _native
-from nibblora.data.errors import DataError, DataFileNotFoundError
+from nibblora.errors import DataError, DataFileNotFoundError
 
 TEMPLATE_NAMES: tuple[str, ...] = tuple(_native.TEMPLATE_NAMES)
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")

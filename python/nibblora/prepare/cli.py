@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nibblora.export import run_tool
-from nibblora.data import TEMPLATE_NAMES, TRAIN_ON, TRUNCATION, DataError, combine_shards, prepare_dataset
+from nibblora.data import TEMPLATE_NAMES, TRAIN_ON, TRUNCATION, combine_shards, prepare_dataset
+from nibblora.data.prepare import DEFAULT_MAX_LINE_BYTES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--special-tokens-in-content", default="text", choices=("text", "special"),
                         help="tokenize special-token strings inside messages as plain text (default) or as "
                         "the special tokens")
+    parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES, metavar="N",
+                        help="longest accepted row in bytes of JSON; a longer one stops with an error naming "
+                        "file:line (default 8 MiB: a row takes a couple of hundred times its size in memory)")
     parser.add_argument("--combine", nargs="+", default=None, metavar="DIR",
                         help="instead of preparing: concatenate prepared shard folders into --output")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> CombineSummary | object:
         special_tokens_in_content=args.special_tokens_in_content,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        max_line_bytes=args.max_line_bytes,
     )
 
 
@@ -79,4 +84,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.combine and (not args.tokenizer or not args.input):
         parser.error("--tokenizer and --input are required (or --combine DIR...)")
-    return run_tool("nibblora.prepare", lambda: run(args), errors=(DataError,))
+    # Any NibbloraError (bad data: DataError; an unwritable output: OutputError) is one line and exit 2.
+    return run_tool("nibblora.prepare", lambda: run(args))

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from nibblora import _native
+from nibblora.errors import InputError
 from nibblora.quant import torch_ops
 from nibblora.quant.state import (
     NESTED_BLOCKSIZE,
@@ -25,8 +26,8 @@ def _code_cpu(quant_type: str) -> torch.Tensor:
 
 
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 [16]: the value of each stored 4-bit code of `quant_type` ("nf4", "fp4" or "int4")."""
-    _check_quant_type(quant_type)
+    """float32 [16]: the value of each stored 4-bit code of `quant_type` ("nf4", "fp4" or "int4"; anything else
+    raises InputError, from the Rust core's conversion of the name)."""
     return _code_cpu(quant_type).to(device)
 
 
@@ -38,11 +39,6 @@ def _dynamic_map_cpu() -> torch.Tensor:
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 [256]: bitsandbytes' signed 8-bit dynamic map, used to double-quantize block scales."""
     return _dynamic_map_cpu().to(device)
-
-
-def _check_quant_type(quant_type: str) -> None:
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
 def _numpy_view(flat: torch.Tensor) -> np.ndarray:
@@ -68,30 +64,30 @@ def quantize_4bit(
     error messages.
     """
     label = f"tensor {name!r}" if name else "tensor"
-    _check_quant_type(quant_type)
+    code = code_table(quant_type)  # checks the name (InputError) on every device
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"quantize_4bit expects a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
+        raise InputError(
             f"{label} has dtype {dtype_name(tensor.dtype)}; 4-bit quantization reads float32, bfloat16 or float16"
         )
     if tensor.numel() == 0:
-        raise ValueError(f"{label} is empty (shape {tuple(tensor.shape)}); there is nothing to quantize")
+        raise InputError(f"{label} is empty (shape {tuple(tensor.shape)}); there is nothing to quantize")
     if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise ValueError(f"blocksize {blocksize} is not supported: use a power of two from 32 to 4096 (default 64)")
+        raise InputError(f"blocksize {blocksize} is not supported: use a power of two from 32 to 4096 (default 64)")
     flat = tensor.detach().reshape(-1)
     if flat.device.type == "cpu":
         flat = flat.contiguous()
         try:
             packed_np, absmax_np = _native.quantize_4bit(_numpy_view(flat), dtype_name(flat.dtype), quant_type, blocksize)
-        except ValueError as err:
-            raise ValueError(f"{label}: {err}") from None
+        except InputError as err:  # the core's message, with the tensor's name in front
+            raise type(err)(f"{label}: {err}") from None
         packed, absmax = torch.from_numpy(packed_np), torch.from_numpy(absmax_np)
     else:
         if not torch.isfinite(flat).all():
             index = int((~torch.isfinite(flat)).nonzero()[0])
-            raise ValueError(f"{label}: holds a non-finite value (NaN or infinity) at flat index {index}")
-        packed, absmax = torch_ops.quantize_4bit_flat(flat, code_table(quant_type, flat.device), blocksize)
+            raise InputError(f"{label}: holds a non-finite value (NaN or infinity) at flat index {index}")
+        packed, absmax = torch_ops.quantize_4bit_flat(flat, code.to(flat.device), blocksize)
     device = flat.device
     state = QuantState(
         quant_type=quant_type,
@@ -99,7 +95,7 @@ def quantize_4bit(
         dtype=tensor.dtype,
         shape=tensor.shape,
         absmax=absmax,
-        code=code_table(quant_type, device),
+        code=code.to(device),
     )
     if double_quant:
         state = _double_quantize(state)
@@ -130,7 +126,7 @@ def set_output_pool_limit(limit_bytes: int) -> None:
     layer dequantizes the same weight on every call. Freed results (once every tensor viewing them is gone)
     go back to a small pool of at most 8 buffers, like PyTorch's CUDA caching allocator."""
     if limit_bytes < 0:
-        raise ValueError(f"limit_bytes must be >= 0, got {limit_bytes}")
+        raise InputError(f"limit_bytes must be >= 0, got {limit_bytes}")
     _native.set_output_pool_limit(int(limit_bytes))
 
 
@@ -153,26 +149,18 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     )
 
 
-def dequantize_4bit(
-    q: QuantizedTensor, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Undo `quantize_4bit`: a tensor of the original shape in `dtype` (default: the original dtype).
 
     Each value is `code[q] * absmax` in float32, then rounded to `dtype`, as bitsandbytes does. CPU: Rust, into
-    a fresh buffer backed by huge pages where the OS allows, handed to torch without a copy. CUDA: a table
-    lookup and a multiply in PyTorch ops. `out` (contiguous, right dtype, device and element count) is
-    written in place instead, so a layer that dequantizes on every call can reuse one workspace.
+    a pooled buffer (reused once torch drops the result) handed to torch without a copy. CUDA: a table lookup
+    and a multiply in PyTorch ops.
     """
     state = q.state
-    dtype = dtype or (out.dtype if out is not None else state.dtype)
+    dtype = dtype or state.dtype
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"cannot dequantize to {dtype_name(dtype)}: use float32, bfloat16 or float16")
+        raise InputError(f"cannot dequantize to {dtype_name(dtype)}: use float32, bfloat16 or float16")
     n = state.numel
-    if out is not None and (out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != q.device):
-        raise ValueError(
-            f"out must be a contiguous {dtype_name(dtype)} tensor of {n} elements on {q.device}; got "
-            f"{dtype_name(out.dtype)} {tuple(out.shape)} on {out.device}"
-        )
     absmax = state.absmax_float32()
     # Only CPU tensors go to Rust (and only with the standard table); checking the table of a CUDA state here
     # would cost a device sync on every call.
@@ -180,18 +168,21 @@ def dequantize_4bit(
     if on_cpu and state.quant_type in QUANT_TYPES and torch.equal(state.code, _code_cpu(state.quant_type)):
         packed_np = q.packed.reshape(-1).contiguous().numpy()
         absmax_np = absmax.contiguous().numpy()
-        if out is None:
-            result = _native.dequantize_4bit(packed_np, absmax_np, state.quant_type, state.blocksize, n, dtype_name(dtype))
-            flat = torch.from_numpy(result)
-            flat = flat if dtype == torch.float32 else flat.view(dtype)
-            return flat.view(state.shape)
-        flat = out.view(-1)
-        _native.dequantize_4bit_into(
-            packed_np, absmax_np, state.quant_type, state.blocksize, _numpy_view(flat), dtype_name(dtype)
-        )
-        return out.view(state.shape)
-    result = torch_ops.dequantize_4bit_flat(q.packed, absmax, state.code.to(q.packed.device), state.blocksize, n, dtype)
-    if out is not None:
-        out.view(-1).copy_(result)
-        return out.view(state.shape)
+        result = _native.dequantize_4bit(packed_np, absmax_np, state.quant_type, state.blocksize, n, dtype_name(dtype))
+        flat = torch.from_numpy(result)
+        flat = flat if dtype == torch.float32 else flat.view(dtype)
+        return flat.view(state.shape)
+    code = _device_code(state, q.packed.device)
+    result = torch_ops.dequantize_4bit_flat(q.packed, absmax, code, state.blocksize, n, dtype)
     return result.view(state.shape)
+
+
+def _device_code(state: QuantState, device: torch.device) -> torch.Tensor:
+    """The code table as bitsandbytes' device kernel applies it. Its CUDA dequantizer multiplies every FP4
+    value by the sign of bit 3, so code 8 ("-0": a tiny negative value) gives -0.0 where the stored table (and
+    bitsandbytes' CPU path, like our Rust one) gives +0.0; codes 8..15 are the negative half."""
+    code = state.code.to(device)
+    if state.quant_type == "fp4" and device.type == "cuda":
+        code = code.clone()
+        code[8:] = -code[8:].abs()
+    return code

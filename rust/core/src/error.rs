@@ -11,8 +11,11 @@ pub enum Error {
     NonFinite { index: usize },
     /// Two buffers that must agree in length do not.
     LengthMismatch { what: &'static str, expected: usize, got: usize },
-    /// A file could not be opened, read or written (maps to `FileNotFoundError` when `not_found`, else `OSError`).
+    /// An input file could not be opened or read (the binding maps `not_found` to a FileNotFoundError subclass,
+    /// anything else to the input error of the area: the file is unusable).
     Io { path: String, message: String, not_found: bool },
+    /// An output could not be written (disk full, permissions; maps to `OutputError`, an `OSError`).
+    Output { path: String, message: String },
     /// A chat template failed to compile or render; the message says where and why (maps to `ValueError`).
     Template(String),
     /// The tokenizer file is missing pieces or cannot be read (maps to `ValueError`).
@@ -34,12 +37,13 @@ impl fmt::Display for Error {
             Error::NonFinite { index } => write!(
                 f,
                 "input holds a non-finite value (NaN or infinity) at flat index {index}; \
-                 4-bit quantization needs finite weights, so check the checkpoint for overflow"
+                 the weights must be finite, so check the checkpoint or adapter for overflow"
             ),
             Error::LengthMismatch { what, expected, got } => {
                 write!(f, "{what}: expected {expected} elements, got {got}")
             }
             Error::Io { path, message, .. } => write!(f, "{path}: {message}"),
+            Error::Output { path, message } => write!(f, "writing {path}: {message}"),
             Error::Format { path, message } => write!(f, "{path}: {message}"),
             Error::Template(msg) | Error::Tokenizer(msg) => write!(f, "{msg}"),
             Error::Input { location, message } if location.is_empty() => write!(f, "{message}"),
@@ -57,5 +61,10 @@ impl Error {
         let not_found = err.kind() == std::io::ErrorKind::NotFound;
         let message = if not_found { "no such file or folder".to_string() } else { err.to_string() };
         Error::Io { path: path.display().to_string(), message, not_found }
+    }
+
+    /// A failure to write `path` (an output).
+    pub fn write(path: &std::path::Path, err: &std::io::Error) -> Error {
+        Error::Output { path: path.display().to_string(), message: err.to_string() }
     }
 }

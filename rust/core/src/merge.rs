@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::safetensors::Dtype;
+use crate::safetensors::{Dtype, DtypeExt};
 
 /// One low-rank update `(B @ A) * scale`: B is [rows, rank], A is [rank, cols], both row-major float32.
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +50,7 @@ fn check_float(dtype: Dtype, what: &str) -> Result<()> {
         Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(()),
         other => Err(Error::InvalidArgument(format!(
             "{what} has dtype {}; merging reads and writes F32, BF16 or F16",
-            other.name()
+            other
         ))),
     }
 }
@@ -266,7 +266,12 @@ mod tests {
     }
 
     /// The reference: peft's order of operations, one element at a time.
-    fn reference(w: &[f32], rows: usize, cols: usize, terms: &[(Vec<f32>, Vec<f32>, usize, f32)]) -> Vec<f32> {
+    fn reference(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        terms: &[(Vec<f32>, Vec<f32>, usize, f32)],
+    ) -> Vec<f32> {
         let mut out = w.to_vec();
         for (b, a, rank, scale) in terms {
             for i in 0..rows {
@@ -287,7 +292,8 @@ mod tests {
         // W = 0, B = [[1], [2]], A = [[3, 4, 5]], scale 0.5 -> [[1.5, 2, 2.5], [3, 4, 5]]
         let base = f32_bytes(&[0.0; 6]);
         let (b, a) = ([1.0f32, 2.0], [3.0f32, 4.0, 5.0]);
-        let update = Update { terms: vec![LowRank { b: &b, a: &a, rank: 1, scale: 0.5 }], ..Default::default() };
+        let update =
+            Update { terms: vec![LowRank { b: &b, a: &a, rank: 1, scale: 0.5 }], ..Default::default() };
         let mut out = vec![0u8; 24];
         merge_into(&base, Dtype::F32, 2, 3, &update, &mut out, Dtype::F32).unwrap();
         assert_eq!(from_bytes(&out), [1.5, 2.0, 2.5, 3.0, 4.0, 5.0]);
@@ -300,7 +306,8 @@ mod tests {
         let (b, a) = ([1.0f32], [2f32.powi(-9)]);
         let terms = [LowRank { b: &b, a: &a, rank: 1, scale: 1.0 }; 2].to_vec();
         let mut out = vec![0u8; 2];
-        merge_into(&base, Dtype::F32, 1, 1, &Update { terms, ..Default::default() }, &mut out, Dtype::BF16).unwrap();
+        merge_into(&base, Dtype::F32, 1, 1, &Update { terms, ..Default::default() }, &mut out, Dtype::BF16)
+            .unwrap();
         assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0x3f80);
     }
 
@@ -318,7 +325,8 @@ mod tests {
     fn wrong_lengths_and_non_float_dtypes_are_errors() {
         let base = f32_bytes(&[0.0; 6]);
         let (b, a) = ([1.0f32, 2.0], [3.0f32, 4.0]);
-        let update = Update { terms: vec![LowRank { b: &b, a: &a, rank: 1, scale: 1.0 }], ..Default::default() };
+        let update =
+            Update { terms: vec![LowRank { b: &b, a: &a, rank: 1, scale: 1.0 }], ..Default::default() };
         let mut out = vec![0u8; 24];
         let err = merge_into(&base, Dtype::F32, 2, 3, &update, &mut out, Dtype::F32).unwrap_err();
         assert_eq!(err, Error::LengthMismatch { what: "lora_A elements (rank x cols)", expected: 3, got: 2 });
@@ -330,7 +338,8 @@ mod tests {
     fn overflow_to_infinity_is_reported() {
         let base = f32_bytes(&[f32::MAX]);
         let (b, a) = ([f32::MAX], [1.0f32]);
-        let update = Update { terms: vec![LowRank { b: &b, a: &a, rank: 1, scale: 1.0 }], ..Default::default() };
+        let update =
+            Update { terms: vec![LowRank { b: &b, a: &a, rank: 1, scale: 1.0 }], ..Default::default() };
         let mut out = vec![0u8; 4];
         let err = merge_into(&base, Dtype::F32, 1, 1, &update, &mut out, Dtype::F32).unwrap_err();
         assert_eq!(err, Error::NonFinite { index: 0 });

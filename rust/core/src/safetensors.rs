@@ -1,92 +1,44 @@
 //! Reading safetensors files that nobody vouched for.
 //!
 //! Layout: a u64 little-endian header length N, N bytes of JSON `{name: {dtype, shape, data_offsets: [begin,
-//! end]}, "__metadata__": {str: str}}`, then the data buffer. Every claim the header makes is checked before a
-//! single data byte is touched: the header length against the file size and a 100 MB cap, the JSON shape of
-//! every entry, dtype names, shape products and byte sizes (overflow-checked), and that the entries tile the
-//! data buffer exactly (no gap, no overlap, nothing past the end of the file). Only then is the file
-//! memory-mapped, and a tensor's bytes are handed out as a slice that provably lies inside the mapping.
+//! end]}, "__metadata__": {str: str}}`, then the data buffer. The `safetensors` crate (the reference
+//! implementation, fuzzed upstream) decides whether a header is sound: `SafeTensors::read_metadata` checks the
+//! JSON (serde_json's recursion limit turns deeply nested headers into an error), dtype names, shape products
+//! and byte sizes (overflow-checked), and that the entries tile the data buffer exactly. On top of it we add
+//! what is ours: a check of the header length before anything else, refusal of sub-byte dtypes (we hand out
+//! whole bytes per tensor), a memory map with per-tensor page release, and errors that name the file and
+//! tensor (when the crate refuses a header without naming the tensor, the header is read again to find it).
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use ::safetensors::tensor::{Metadata, SafeTensorError, TensorInfo as CrateTensorInfo};
+use ::safetensors::SafeTensors;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
-/// Header lengths above this are refused before allocating anything (safetensors uses the same cap).
+pub use ::safetensors::Dtype;
+
+/// Header lengths above this are refused before anything else is read (the crate refuses above its own,
+/// slightly smaller, 100,000,000-byte cap).
 pub const MAX_HEADER_BYTES: u64 = 100 << 20;
 
-/// Element types safetensors names, with their widths in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Dtype {
-    Bool,
-    U8,
-    I8,
-    F8E4M3,
-    F8E5M2,
-    I16,
-    U16,
-    F16,
-    BF16,
-    I32,
-    U32,
-    F32,
-    I64,
-    U64,
-    F64,
+/// Dtype names and widths, on the `safetensors` crate's `Dtype`.
+pub trait DtypeExt: Sized {
+    /// The dtype a header names ("BF16", "F32", ...), or None.
+    fn from_name(name: &str) -> Option<Self>;
+    /// Bytes per element. Only meaningful for whole-byte dtypes (the reader refuses the others).
+    fn size(self) -> usize;
 }
 
-impl Dtype {
-    pub fn from_name(name: &str) -> Option<Dtype> {
-        Some(match name {
-            "BOOL" => Dtype::Bool,
-            "U8" => Dtype::U8,
-            "I8" => Dtype::I8,
-            "F8_E4M3" => Dtype::F8E4M3,
-            "F8_E5M2" => Dtype::F8E5M2,
-            "I16" => Dtype::I16,
-            "U16" => Dtype::U16,
-            "F16" => Dtype::F16,
-            "BF16" => Dtype::BF16,
-            "I32" => Dtype::I32,
-            "U32" => Dtype::U32,
-            "F32" => Dtype::F32,
-            "I64" => Dtype::I64,
-            "U64" => Dtype::U64,
-            "F64" => Dtype::F64,
-            _ => return None,
-        })
+impl DtypeExt for Dtype {
+    fn from_name(name: &str) -> Option<Dtype> {
+        serde_json::from_value(Value::String(name.to_string())).ok()
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Dtype::Bool => "BOOL",
-            Dtype::U8 => "U8",
-            Dtype::I8 => "I8",
-            Dtype::F8E4M3 => "F8_E4M3",
-            Dtype::F8E5M2 => "F8_E5M2",
-            Dtype::I16 => "I16",
-            Dtype::U16 => "U16",
-            Dtype::F16 => "F16",
-            Dtype::BF16 => "BF16",
-            Dtype::I32 => "I32",
-            Dtype::U32 => "U32",
-            Dtype::F32 => "F32",
-            Dtype::I64 => "I64",
-            Dtype::U64 => "U64",
-            Dtype::F64 => "F64",
-        }
-    }
-
-    pub fn size(self) -> usize {
-        match self {
-            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
-            Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::BF16 => 2,
-            Dtype::I32 | Dtype::U32 | Dtype::F32 => 4,
-            Dtype::I64 | Dtype::U64 | Dtype::F64 => 8,
-        }
+    fn size(self) -> usize {
+        self.bitsize() / 8
     }
 }
 
@@ -110,7 +62,7 @@ impl TensorInfo {
     }
 }
 
-/// A checked header: tensors in data order, the metadata, and where the data buffer starts in the file.
+/// A checked header: tensors in data order, the metadata (sorted by key), and where the data buffer starts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Header {
     pub tensors: Vec<TensorInfo>,
@@ -132,80 +84,8 @@ pub fn check_header_len(prefix: [u8; 8], file_len: u64) -> std::result::Result<u
     Ok(n as usize)
 }
 
-/// Parse and check header JSON whose data buffer holds `data_len` bytes.
-pub fn parse_header(json: &[u8], data_len: u64) -> std::result::Result<(Vec<TensorInfo>, Vec<(String, String)>), String> {
-    let map: Map<String, Value> =
-        serde_json::from_slice(json).map_err(|e| format!("header is not a JSON object ({e})"))?;
-    let mut metadata = Vec::new();
-    let mut tensors = Vec::with_capacity(map.len());
-    for (name, entry) in map {
-        if name == "__metadata__" {
-            let obj = entry.as_object().ok_or("__metadata__ is not an object")?;
-            for (k, v) in obj {
-                let v = v.as_str().ok_or_else(|| format!("__metadata__[{k:?}] is not a string"))?;
-                metadata.push((k.clone(), v.to_string()));
-            }
-            continue;
-        }
-        tensors.push(parse_entry(&name, &entry)?);
-    }
-    // The data buffer must be tiled exactly: each tensor starts where the previous one ended.
-    tensors.sort_by_key(|t| (t.begin, t.end));
-    let mut cursor = 0usize;
-    for t in &tensors {
-        if t.begin != cursor {
-            let what = if t.begin < cursor { "overlaps the tensor before it" } else { "leaves a gap before it" };
-            return Err(format!("tensor {:?} (data_offsets [{}, {}]) {what}", t.name, t.begin, t.end));
-        }
-        cursor = t.end;
-    }
-    if cursor as u64 != data_len {
-        return Err(if (cursor as u64) > data_len {
-            format!("truncated: the header needs {cursor} data bytes but the file holds {data_len}")
-        } else {
-            format!("{} bytes after the last tensor that no header entry covers", data_len - cursor as u64)
-        });
-    }
-    Ok((tensors, metadata))
-}
-
-fn parse_entry(name: &str, entry: &Value) -> std::result::Result<TensorInfo, String> {
-    let bad = |what: &str| format!("tensor {name:?}: {what}");
-    let obj = entry.as_object().ok_or_else(|| bad("entry is not an object"))?;
-    let dtype_name = obj.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype string"))?;
-    let dtype = Dtype::from_name(dtype_name).ok_or_else(|| bad(&format!("unknown dtype {dtype_name:?}")))?;
-    let dims = obj.get("shape").and_then(Value::as_array).ok_or_else(|| bad("no shape list"))?;
-    let mut shape = Vec::with_capacity(dims.len());
-    let mut numel: usize = 1;
-    for d in dims {
-        let d = d.as_u64().ok_or_else(|| bad("shape holds something other than a non-negative integer"))?;
-        let d = usize::try_from(d).map_err(|_| bad("dimension too large"))?;
-        numel = numel.checked_mul(d).ok_or_else(|| bad("shape product overflows"))?;
-        shape.push(d);
-    }
-    let nbytes = numel.checked_mul(dtype.size()).ok_or_else(|| bad("byte size overflows"))?;
-    let offsets = obj.get("data_offsets").and_then(Value::as_array).ok_or_else(|| bad("no data_offsets"))?;
-    let (begin, end) = match offsets.as_slice() {
-        [b, e] => (
-            b.as_u64().and_then(|v| usize::try_from(v).ok()),
-            e.as_u64().and_then(|v| usize::try_from(v).ok()),
-        ),
-        _ => (None, None),
-    };
-    let (begin, end) = match (begin, end) {
-        (Some(b), Some(e)) if b <= e => (b, e),
-        _ => return Err(bad("data_offsets must be two non-negative integers [begin, end] with begin <= end")),
-    };
-    if end - begin != nbytes {
-        return Err(bad(&format!(
-            "{dtype_name} {shape:?} needs {nbytes} bytes but data_offsets [{begin}, {end}] span {}",
-            end - begin
-        )));
-    }
-    Ok(TensorInfo { name: name.to_string(), dtype, shape, begin, end })
-}
-
-/// Parse a whole safetensors file held in memory (tests and the fuzz target use this).
+/// Parse and check a whole safetensors file held in memory (or mapped): the crate's `read_metadata`, then
+/// our stricter checks. Errors are phrased for a user and name the tensor when one is at fault.
 pub fn parse_file_bytes(bytes: &[u8]) -> std::result::Result<Header, String> {
     let prefix: [u8; 8] = bytes
         .get(..8)
@@ -213,8 +93,99 @@ pub fn parse_file_bytes(bytes: &[u8]) -> std::result::Result<Header, String> {
         .ok_or_else(|| format!("not a safetensors file (only {} bytes)", bytes.len()))?;
     let n = check_header_len(prefix, bytes.len() as u64)?;
     let data_start = 8 + n;
-    let (tensors, metadata) = parse_header(&bytes[8..data_start], (bytes.len() - data_start) as u64)?;
-    Ok(Header { tensors, metadata, data_start })
+    let (_, metadata) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| explain(e, &bytes[8..data_start], (bytes.len() - data_start) as u64))?;
+    let header = from_metadata(&metadata, data_start)?;
+    Ok(header)
+}
+
+/// Our view of the crate's checked metadata, refusing dtypes narrower than a byte.
+fn from_metadata(metadata: &Metadata, data_start: usize) -> std::result::Result<Header, String> {
+    let mut tensors = Vec::with_capacity(metadata.offset_keys().len());
+    for name in metadata.offset_keys() {
+        let info = metadata.info(&name).ok_or_else(|| format!("tensor {name:?} vanished from the header"))?;
+        if !info.dtype.bitsize().is_multiple_of(8) {
+            return Err(format!(
+                "tensor {name:?}: dtype {} packs elements below a byte, which nibblora does not read",
+                info.dtype
+            ));
+        }
+        let (begin, end) = info.data_offsets;
+        tensors.push(TensorInfo { name, dtype: info.dtype, shape: info.shape.clone(), begin, end });
+    }
+    let mut pairs: Vec<(String, String)> =
+        metadata.metadata().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();
+    pairs.sort();
+    Ok(Header { tensors, metadata: pairs, data_start })
+}
+
+/// A user-facing message for a header the crate refused. Where the crate does not say which tensor is at
+/// fault, the header JSON (already known to be within the size cap) is read again to find it.
+fn explain(err: SafeTensorError, json: &[u8], data_len: u64) -> String {
+    use SafeTensorError as E;
+    match &err {
+        E::InvalidHeader(e) => format!("header is not UTF-8 ({e})"),
+        E::InvalidHeaderDeserialization(e) | E::JsonError(e) => {
+            format!("header is not a valid safetensors JSON object ({e})")
+        }
+        E::HeaderTooLarge => format!("header is larger than the safetensors library accepts ({err})"),
+        E::HeaderTooSmall | E::InvalidHeaderLength => format!("truncated or not a safetensors file ({err})"),
+        _ => find_culprit(json, data_len).unwrap_or_else(|| format!("invalid header ({err})")),
+    }
+}
+
+/// The first inconsistency in a header that parses as JSON: a tensor whose dtype x shape disagrees with its
+/// offsets, overlapping or gapped offsets, or data that does not fill the buffer exactly.
+fn find_culprit(json: &[u8], data_len: u64) -> Option<String> {
+    let map: Map<String, Value> = serde_json::from_slice(json).ok()?;
+    let mut entries: Vec<(String, CrateTensorInfo)> = map
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .filter_map(|(name, v)| serde_json::from_value(v).ok().map(|info| (name, info)))
+        .collect();
+    for (name, info) in &entries {
+        let (begin, end) = info.data_offsets;
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(info.dtype.bitsize()));
+        let Some(bits) = bits else { return Some(format!("tensor {name:?}: shape product overflows")) };
+        if !bits.is_multiple_of(8) {
+            return Some(format!(
+                "tensor {name:?}: {} {:?} does not fill whole bytes",
+                info.dtype, info.shape
+            ));
+        }
+        if end < begin || end - begin != bits / 8 {
+            return Some(format!(
+                "tensor {name:?}: {} {:?} needs {} bytes but data_offsets [{begin}, {end}] span {}",
+                info.dtype,
+                info.shape,
+                bits / 8,
+                end as i128 - begin as i128
+            ));
+        }
+    }
+    entries.sort_by_key(|(_, info)| info.data_offsets);
+    let mut cursor = 0usize;
+    for (name, info) in &entries {
+        let (begin, end) = info.data_offsets;
+        if begin != cursor {
+            let what =
+                if begin < cursor { "overlaps the tensor before it" } else { "leaves a gap before it" };
+            return Some(format!("tensor {name:?} (data_offsets [{begin}, {end}]) {what}"));
+        }
+        cursor = end;
+    }
+    if cursor as u64 == data_len {
+        return None;
+    }
+    Some(if cursor as u64 > data_len {
+        format!("truncated: the header needs {cursor} data bytes but the file holds {data_len}")
+    } else {
+        format!("{} bytes after the last tensor that no header entry covers", data_len - cursor as u64)
+    })
 }
 
 /// A checked, memory-mapped safetensors file.
@@ -226,40 +197,34 @@ pub struct SafetensorsFile {
 }
 
 impl SafetensorsFile {
-    /// Open `path`, read and check its header (plain reads), then map the file read-only.
+    /// Open `path`, check its header length, map the file read-only (mapping reads nothing), and check the
+    /// header with the crate before any data byte is handed out.
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
         let format = |message: String| Error::Format { path: path.display().to_string(), message };
-        let mut file = File::open(path).map_err(|e| Error::io(path, &e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, &e))?.len();
-        let mut prefix = [0u8; 8];
+        let file = File::open(path).map_err(|e| Error::io(path, &e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, &e))?;
+        if meta.is_dir() {
+            return Err(format("is a folder, expected a .safetensors file".to_string()));
+        }
+        let file_len = meta.len();
         if file_len < 8 {
             return Err(format(format!("not a safetensors file (only {file_len} bytes)")));
         }
-        file.read_exact(&mut prefix).map_err(|e| Error::io(path, &e))?;
-        let n = check_header_len(prefix, file_len).map_err(format)?;
-        let mut json = vec![0u8; n];
-        file.read_exact(&mut json).map_err(|e| Error::io(path, &e))?;
-        let data_start = 8 + n;
-        let (tensors, metadata) = parse_header(&json, file_len - data_start as u64).map_err(format)?;
-        let data_end = data_start.checked_add(tensors.last().map_or(0, |t| t.end)).ok_or_else(|| {
-            format("data offsets overflow".to_string())
-        })?;
         // SAFETY: the mapping is read-only and private. Another process truncating the file while we read it
-        // would fault (SIGBUS), which no reader of a mapped file can rule out; the header's claims were
-        // checked against the length just read.
-        let map = if data_end > data_start {
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, &e))?;
-            if (map.len() as u64) < data_end as u64 {
-                return Err(format("file shrank while being opened".to_string()));
-            }
+        // would fault (SIGBUS), which no reader of a mapped file can rule out; every claim of the header is
+        // checked against the mapping's length before a slice of it is handed out.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, &e))?;
+        let header = parse_file_bytes(&map).map_err(format)?;
+        let has_data = header.tensors.last().is_some_and(|t| t.end > 0);
+        let map = if has_data {
             #[cfg(unix)]
             let _ = map.advise(memmap2::Advice::Sequential);
             Some(map)
         } else {
             None
         };
-        let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(SafetensorsFile { path: path.to_path_buf(), header: Header { tensors, metadata, data_start }, index, map })
+        let index = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(SafetensorsFile { path: path.to_path_buf(), header, index, map })
     }
 
     pub fn path(&self) -> &Path {
@@ -396,7 +361,10 @@ mod tests {
     #[test]
     fn trailing_bytes_and_gaps_are_refused() {
         let json = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
-        assert_eq!(parse_file_bytes(&with_header(json, 3)).unwrap_err(), "1 bytes after the last tensor that no header entry covers");
+        assert_eq!(
+            parse_file_bytes(&with_header(json, 3)).unwrap_err(),
+            "1 bytes after the last tensor that no header entry covers"
+        );
         let json = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}"#;
         assert_eq!(
             parse_file_bytes(&with_header(json, 3)).unwrap_err(),
@@ -419,8 +387,42 @@ mod tests {
         assert!(err.to_string().ends_with("no tensor named \"nope\""), "{err}");
         std::fs::write(&path, &build(&[("w", "U8", vec![3])])[..20]).unwrap();
         assert!(matches!(SafetensorsFile::open(&path), Err(Error::Format { .. })));
-        assert!(matches!(SafetensorsFile::open(&dir.join("missing")), Err(Error::Io { not_found: true, .. })));
+        assert!(matches!(
+            SafetensorsFile::open(&dir.join("missing")),
+            Err(Error::Io { not_found: true, .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
+        for open in ["[", "{\"a\":"] {
+            let json = format!("{{\"t\":{}", open.repeat(100_000));
+            let err = parse_file_bytes(&with_header(&json, 0)).unwrap_err();
+            assert!(err.contains("recursion limit exceeded"), "{err}");
+        }
+    }
+
+    #[test]
+    fn sub_byte_dtypes_non_string_metadata_and_lone_surrogates_are_refused() {
+        let json = r#"{"a":{"dtype":"F4","shape":[4],"data_offsets":[0,2]}}"#;
+        let err = parse_file_bytes(&with_header(json, 2)).unwrap_err();
+        assert_eq!(err, "tensor \"a\": dtype F4 packs elements below a byte, which nibblora does not read");
+        let json = r#"{"__metadata__":{"k":1},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        assert!(parse_file_bytes(&with_header(json, 1)).unwrap_err().starts_with("header is not a valid"));
+        let json = r#"{"\ud800":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        let err = parse_file_bytes(&with_header(json, 1)).unwrap_err();
+        assert!(err.starts_with("header is not a valid safetensors JSON object"), "{err}");
+        let json = r#"{"a":{"dtype":"U8","shape":[1.0],"data_offsets":[0,1]}}"#;
+        assert!(parse_file_bytes(&with_header(json, 1)).is_err());
+    }
+
+    #[test]
+    fn metadata_is_kept_sorted_by_key() {
+        let json =
+            r#"{"__metadata__":{"z":"1","a":"2"},"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        let h = parse_file_bytes(&with_header(json, 1)).unwrap();
+        assert_eq!(h.metadata, vec![("a".into(), "2".into()), ("z".into(), "1".into())]);
     }
 
     /// Every accepted header keeps every tensor inside the file and agrees with its dtype width.
@@ -463,7 +465,7 @@ mod tests {
             let mut header = serde_json::Map::new();
             for (i, (d, shape, b, e)) in entries.iter().enumerate() {
                 // Mostly small numbers (so some headers pass), sometimes huge ones.
-                let small = |v: u64| if v % 3 == 0 { v } else { v % 40 };
+                let small = |v: u64| if v.is_multiple_of(3) { v } else { v % 40 };
                 let shape: Vec<u64> = shape.iter().map(|&v| small(v)).collect();
                 header.insert(format!("t{i}"), serde_json::json!(
                     {"dtype": dtypes[*d], "shape": shape, "data_offsets": [small(*b), small(*e)]}));

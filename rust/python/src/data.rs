@@ -5,13 +5,24 @@ use std::path::PathBuf;
 
 use nibblora_core::data::{
     prepare, ChatTemplate, Encoder, PrepareOptions, PrepareStats, Source, TextTokenizer, TrainOn, Truncation,
+    DEFAULT_MAX_LINE_BYTES,
 };
 use nibblora_core::Error;
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::errors::to_py_err;
+use crate::errors::{to_py_err, Area, TrainOnArg, TruncationArg};
+
+/// (input_ids uint32[n], loss_mask uint8[n])
+type EncodedArrays<'py> = (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u8>>);
+
+// The text signature above spells the default out for Python's inspect (and stubtest).
+const _: () = assert!(DEFAULT_MAX_LINE_BYTES == 8388608);
+
+fn data_err(phase: &str, err: Error) -> PyErr {
+    to_py_err(Area::Data, phase, err)
+}
 
 /// DataPipeline(tokenizer_path, template_source, variables, train_on, content_specials_as_text, eos_token)
 #[pyclass(frozen, module = "nibblora._native")]
@@ -41,24 +52,27 @@ fn stats_dict<'py>(py: Python<'py>, stats: &PrepareStats) -> PyResult<Bound<'py,
 #[pymethods]
 impl DataPipeline {
     #[new]
-    #[pyo3(signature = (tokenizer_path, template_source, variables, train_on="assistant", content_specials_as_text=true, eos_token=None))]
+    #[pyo3(signature = (tokenizer_path, template_source, variables, train_on=TrainOnArg(TrainOn::Assistant), content_specials_as_text=true, eos_token=None))]
+    #[pyo3(
+        text_signature = "(tokenizer_path, template_source, variables, train_on='assistant', content_specials_as_text=True, eos_token=None)"
+    )]
     fn new(
         py: Python<'_>,
         tokenizer_path: PathBuf,
         template_source: Option<String>,
         variables: Vec<(String, String)>,
-        train_on: &str,
+        train_on: TrainOnArg,
         content_specials_as_text: bool,
         eos_token: Option<String>,
     ) -> PyResult<Self> {
-        let train_on = TrainOn::from_name(train_on).map_err(|e| to_py_err("train_on", e))?;
+        let train_on = train_on.0;
         let tokenizer = py
             .allow_threads(|| TextTokenizer::from_file(&tokenizer_path))
-            .map_err(|e| to_py_err("loading the tokenizer", e))?;
+            .map_err(|e| data_err("loading the tokenizer", e))?;
         let template = template_source
             .map(|source| ChatTemplate::new(&source, variables))
             .transpose()
-            .map_err(|e| to_py_err("compiling the chat template", e))?;
+            .map_err(|e| data_err("compiling the chat template", e))?;
         let encoder =
             Encoder::new(template, tokenizer, train_on, content_specials_as_text, eos_token.as_deref());
         Ok(DataPipeline { encoder })
@@ -72,20 +86,21 @@ impl DataPipeline {
         messages_json: &str,
         add_generation_prompt: bool,
     ) -> PyResult<(String, Vec<(usize, usize)>)> {
-        let messages: serde_json::Value = serde_json::from_str(messages_json)
-            .map_err(|e| to_py_err("reading messages", Error::InvalidArgument(e.to_string())))?;
+        let messages: serde_json::Value = serde_json::from_str(messages_json).map_err(|e| {
+            data_err("reading messages", Error::Input { location: String::new(), message: e.to_string() })
+        })?;
         if add_generation_prompt {
             // A prompt for generation: the plain render, no spans.
             let rendered = self
                 .encoder
                 .render_plain(&messages, true)
-                .map_err(|e| to_py_err("rendering the chat template", e))?;
+                .map_err(|e| data_err("rendering the chat template", e))?;
             return Ok((rendered, vec![]));
         }
         let (rendered, spans) = self
             .encoder
             .render_with_spans(&messages)
-            .map_err(|e| to_py_err("rendering the chat template", e))?;
+            .map_err(|e| data_err("rendering the chat template", e))?;
         let spans = spans
             .iter()
             .map(|s| (char_offset(&rendered.text, s.start), char_offset(&rendered.text, s.end)))
@@ -94,16 +109,13 @@ impl DataPipeline {
     }
 
     /// encode(row_json) -> (input_ids uint32[n], loss_mask uint8[n]) for one row.
-    fn encode<'py>(
-        &self,
-        py: Python<'py>,
-        row_json: &str,
-    ) -> PyResult<(Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u8>>)> {
-        let row: serde_json::Value = serde_json::from_str(row_json)
-            .map_err(|e| to_py_err("reading the row", Error::InvalidArgument(e.to_string())))?;
+    fn encode<'py>(&self, py: Python<'py>, row_json: &str) -> PyResult<EncodedArrays<'py>> {
+        let row: serde_json::Value = serde_json::from_str(row_json).map_err(|e| {
+            data_err("reading the row", Error::Input { location: String::new(), message: e.to_string() })
+        })?;
         let example = py
             .allow_threads(|| self.encoder.encode_row(&row))
-            .map_err(|e| to_py_err("encoding the row", e))?;
+            .map_err(|e| data_err("encoding the row", e))?;
         Ok((PyArray1::from_vec(py, example.ids), PyArray1::from_vec(py, example.mask)))
     }
 
@@ -114,14 +126,18 @@ impl DataPipeline {
             .encoder
             .tokenizer()
             .encode(text, add_special_tokens)
-            .map_err(|e| to_py_err("tokenizing", e))?
+            .map_err(|e| data_err("tokenizing", e))?
             .ids)
     }
 
     /// prepare(sources, out_dir, ..., progress=None) -> stats dict. `sources` is a list of ("jsonl", path) or
-    /// ("rows", name, [json strings]). Runs with the GIL released; `progress(stats)` is called after every
-    /// batch (Ctrl-C is checked there).
-    #[pyo3(signature = (sources, out_dir, max_length=None, truncation="keep-start", pack=false, shard=(0, 1), skip_bad_lines=false, batch_rows=2048, progress=None))]
+    /// ("rows", name, [json strings]); any other kind is a DataError. Rows longer than `max_line_bytes` stop
+    /// the run with a DataError naming file:line. Runs with the GIL released; `progress(stats)` is called
+    /// after every batch (Ctrl-C is checked there).
+    #[pyo3(signature = (sources, out_dir, max_length=None, truncation=TruncationArg(Truncation::KeepStart), pack=false, shard=(0, 1), skip_bad_lines=false, batch_rows=2048, progress=None, max_line_bytes=DEFAULT_MAX_LINE_BYTES))]
+    #[pyo3(
+        text_signature = "($self, sources, out_dir, max_length=None, truncation='keep-start', pack=False, shard=..., skip_bad_lines=False, batch_rows=2048, progress=None, max_line_bytes=8388608)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn prepare<'py>(
         &self,
@@ -129,23 +145,32 @@ impl DataPipeline {
         sources: Vec<Bound<'py, PyAny>>,
         out_dir: PathBuf,
         max_length: Option<usize>,
-        truncation: &str,
+        truncation: TruncationArg,
         pack: bool,
         shard: (usize, usize),
         skip_bad_lines: bool,
         batch_rows: usize,
         progress: Option<PyObject>,
+        max_line_bytes: usize,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let truncation = Truncation::from_name(truncation).map_err(|e| to_py_err("truncation", e))?;
+        let truncation = truncation.0;
         let mut owned = Vec::with_capacity(sources.len());
         for source in sources {
             let kind: String = source.get_item(0)?.extract()?;
             owned.push(match kind.as_str() {
                 "jsonl" => Source::JsonLines(source.get_item(1)?.extract()?),
-                _ => Source::Rows {
+                "rows" => Source::Rows {
                     name: source.get_item(1)?.extract()?,
                     rows: source.get_item(2)?.extract()?,
                 },
+                other => {
+                    return Err(data_err(
+                        "preparing the dataset",
+                        Error::InvalidArgument(format!(
+                        "source kind {other:?} is not known: use (\"jsonl\", path) or (\"rows\", name, rows)"
+                    )),
+                    ))
+                }
             });
         }
         let options = PrepareOptions {
@@ -155,6 +180,7 @@ impl DataPipeline {
             shard,
             skip_bad_lines,
             batch_rows: batch_rows.max(1),
+            max_line_bytes,
         };
         let mut callback_error: Option<PyErr> = None;
         let result = py.allow_threads(|| {
@@ -175,7 +201,7 @@ impl DataPipeline {
         if let Some(err) = callback_error {
             return Err(err);
         }
-        let stats = result.map_err(|e| to_py_err("preparing the dataset", e))?;
+        let stats = result.map_err(|e| data_err("preparing the dataset", e))?;
         stats_dict(py, &stats)
     }
 }

@@ -20,5 +20,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     merge::register(m)?;
     pool::register(m)?;
     quant::register(m)?;
+    // The package's one version: Cargo's workspace version (maturin gives the wheel the same one).
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -4,22 +4,15 @@
 use std::path::PathBuf;
 
 use nibblora_core::merge::{self, LowRank, Update};
-use nibblora_core::safetensors::{Dtype, SafetensorsFile as CoreFile};
+use nibblora_core::safetensors::{Dtype, DtypeExt, SafetensorsFile as CoreFile};
 use numpy::{PyArray1, PyReadonlyArray1};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::errors::{not_contiguous, to_py_err};
+use crate::errors::{not_contiguous, to_py_err, Area, DtypeArg};
 use crate::pool::pooled_array;
 
 /// (B [rows*rank] float32, A [rank*cols] float32, rank, scale)
 type Term<'py> = (PyReadonlyArray1<'py, f32>, PyReadonlyArray1<'py, f32>, usize, f32);
-
-fn parse_dtype(name: &str) -> PyResult<Dtype> {
-    Dtype::from_name(name).ok_or_else(|| {
-        PyValueError::new_err(format!("unknown safetensors dtype {name:?} (F32, BF16, F16, ...)"))
-    })
-}
 
 /// Borrow the terms' float slices, run the merge without the GIL, return the output bytes.
 #[allow(clippy::too_many_arguments)]
@@ -29,15 +22,14 @@ fn run_merge<'py>(
     base: &[u8],
     base_dtype: Dtype,
     shape: &[usize],
-    out_dtype: &str,
+    out_dtype: Dtype,
     terms: &[Term<'py>],
     dense: Option<&PyReadonlyArray1<'py, f32>>,
     magnitude: Option<&PyReadonlyArray1<'py, f32>>,
 ) -> PyResult<Bound<'py, PyArray1<u8>>> {
-    let out_dtype = parse_dtype(out_dtype)?;
     let numel: usize = shape.iter().product();
     let rows = if shape.len() >= 2 { shape[0] } else { 1 };
-    let cols = if rows == 0 { 0 } else { numel / rows };
+    let cols = numel.checked_div(rows).unwrap_or(0);
     let mut update = Update::default();
     for (b, a, rank, scale) in terms {
         let b = b.as_slice().map_err(|_| not_contiguous())?;
@@ -48,15 +40,15 @@ fn run_merge<'py>(
     update.magnitude = magnitude.map(|m| m.as_slice().map_err(|_| not_contiguous())).transpose()?;
     // The output comes from nibblora's buffer pool: the writer drops it once written, and the next tensor of
     // the same shape (every layer repeats the same projections) reuses already mapped memory.
-    let out = pooled_array::<u8, _>(py, phase, numel * out_dtype.size(), |out| {
+    let out = pooled_array::<u8, _>(py, Area::Checkpoint, phase, numel * out_dtype.size(), |out| {
         merge::merge_into(base, base_dtype, rows, cols, &update, out, out_dtype)
     })?;
     Ok(out.into_any().downcast_into::<PyArray1<u8>>()?)
 }
 
 /// SafetensorsFile(path): a safetensors file whose header has been checked (sizes, offsets, overlaps, dtype
-/// widths, truncation) before anything else, then memory-mapped. Raises ValueError for a corrupt or hostile
-/// file, FileNotFoundError / OSError when it cannot be opened.
+/// widths, truncation) before anything else, then memory-mapped. Raises CheckpointError (a ValueError) for a
+/// corrupt, hostile or unreadable file, CheckpointFileNotFoundError (a FileNotFoundError) for a missing one.
 #[pyclass(frozen, module = "nibblora._native")]
 struct SafetensorsFile {
     inner: CoreFile,
@@ -66,7 +58,9 @@ struct SafetensorsFile {
 impl SafetensorsFile {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.allow_threads(|| CoreFile::open(&path)).map_err(|e| to_py_err("reading safetensors", e))?;
+        let inner = py
+            .allow_threads(|| CoreFile::open(&path))
+            .map_err(|e| to_py_err(Area::Checkpoint, "reading safetensors", e))?;
         Ok(SafetensorsFile { inner })
     }
 
@@ -76,13 +70,13 @@ impl SafetensorsFile {
     }
 
     /// [(name, dtype, shape, absolute byte offset, nbytes)] in data order.
-    fn tensors(&self) -> Vec<(String, &'static str, Vec<usize>, usize, usize)> {
+    fn tensors(&self) -> Vec<(String, String, Vec<usize>, usize, usize)> {
         let data_start = self.inner.header().data_start;
         self.inner
             .header()
             .tensors
             .iter()
-            .map(|t| (t.name.clone(), t.dtype.name(), t.shape.clone(), data_start + t.begin, t.nbytes()))
+            .map(|t| (t.name.clone(), t.dtype.to_string(), t.shape.clone(), data_start + t.begin, t.nbytes()))
             .collect()
     }
 
@@ -93,7 +87,7 @@ impl SafetensorsFile {
 
     /// A copy of tensor `name`'s raw bytes (uint8).
     fn read<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArray1<u8>>> {
-        let info = self.inner.tensor(name).map_err(|e| to_py_err("reading tensor", e))?;
+        let info = self.inner.tensor(name).map_err(|e| to_py_err(Area::Checkpoint, "reading tensor", e))?;
         let bytes = py.allow_threads(|| self.inner.bytes(info).to_vec());
         self.inner.release(info);
         Ok(PyArray1::from_vec(py, bytes))
@@ -107,12 +101,12 @@ impl SafetensorsFile {
         &self,
         py: Python<'py>,
         name: &str,
-        out_dtype: &str,
+        out_dtype: DtypeArg,
         terms: Vec<Term<'py>>,
         dense: Option<PyReadonlyArray1<'py, f32>>,
         magnitude: Option<PyReadonlyArray1<'py, f32>>,
     ) -> PyResult<Bound<'py, PyArray1<u8>>> {
-        let info = self.inner.tensor(name).map_err(|e| to_py_err("merging", e))?;
+        let info = self.inner.tensor(name).map_err(|e| to_py_err(Area::Checkpoint, "merging", e))?;
         let phase = format!("merging {name}");
         let result = run_merge(
             py,
@@ -120,7 +114,7 @@ impl SafetensorsFile {
             self.inner.bytes(info),
             info.dtype,
             &info.shape,
-            out_dtype,
+            out_dtype.0,
             &terms,
             dense.as_ref(),
             magnitude.as_ref(),
@@ -138,16 +132,25 @@ impl SafetensorsFile {
 fn merge_array<'py>(
     py: Python<'py>,
     base: PyReadonlyArray1<'py, u8>,
-    base_dtype: &str,
+    base_dtype: DtypeArg,
     shape: Vec<usize>,
-    out_dtype: &str,
+    out_dtype: DtypeArg,
     terms: Vec<Term<'py>>,
     dense: Option<PyReadonlyArray1<'py, f32>>,
     magnitude: Option<PyReadonlyArray1<'py, f32>>,
 ) -> PyResult<Bound<'py, PyArray1<u8>>> {
     let base = base.as_slice().map_err(|_| not_contiguous())?;
-    let base_dtype = parse_dtype(base_dtype)?;
-    run_merge(py, "merging", base, base_dtype, &shape, out_dtype, &terms, dense.as_ref(), magnitude.as_ref())
+    run_merge(
+        py,
+        "merging",
+        base,
+        base_dtype.0,
+        &shape,
+        out_dtype.0,
+        &terms,
+        dense.as_ref(),
+        magnitude.as_ref(),
+    )
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

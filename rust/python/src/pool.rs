@@ -4,7 +4,7 @@ use nibblora_core::buffer::BufferPool;
 use numpy::{PyArray1, PyUntypedArray};
 use pyo3::prelude::*;
 
-use crate::errors::to_py_err;
+use crate::errors::{to_py_err, Area};
 
 /// Large results (dequantized weights, packed codes) are handed out from a pool of buffers (up to 1 GiB by
 /// default), so the same shape produced again reuses mapped memory; a buffer returns to the pool when numpy /
@@ -12,7 +12,7 @@ use crate::errors::to_py_err;
 pub(crate) static OUTPUT_POOL: BufferPool = BufferPool::new(1 << 30);
 
 /// Owner of a pooled buffer behind a numpy array; gives the memory back to the pool when the array dies.
-#[pyclass]
+#[pyclass(frozen, module = "nibblora._native")]
 struct PooledBuffer {
     words: Vec<u32>,
 }
@@ -27,6 +27,7 @@ impl Drop for PooledBuffer {
 /// a numpy array that owns the buffer (no copy).
 pub(crate) fn pooled_array<'py, E: numpy::Element, F>(
     py: Python<'py>,
+    area: Area,
     phase: &str,
     n: usize,
     fill: F,
@@ -40,7 +41,7 @@ where
     // SAFETY: the u32 storage is 4-byte aligned and holds at least n * size bytes; E is a plain number type
     // for which any bit pattern is valid, and `words` is not otherwise touched while the slice lives.
     let elements = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut E, n) };
-    py.allow_threads(|| fill(elements)).map_err(|e| to_py_err(phase, e))?;
+    py.allow_threads(|| fill(elements)).map_err(|e| to_py_err(area, phase, e))?;
     let ptr = words.as_ptr() as *const E;
     let owner = Bound::new(py, PooledBuffer { words })?;
     // SAFETY: the view points into the heap buffer now owned by `owner` (moving the Vec did not move its

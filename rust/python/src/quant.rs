@@ -1,37 +1,27 @@
 //! Bindings of nibblora_core::quant: 4-bit quantize / dequantize and double quantization.
 
-use nibblora_core::quant::{self, Floats, FloatsMut, QuantType};
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArray};
-use pyo3::exceptions::PyValueError;
+use nibblora_core::quant::{self, Floats, FloatsMut};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArray};
 use pyo3::prelude::*;
 
-use crate::errors::{not_contiguous, to_py_err};
+use crate::errors::{input_error, not_contiguous, to_py_err, Area, FloatDtype, QuantTypeArg};
 use crate::pool::pooled_array;
-
-fn parse_quant_type(name: &str) -> PyResult<QuantType> {
-    QuantType::from_name(name).map_err(|e| to_py_err("quant_type", e))
-}
 
 enum Source<'py> {
     F32(PyReadonlyArray1<'py, f32>),
     Bits(PyReadonlyArray1<'py, u16>, bool),
 }
 
-fn source<'py>(array: &Bound<'py, PyUntypedArray>, dtype: &str) -> PyResult<Source<'py>> {
-    let wrong = |want: &str| {
-        PyValueError::new_err(format!("expected a 1-D contiguous {want} array for dtype {dtype:?}"))
-    };
+fn source<'py>(array: &Bound<'py, PyUntypedArray>, dtype: FloatDtype) -> PyResult<Source<'py>> {
+    let wrong = |want: &str| input_error(format!("expected a 1-D contiguous {want} array for this dtype"));
     match dtype {
-        "float32" => {
+        FloatDtype::F32 => {
             Ok(Source::F32(array.downcast::<PyArray1<f32>>().map_err(|_| wrong("float32"))?.readonly()))
         }
-        "bfloat16" | "float16" => Ok(Source::Bits(
+        FloatDtype::Bf16 | FloatDtype::F16 => Ok(Source::Bits(
             array.downcast::<PyArray1<u16>>().map_err(|_| wrong("uint16"))?.readonly(),
-            dtype == "bfloat16",
+            dtype == FloatDtype::Bf16,
         )),
-        other => Err(PyValueError::new_err(format!(
-            "unsupported dtype {other:?}: 4-bit quantization reads float32, bfloat16 or float16"
-        ))),
     }
 }
 
@@ -40,12 +30,12 @@ fn source<'py>(array: &Bound<'py, PyUntypedArray>, dtype: &str) -> PyResult<Sour
 fn quantize_4bit<'py>(
     py: Python<'py>,
     values: &Bound<'py, PyUntypedArray>,
-    dtype: &str,
-    quant_type: &str,
+    dtype: FloatDtype,
+    quant_type: QuantTypeArg,
     blocksize: usize,
 ) -> PyResult<(Bound<'py, PyUntypedArray>, Bound<'py, PyArray1<f32>>)> {
-    let qt = parse_quant_type(quant_type)?;
-    quant::check_blocksize(blocksize).map_err(|e| to_py_err("quantizing to 4 bits", e))?;
+    let qt = quant_type.0;
+    quant::check_blocksize(blocksize).map_err(|e| to_py_err(Area::Compute, "quantizing to 4 bits", e))?;
     let src = source(values, dtype)?;
     let (input, n) = match &src {
         Source::F32(a) => {
@@ -58,51 +48,11 @@ fn quantize_4bit<'py>(
         }
     };
     let mut absmax = vec![0f32; quant::num_blocks(n, blocksize)];
-    let packed = pooled_array::<u8, _>(py, "quantizing to 4 bits", quant::packed_len(n), |packed| {
-        quant::quantize_4bit_into(input, qt, blocksize, packed, &mut absmax)
-    })?;
+    let packed =
+        pooled_array::<u8, _>(py, Area::Compute, "quantizing to 4 bits", quant::packed_len(n), |packed| {
+            quant::quantize_4bit_into(input, qt, blocksize, packed, &mut absmax)
+        })?;
     Ok((packed, PyArray1::from_vec(py, absmax)))
-}
-
-/// dequantize_4bit_into(packed, absmax, quant_type, blocksize, out, dtype): writes `out` in place.
-#[pyfunction]
-fn dequantize_4bit_into(
-    py: Python<'_>,
-    packed: PyReadonlyArray1<'_, u8>,
-    absmax: PyReadonlyArray1<'_, f32>,
-    quant_type: &str,
-    blocksize: usize,
-    out: &Bound<'_, PyUntypedArray>,
-    dtype: &str,
-) -> PyResult<()> {
-    let qt = parse_quant_type(quant_type)?;
-    let packed = packed.as_slice().map_err(|_| not_contiguous())?;
-    let absmax = absmax.as_slice().map_err(|_| not_contiguous())?;
-    let result = match dtype {
-        "float32" => {
-            let mut arr: PyReadwriteArray1<'_, f32> = out
-                .downcast::<PyArray1<f32>>()
-                .map_err(|_| PyValueError::new_err("out must be a float32 array for dtype float32"))?
-                .readwrite();
-            let o = arr.as_slice_mut().map_err(|_| not_contiguous())?;
-            py.allow_threads(|| quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F32(o)))
-        }
-        "bfloat16" | "float16" => {
-            let mut arr: PyReadwriteArray1<'_, u16> = out
-                .downcast::<PyArray1<u16>>()
-                .map_err(|_| PyValueError::new_err("out must be a uint16 view for 16-bit dtypes"))?
-                .readwrite();
-            let o = arr.as_slice_mut().map_err(|_| not_contiguous())?;
-            let o = if dtype == "bfloat16" { FloatsMut::Bf16(o) } else { FloatsMut::F16(o) };
-            py.allow_threads(|| quant::dequantize_4bit_into(packed, absmax, qt, blocksize, o))
-        }
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unsupported output dtype {other:?}: use float32, bfloat16 or float16"
-            )))
-        }
-    };
-    result.map_err(|e| to_py_err("dequantizing 4-bit codes", e))
 }
 
 const PHASE_DEQUANT: &str = "dequantizing 4-bit codes";
@@ -114,29 +64,29 @@ fn dequantize_4bit<'py>(
     py: Python<'py>,
     packed: PyReadonlyArray1<'py, u8>,
     absmax: PyReadonlyArray1<'py, f32>,
-    quant_type: &str,
+    quant_type: QuantTypeArg,
     blocksize: usize,
     n: usize,
-    dtype: &str,
+    dtype: FloatDtype,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
-    let qt = parse_quant_type(quant_type)?;
+    let qt = quant_type.0;
     let packed = packed.as_slice().map_err(|_| not_contiguous())?;
     let absmax = absmax.as_slice().map_err(|_| not_contiguous())?;
     match dtype {
-        "float32" => pooled_array::<f32, _>(py, PHASE_DEQUANT, n, |o| {
+        FloatDtype::F32 => pooled_array::<f32, _>(py, Area::Compute, PHASE_DEQUANT, n, |o| {
             quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F32(o))
         }),
-        "bfloat16" => pooled_array::<u16, _>(py, PHASE_DEQUANT, n, |o| {
+        FloatDtype::Bf16 => pooled_array::<u16, _>(py, Area::Compute, PHASE_DEQUANT, n, |o| {
             quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::Bf16(o))
         }),
-        "float16" => pooled_array::<u16, _>(py, PHASE_DEQUANT, n, |o| {
+        FloatDtype::F16 => pooled_array::<u16, _>(py, Area::Compute, PHASE_DEQUANT, n, |o| {
             quant::dequantize_4bit_into(packed, absmax, qt, blocksize, FloatsMut::F16(o))
         }),
-        other => Err(PyValueError::new_err(format!(
-            "unsupported output dtype {other:?}: use float32, bfloat16 or float16"
-        ))),
     }
 }
+
+/// (codes uint8, nested_absmax float32, offset)
+type DoubleQuantizedArrays<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f32);
 
 /// double_quantize(absmax, offset=None) -> (codes uint8, nested_absmax float32, offset float)
 #[pyfunction]
@@ -145,11 +95,11 @@ fn double_quantize<'py>(
     py: Python<'py>,
     absmax: PyReadonlyArray1<'py, f32>,
     offset: Option<f32>,
-) -> PyResult<(Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f32)> {
+) -> PyResult<DoubleQuantizedArrays<'py>> {
     let a = absmax.as_slice().map_err(|_| not_contiguous())?;
     let dq = py
         .allow_threads(|| quant::double_quantize_absmax(a, offset))
-        .map_err(|e| to_py_err("double-quantizing block scales", e))?;
+        .map_err(|e| to_py_err(Area::Compute, "double-quantizing block scales", e))?;
     Ok((PyArray1::from_vec(py, dq.codes), PyArray1::from_vec(py, dq.nested_absmax), dq.offset))
 }
 
@@ -165,14 +115,14 @@ fn dequantize_absmax<'py>(
     let n = nested_absmax.as_slice().map_err(|_| not_contiguous())?;
     let mut out = vec![0f32; c.len()];
     py.allow_threads(|| quant::dequantize_absmax(c, n, offset, &mut out))
-        .map_err(|e| to_py_err("dequantizing block scales", e))?;
+        .map_err(|e| to_py_err(Area::Compute, "dequantizing block scales", e))?;
     Ok(PyArray1::from_vec(py, out))
 }
 
 /// code_table(quant_type) -> list of 16 floats, indexed by the stored 4-bit code.
 #[pyfunction]
-fn code_table(quant_type: &str) -> PyResult<Vec<f32>> {
-    Ok(parse_quant_type(quant_type)?.code().to_vec())
+fn code_table(quant_type: QuantTypeArg) -> Vec<f32> {
+    quant_type.0.code().to_vec()
 }
 
 /// dynamic_map() -> float32[256], the signed 8-bit map used for double quantization.
@@ -184,7 +134,6 @@ fn dynamic_map(py: Python<'_>) -> Bound<'_, PyArray1<f32>> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
-    m.add_function(wrap_pyfunction!(dequantize_4bit_into, m)?)?;
     m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_absmax, m)?)?;
     m.add_function(wrap_pyfunction!(code_table, m)?)?;

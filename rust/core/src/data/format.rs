@@ -68,9 +68,9 @@ fn npy_header(descr: &str, len: u64) -> Vec<u8> {
 
 impl<T: NpyElement> NpyWriter<T> {
     pub fn create(path: &Path) -> Result<Self> {
-        let file = File::create(path).map_err(|e| Error::io(path, &e))?;
+        let file = File::create(path).map_err(|e| Error::write(path, &e))?;
         let mut file = BufWriter::with_capacity(1 << 20, file);
-        file.write_all(&npy_header(T::DESCR, 0)).map_err(|e| Error::io(path, &e))?;
+        file.write_all(&npy_header(T::DESCR, 0)).map_err(|e| Error::write(path, &e))?;
         Ok(NpyWriter { file, path: path.to_path_buf(), len: 0, scratch: vec![], _marker: Default::default() })
     }
 
@@ -79,7 +79,7 @@ impl<T: NpyElement> NpyWriter<T> {
         for &v in values {
             v.put(&mut self.scratch);
         }
-        self.file.write_all(&self.scratch).map_err(|e| Error::io(&self.path, &e))?;
+        self.file.write_all(&self.scratch).map_err(|e| Error::write(&self.path, &e))?;
         self.len += values.len() as u64;
         Ok(())
     }
@@ -99,7 +99,7 @@ impl<T: NpyElement> NpyWriter<T> {
     /// Write the final shape into the header and flush.
     pub fn finish(mut self) -> Result<()> {
         let path = self.path.clone();
-        let io = |e: std::io::Error| Error::io(&path, &e);
+        let io = |e: std::io::Error| Error::write(&path, &e);
         self.file.seek(SeekFrom::Start(0)).map_err(io)?;
         self.file.write_all(&npy_header(T::DESCR, self.len)).map_err(io)?;
         self.file.flush().map_err(io)?;

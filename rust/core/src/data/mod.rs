@@ -18,6 +18,6 @@ pub mod template;
 pub mod tokenize;
 
 pub use encode::{Encoder, Example, TrainOn};
-pub use prepare::{prepare, PrepareOptions, PrepareStats, Source, Truncation};
+pub use prepare::{prepare, PrepareOptions, PrepareStats, Source, Truncation, DEFAULT_MAX_LINE_BYTES};
 pub use template::{named_template, ChatTemplate, Rendered, TEMPLATE_NAMES};
 pub use tokenize::{Encoded, TextTokenizer};

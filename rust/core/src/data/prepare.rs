@@ -50,7 +50,17 @@ pub struct PrepareOptions {
     pub skip_bad_lines: bool,
     /// Rows encoded per parallel batch.
     pub batch_rows: usize,
+    /// Longest accepted row, in bytes of JSON (a line of a JSON Lines file, or one row handed in). Longer
+    /// rows stop the run with an error naming file:line: rendering and tokenizing a row takes a couple of
+    /// hundred times its size in memory, so one stray huge line could otherwise exhaust it.
+    pub max_line_bytes: usize,
 }
+
+/// Default of [`PrepareOptions::max_line_bytes`]: 8 MiB, a few million tokens, far past any context length.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 8 << 20;
+
+/// A batch stops growing once its rows hold this many bytes, so memory stays bounded however rows are sized.
+const BATCH_BYTES: usize = 64 << 20;
 
 impl Default for PrepareOptions {
     fn default() -> Self {
@@ -61,6 +71,7 @@ impl Default for PrepareOptions {
             shard: (0, 1),
             skip_bad_lines: false,
             batch_rows: 2048,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
         }
     }
 }
@@ -111,6 +122,9 @@ pub fn prepare(
     if options.pack && options.max_length.is_none() {
         return Err(Error::InvalidArgument("packing needs a max length (the row size)".into()));
     }
+    if options.max_line_bytes == 0 {
+        return Err(Error::InvalidArgument("max line bytes must be positive".into()));
+    }
     let scratch = if options.pack { "_unpacked_" } else { "" };
     let mut writer = DatasetWriter::create(out_dir, false, scratch)?;
     let mut stats = PrepareStats::default();
@@ -119,7 +133,8 @@ pub fn prepare(
     for source in sources {
         let mut reader = RowReader::open(source)?;
         loop {
-            let batch = reader.next_batch(options.batch_rows, &mut stats.bytes_read)?;
+            let batch =
+                reader.next_batch(options.batch_rows, options.max_line_bytes, &mut stats.bytes_read)?;
             if batch.is_empty() {
                 break;
             }
@@ -256,7 +271,7 @@ fn write_packed(out_dir: &Path, scratch: &str, rows: &[Vec<u32>]) -> Result<()> 
         writer.finish()?;
     }
     for name in [INPUT_IDS, LOSS_MASK, ROW_OFFSETS] {
-        std::fs::remove_file(at(name)).map_err(|e| Error::io(&at(name), &e))?;
+        std::fs::remove_file(at(name)).map_err(|e| Error::write(&at(name), &e))?;
     }
     Ok(())
 }
@@ -289,20 +304,30 @@ impl<'a> RowReader<'a> {
         })
     }
 
-    fn next_batch(&mut self, size: usize, bytes_read: &mut u64) -> Result<Vec<(String, String)>> {
-        let mut batch = Vec::with_capacity(size);
+    fn next_batch(
+        &mut self,
+        size: usize,
+        max_line: usize,
+        bytes_read: &mut u64,
+    ) -> Result<Vec<(String, String)>> {
+        let mut batch = Vec::with_capacity(size.min(4096));
+        let mut batch_bytes = 0usize;
         match self {
             RowReader::File { path, reader, line } => {
                 let mut buf = Vec::new();
-                while batch.len() < size {
+                while batch.len() < size && batch_bytes < BATCH_BYTES {
                     buf.clear();
-                    let n = reader.read_until(b'\n', &mut buf).map_err(|e| Error::io(path, &e))?;
+                    let (n, line_len) =
+                        read_line_capped(reader, &mut buf, max_line).map_err(|e| Error::io(path, &e))?;
                     if n == 0 {
                         break;
                     }
                     *line += 1;
                     *bytes_read += n as u64;
                     let location = format!("{}:{}", path.display(), line);
+                    if line_len > max_line {
+                        return Err(too_long(location, line_len, max_line));
+                    }
                     let text = String::from_utf8(std::mem::take(&mut buf)).map_err(|_| Error::Input {
                         location: location.clone(),
                         message: "not valid UTF-8".into(),
@@ -310,17 +335,94 @@ impl<'a> RowReader<'a> {
                     if text.trim().is_empty() {
                         continue;
                     }
+                    batch_bytes += text.len();
                     batch.push((location, text));
                 }
             }
             RowReader::Rows { name, rows, next } => {
-                let end = (*next + size).min(rows.len());
-                for i in *next..end {
-                    batch.push((format!("{name} row {i}"), rows[i].clone()));
+                while *next < rows.len() && batch.len() < size && batch_bytes < BATCH_BYTES {
+                    let (i, row) = (*next, &rows[*next]);
+                    *next += 1;
+                    if row.len() > max_line {
+                        return Err(too_long(format!("{name} row {i}"), row.len(), max_line));
+                    }
+                    batch_bytes += row.len();
+                    batch.push((format!("{name} row {i}"), row.clone()));
                 }
-                *next = end;
             }
         }
         Ok(batch)
+    }
+}
+
+fn too_long(location: String, len: usize, max_line: usize) -> Error {
+    Error::Input {
+        location,
+        message: format!(
+            "the row is {len} bytes, over the {max_line}-byte limit for one row; split it, or raise the limit \
+             with --max-line-bytes if it is meant to be this long"
+        ),
+    }
+}
+
+/// Read one line (through its '\n') into `buf`, keeping at most `max_line` bytes of it: a longer line is
+/// consumed without being stored. Returns (bytes consumed, length of the line without its line ending).
+fn read_line_capped(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    max_line: usize,
+) -> std::io::Result<(usize, usize)> {
+    let mut consumed = 0usize;
+    let mut line_len = 0usize;
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            break;
+        }
+        let (take, done) = match memchr::memchr(b'\n', chunk) {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        line_len += take - usize::from(done);
+        if line_len <= max_line {
+            buf.extend_from_slice(&chunk[..take]);
+        } else if !buf.is_empty() {
+            *buf = Vec::new(); // give the memory back: the line is refused
+        }
+        reader.consume(take);
+        consumed += take;
+        if done {
+            break;
+        }
+    }
+    Ok((consumed, line_len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capped_reads_keep_short_lines_and_measure_long_ones_without_storing_them() {
+        let text = b"short\n0123456789\nlast";
+        let mut reader = std::io::BufReader::with_capacity(4, &text[..]);
+        let mut buf = vec![];
+        assert_eq!(read_line_capped(&mut reader, &mut buf, 8).unwrap(), (6, 5));
+        assert_eq!(buf, b"short\n");
+        buf.clear();
+        assert_eq!(read_line_capped(&mut reader, &mut buf, 8).unwrap(), (11, 10));
+        assert!(buf.is_empty(), "an over-long line is not kept");
+        buf.clear();
+        assert_eq!(read_line_capped(&mut reader, &mut buf, 8).unwrap(), (4, 4));
+        assert_eq!(buf, b"last");
+        buf.clear();
+        assert_eq!(read_line_capped(&mut reader, &mut buf, 8).unwrap(), (0, 0));
+    }
+
+    #[test]
+    fn too_long_message_names_the_place_and_the_option() {
+        let err = too_long("data.jsonl:7".into(), 100, 10).to_string();
+        assert!(err.starts_with("data.jsonl:7: the row is 100 bytes, over the 10-byte limit"), "{err}");
+        assert!(err.contains("--max-line-bytes"), "{err}");
     }
 }

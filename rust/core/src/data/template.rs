@@ -373,71 +373,33 @@ fn python_float_repr(f: f64) -> String {
     }
 }
 
-/// `strftime_now(format)`: the current UTC time, for the directives chat templates use.
-fn strftime_now(format: &str) -> String {
-    let secs =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format_time(secs as i64, format)
+/// `strftime_now(format)`: the current local time, as transformers' `datetime.now().strftime(format)`.
+fn strftime_now(format: &str) -> std::result::Result<String, minijinja::Error> {
+    format_time(&chrono::Local::now(), format)
 }
 
-pub(crate) fn format_time(secs: i64, format: &str) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let weekday = DAYS[days.rem_euclid(7) as usize];
-    let month_name = MONTHS[(month - 1) as usize];
-    let mut out = String::new();
-    let mut chars = format.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('d') => out.push_str(&format!("{day:02}")),
-            Some('m') => out.push_str(&format!("{month:02}")),
-            Some('Y') => out.push_str(&year.to_string()),
-            Some('y') => out.push_str(&format!("{:02}", year % 100)),
-            Some('B') => out.push_str(month_name),
-            Some('b') => out.push_str(&month_name[..3]),
-            Some('A') => out.push_str(weekday),
-            Some('a') => out.push_str(&weekday[..3]),
-            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
-            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
-            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(other);
-            }
-            None => out.push('%'),
-        }
+/// `strftime` through chrono; a format chrono cannot read is a template error (never a panic).
+pub(crate) fn format_time<Tz: chrono::TimeZone>(
+    time: &chrono::DateTime<Tz>,
+    format: &str,
+) -> std::result::Result<String, minijinja::Error>
+where
+    Tz::Offset: std::fmt::Display,
+{
+    use chrono::format::{Item, StrftimeItems};
+    use std::fmt::Write;
+    let items: Vec<Item<'_>> = StrftimeItems::new(format).collect();
+    if items.contains(&Item::Error) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: {format:?} is not a strftime format chrono understands"),
+        ));
     }
-    out
+    let mut out = String::new();
+    write!(out, "{}", time.format_with_items(items.into_iter())).map_err(|_| {
+        minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now: cannot format {format:?}"))
+    })?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -483,6 +445,17 @@ mod tests {
 
     #[test]
     fn strftime_formats_a_known_date() {
-        assert_eq!(format_time(1_700_000_000, "%d %b %Y %H:%M:%S %A"), "14 Nov 2023 22:13:20 Tuesday");
+        let utc = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        assert_eq!(format_time(&utc, "%d %b %Y %H:%M:%S %A").unwrap(), "14 Nov 2023 22:13:20 Tuesday");
+        assert!(format_time(&utc, "%Q %").is_err(), "an unknown directive is an error, not a panic");
+    }
+
+    #[test]
+    fn strftime_now_uses_local_time() {
+        let t = ChatTemplate::new("{{ strftime_now('%Y-%m-%d %H') }}", vec![]).unwrap();
+        let before = chrono::Local::now().format("%Y-%m-%d %H").to_string();
+        let text = t.render(&json!([]), false).unwrap().text;
+        let after = chrono::Local::now().format("%Y-%m-%d %H").to_string();
+        assert!(text == before || text == after, "{text} vs {before}");
     }
 }

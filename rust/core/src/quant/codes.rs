@@ -1,6 +1,8 @@
 //! The code tables of the 4-bit and 8-bit formats, exactly as bitsandbytes defines them.
 
-/// NF4: quantiles of N(0, 1) normalised to [-1, 1] (QLoRA, appendix E). Index = the 4-bit code.
+/// NF4: quantiles of N(0, 1) normalised to [-1, 1] (QLoRA, appendix E). Index = the 4-bit code. The literals
+/// are bitsandbytes' float64 spellings; each rounds to the float32 bitsandbytes stores.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -26,7 +28,7 @@ pub const FP4_CODE: [f32; 16] = [
     0.0,
     0.0625 / 12.0,
     8.0 / 12.0,
-    12.0 / 12.0,
+    1.0, // 12 / 12
     4.0 / 12.0,
     6.0 / 12.0,
     2.0 / 12.0,
@@ -63,7 +65,7 @@ pub const INT4_CODE: [f32; 16] = [
     4.0 / 7.0,
     5.0 / 7.0,
     6.0 / 7.0,
-    7.0 / 7.0,
+    1.0, // 7 / 7
 ];
 
 /// The signed 8-bit "dynamic" map of bitsandbytes (`create_dynamic_map(signed=True)`), used to quantize the

@@ -254,13 +254,13 @@ fn quantize_chunk<T: Copy, C: Fn(T) -> f32 + Copy>(
             absmax[block_index] = block_max;
             let reciprocal = 1.0f32 / block_max.max(ABSMAX_FLOOR);
             for (p, &v) in positions.iter_mut().zip(block) {
-                *p = encoder.sorted_position((to_f32(v) * reciprocal).max(-1.0).min(1.0)) as u32;
+                *p = encoder.sorted_position(clamp_unit(to_f32(v) * reciprocal)) as u32;
             }
         } else {
             let divisor = block_max.max(ABSMAX_FLOOR);
             absmax[block_index] = divisor;
             for (p, &v) in positions.iter_mut().zip(block) {
-                *p = encoder.sorted_position((to_f32(v) / divisor).max(-1.0).min(1.0)) as u32;
+                *p = encoder.sorted_position(clamp_unit(to_f32(v) / divisor)) as u32;
             }
             if len % 2 == 1 {
                 positions[len] = encoder.sorted_position(0.0) as u32;
@@ -352,6 +352,14 @@ fn dequantize_chunk<U: Copy, W: Fn(f32) -> U + Copy>(
             *last = from_f32(lut[bytes[bytes.len() - 1] as usize][0] * scale);
         }
     }
+}
+
+/// Clamp a scaled value to [-1, 1] as `torch.clamp` after bitsandbytes' scaling does. `max`/`min` (not
+/// `f32::clamp`) so that a NaN (0 * inf in an all-zero block) lands on -1 rather than staying NaN.
+#[inline]
+#[allow(clippy::manual_clamp)]
+fn clamp_unit(x: f32) -> f32 {
+    x.max(-1.0).min(1.0)
 }
 
 #[cfg(test)]
