@@ -53,7 +53,7 @@ def llama_shapes(hidden, inter, layers, heads, kv, vocab) -> dict[str, tuple[int
 
 
 def write_checkpoint(directory: Path, size: str, rank: int) -> tuple[Path, Path, int]:
-    from nibblora.safetensors_writer import SafetensorsWriter, TensorSpec
+    from nibblora.checkpoint.writer import SafetensorsWriter, TensorSpec
 
     hidden, inter, layers, heads, kv, vocab = SIZES[size]
     base, adapter = directory / "base", directory / "adapter"

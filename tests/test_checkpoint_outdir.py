@@ -152,9 +152,10 @@ def test_output_folders_names_reading_and_the_cli_printer_do_not_import_torch():
         "import sys, types\n"
         f"m = types.ModuleType('nibblora'); m.__path__ = [{str(Path(outdir.__file__).parents[1])!r}]\n"
         "sys.modules['nibblora'] = m\n"
-        "import nibblora.outdir, nibblora.checkpoint, nibblora.cli_errors, nibblora.dtypes, nibblora.export\n"
+        "import nibblora.checkpoint, nibblora.cli_errors, nibblora.dtypes\n"
         "from nibblora.checkpoint import read_config, atomic_output_dir, open_checkpoint\n"
-        "from nibblora.export import run_tool, parse_size\n"
+        "from nibblora.cli_errors import run_tool\n"
+        "from nibblora.checkpoint.shards import parse_size\n"
         "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('nibblora'))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,4 +1,4 @@
-"""nibblora.safetensors_writer: a planned layout, tensors written one at a time, files safetensors reads back."""
+"""nibblora.checkpoint.writer: a planned layout, tensors written one at a time, files safetensors reads back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nibblora.safetensors_writer import DeferredSpec, SafetensorsWriter, TensorSpec, safetensors_dtype
+from nibblora.checkpoint.writer import DeferredSpec, SafetensorsWriter, TensorSpec
+from nibblora.dtypes import safetensors_dtype
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -10,12 +10,29 @@ Chat templates (named formats or any Hugging Face Jinja template) are rendered, 
 pass per conversation, on all cores. `python -m nibblora.prepare` is the command line. See docs/data.md.
 """
 
-from nibblora.data.collate import collate_packed, collate_padded
-from nibblora.data.dataset import PreparedDataset, combine_shards, position_ids_for
-from nibblora.data.encoder import IGNORE_INDEX, TRAIN_ON, ConversationEncoder
 from nibblora.errors import DataError, DataFileNotFoundError
-from nibblora.data.prepare import TRUNCATION, PrepareSummary, parse_shard, prepare_dataset
 from nibblora.data.sources import TEMPLATE_NAMES
+from nibblora._lazy import lazy_exports
+
+# torch loads with the first heavy name used (tests/test_startup.py holds it).
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "collate_packed": "nibblora.data.collate",
+        "collate_padded": "nibblora.data.collate",
+        "PreparedDataset": "nibblora.data.dataset",
+        "combine_shards": "nibblora.data.dataset",
+        "position_ids_for": "nibblora.data.dataset",
+        "IGNORE_INDEX": "nibblora.data.encoder",
+        "TRAIN_ON": "nibblora.data.encoder",
+        "ConversationEncoder": "nibblora.data.encoder",
+        "TRUNCATION": "nibblora.data.prepare",
+        "PrepareSummary": "nibblora.data.prepare",
+        "parse_shard": "nibblora.data.prepare",
+        "prepare_dataset": "nibblora.data.prepare",
+    },
+)
 
 __all__ = [
     "IGNORE_INDEX",

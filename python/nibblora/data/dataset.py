@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from nibblora.data.encoder import IGNORE_INDEX
 from nibblora.errors import DataError, DataFileNotFoundError
 from nibblora.data.prepare import FORMAT_NAME, METADATA
-from nibblora.outdir import check_out_dir, move_into_place, temp_sibling
+from nibblora.checkpoint.outdir import check_out_dir, move_into_place, temp_sibling
 
 _ARRAYS = ("input_ids", "loss_mask", "row_offsets")
 _CHUNK = 1 << 24

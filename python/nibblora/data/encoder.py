@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from nibblora import _native
 from nibblora.errors import DataError
 from nibblora.data.sources import TEMPLATE_NAMES, TemplateChoice, TokenizerFiles, choose_template, find_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 TRAIN_ON = ("assistant", "all", "last")
 IGNORE_INDEX = -100
@@ -72,6 +74,8 @@ class ConversationEncoder:
 
     def encode(self, row: dict[str, Any]) -> dict[str, torch.Tensor]:
         """{"input_ids", "labels"}: int64[n] each, labels -100 where the loss must not look."""
+        import torch  # only here: preparing data and the CLIs never need it
+
         ids, mask = self.encode_arrays(row)
         input_ids = torch.from_numpy(ids.astype(np.int64))
         labels = torch.where(torch.from_numpy(mask.astype(bool)), input_ids, IGNORE_INDEX)

@@ -20,7 +20,7 @@ from typing import Any
 from nibblora import __version__
 from nibblora.data.encoder import ConversationEncoder
 from nibblora.errors import DataError, DataFileNotFoundError
-from nibblora.outdir import check_out_dir, move_into_place, temp_sibling
+from nibblora.checkpoint.outdir import check_out_dir, move_into_place, temp_sibling
 
 TRUNCATION = ("keep-start", "drop", "error")
 FORMAT_NAME = "nibblora.prepared"

@@ -29,7 +29,7 @@ import torch
 from nibblora._native import SafetensorsFile
 from nibblora.errors import AdapterError, CheckpointFileNotFoundError
 from nibblora.lora.adapter_config import AdapterConfig, parse_adapter_config
-from nibblora.safetensors_writer import SAFETENSORS_DTYPES
+from nibblora.dtypes import torch_dtype
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -93,7 +93,7 @@ class AdapterFiles:
         """Tensor `key` as a new tensor of `dtype` and its stored shape. AdapterError if it holds NaN or infinity."""
         t = self.tensors[key]
         raw = torch.from_numpy(self.file.read(key))
-        value = raw.view(SAFETENSORS_DTYPES[t.dtype][0]).reshape(t.shape)
+        value = raw.view(torch_dtype(t.dtype)).reshape(t.shape)
         finite = torch.isfinite(value)
         if not bool(finite.all()):
             bad = (~finite).reshape(-1)
@@ -110,7 +110,7 @@ class AdapterFiles:
     def check_values(self) -> None:
         """Read every tensor once: AdapterError naming the first that holds NaN or infinity."""
         for key in self.tensors:
-            self.read(key, SAFETENSORS_DTYPES[self.tensors[key].dtype][0])
+            self.read(key, torch_dtype(self.tensors[key].dtype))
 
 
 def read_adapter_config(directory: str | Path) -> dict:

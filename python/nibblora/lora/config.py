@@ -8,10 +8,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from nibblora.errors import ConfigError
+from nibblora.quant.names import BNB_QUANT_TYPES
 
 ALL_LINEAR = "all-linear"
 INIT_CHOICES = ("kaiming", "gaussian")
-QUANT_BASE_CHOICES = (None, "nf4", "fp4")
+QUANT_BASE_CHOICES = (None, *BNB_QUANT_TYPES)
 
 
 def _positive_int(value: object) -> bool:

@@ -23,6 +23,7 @@ import torch
 
 from nibblora.quant import QuantizedTensor, QuantState, dequantize_4bit, torch_ops
 from nibblora.quant.state import SUPPORTED_DTYPES
+from nibblora.quant.names import BNB_QUANT_TYPES
 
 
 def dequantize_base(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
@@ -33,7 +34,7 @@ def dequantize_base(packed: torch.Tensor, state: QuantState, dtype: torch.dtype)
     if dtype not in SUPPORTED_DTYPES:
         return dequantize_base(packed, state, torch.float32).to(dtype)
     if packed.device.type != "cpu":
-        if state.quant_type in ("nf4", "fp4") and _bnb_dequantize_op() is not None:
+        if state.quant_type in BNB_QUANT_TYPES and _bnb_dequantize_op() is not None:
             return dequantize_with_bitsandbytes(packed, state, dtype)
         return dequantize_pairs(packed, state, dtype)
     return dequantize_4bit(QuantizedTensor(packed, state), dtype)

@@ -12,6 +12,7 @@ from nibblora.lora.function import LoRALinearFunction, dequantize_base
 from nibblora.quant import QuantizedTensor, QuantState, from_bnb_state_dict, quantize_4bit, to_bnb_state_dict
 from nibblora.quant.bnb_format import find_quant_state_key
 from nibblora.quant.state import SUPPORTED_DTYPES, dtype_name
+from nibblora.quant.names import BNB_QUANT_TYPES
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _QUANT_BUFFERS = ("weight", "absmax", "quant_map", "offset", "nested_absmax", "nested_quant_map")
@@ -65,7 +66,7 @@ class NF4Linear(nn.Module):
         if len(qweight.shape) != 2:
             raise ValueError(f"a linear weight must be 2-D [out, in]; this QuantizedTensor has shape "
                              f"{list(qweight.shape)}")
-        if qweight.quant_type not in ("nf4", "fp4"):
+        if qweight.quant_type not in BNB_QUANT_TYPES:
             raise ValueError(f"NF4Linear holds nf4 or fp4 weights, got {qweight.quant_type!r}; "
                              "quantize with quant_type='nf4' or 'fp4'")
         _check_compute_dtype(compute_dtype)

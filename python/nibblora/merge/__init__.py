@@ -8,9 +8,22 @@ The output equals peft's `merge_and_unload()` + `save_pretrained()` bit for bit 
 not once per adapter, in 16-bit), in memory bounded by about two of the largest tensor.
 """
 
-from nibblora.merge.adapter_source import MergeError, read_adapter
-from nibblora.merge.cli import main
-from nibblora.merge.methods import METHODS, combine
-from nibblora.merge.tool import MergeSummary, QuantReportRow, merge_checkpoint
+from nibblora._lazy import lazy_exports
+
+# The tool (torch) loads with the first of these names used; `python -m` reads its arguments first.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "MergeError": "nibblora.merge.adapter_source",
+        "read_adapter": "nibblora.merge.adapter_source",
+        "main": "nibblora.merge.cli",
+        "METHODS": "nibblora.merge.methods",
+        "combine": "nibblora.merge.methods",
+        "MergeSummary": "nibblora.merge.tool",
+        "QuantReportRow": "nibblora.merge.tool",
+        "merge_checkpoint": "nibblora.merge.tool",
+    },
+)
 
 __all__ = ["METHODS", "MergeError", "MergeSummary", "QuantReportRow", "combine", "main", "merge_checkpoint", "read_adapter"]

@@ -6,9 +6,9 @@ import argparse
 from collections.abc import Sequence
 
 from nibblora.cli_errors import run_tool
-from nibblora.merge.methods import METHODS
-from nibblora.merge.tool import OUT_DTYPES, merge_checkpoint
-from nibblora.quant.bnb_format import BLOCKSIZES, BNB_QUANT_TYPES
+from nibblora.dtypes import TORCH_NAME_TO_SAFETENSORS
+from nibblora.merge.names import METHODS
+from nibblora.quant.names import BLOCKSIZES, BNB_QUANT_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--density", type=float, default=1.0, help="share of each update kept by TIES / DARE")
     parser.add_argument("--rank", type=int, help="truncate the combined update to this rank (SVD)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
-    parser.add_argument("--dtype", choices=tuple(OUT_DTYPES),
+    parser.add_argument("--dtype", choices=tuple(TORCH_NAME_TO_SAFETENSORS),
                         help="dtype of the output's float tensors (default: the base's, or its 4-bit compute dtype)")
     parser.add_argument("--quantize", choices=BNB_QUANT_TYPES,
                         help="re-quantize the decoder's linear weights (bitsandbytes layout) and report per layer "
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from nibblora.merge.tool import merge_checkpoint  # torch loads after the arguments are read
+
     return run_tool("nibblora.merge", lambda: merge_checkpoint(
         args.base,
         args.adapter,

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties")
+from nibblora.merge.names import METHODS  # noqa: F401 (re-exported)
+
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nibblora.errors import CheckpointError, ConfigError, UnsupportedModelError
+from nibblora.quant.names import BNB_QUANT_TYPES
 
 # model_type -> the causal-LM architecture name transformers writes in config.json.
 SUPPORTED_MODEL_TYPES = {
@@ -173,7 +174,6 @@ BNB_SCHEMA: dict[str, Check] = {
     "bnb_4bit_use_double_quant": boolean,
     "bnb_4bit_compute_dtype": nullable(string),
 }
-BNB_QUANT_TYPES = ("nf4", "fp4")
 
 
 def _shown(value: Any) -> str:

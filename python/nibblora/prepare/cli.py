@@ -6,9 +6,10 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nibblora.export import run_tool
-from nibblora.data import TEMPLATE_NAMES, TRAIN_ON, TRUNCATION, combine_shards, prepare_dataset
-from nibblora.data.prepare import DEFAULT_MAX_LINE_BYTES
+from nibblora.cli_errors import run_tool
+from nibblora.data.encoder import TRAIN_ON
+from nibblora.data.prepare import DEFAULT_MAX_LINE_BYTES, TRUNCATION, prepare_dataset
+from nibblora.data.sources import TEMPLATE_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,8 @@ class CombineSummary:
 def run(args: argparse.Namespace) -> CombineSummary | object:
     """The job behind the command line: combine shards, or prepare a dataset. Returns a summary."""
     if args.combine:
+        from nibblora.data.dataset import combine_shards  # torch: only when combining
+
         ds = combine_shards(args.combine, args.output, overwrite=args.overwrite)
         return CombineSummary(len(args.combine), str(args.output), len(ds), len(ds.input_ids))
     return prepare_dataset(

@@ -5,18 +5,31 @@ w = dequantize_4bit(q, torch.bfloat16)
 sd = to_bnb_state_dict(q, "model.layers.0.mlp.up_proj.weight")       # the keys transformers saves
 """
 
-from nibblora.quant.api import (
-    code_table,
-    dequantize_4bit,
-    dequantize_absmax,
-    dynamic_map,
-    output_pool_stats,
-    quantize_4bit,
-    set_output_pool_limit,
+from nibblora._lazy import lazy_exports
+
+# torch loads with the first of these names used, so `nibblora.quant.names` (the CLIs' choices) stays light.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "code_table": "nibblora.quant.api",
+        "dequantize_4bit": "nibblora.quant.api",
+        "dequantize_absmax": "nibblora.quant.api",
+        "dynamic_map": "nibblora.quant.api",
+        "output_pool_stats": "nibblora.quant.api",
+        "quantize_4bit": "nibblora.quant.api",
+        "set_output_pool_limit": "nibblora.quant.api",
+        "find_quant_state_key": "nibblora.quant.bnb_format",
+        "from_bnb_state_dict": "nibblora.quant.bnb_format",
+        "to_bnb_state_dict": "nibblora.quant.bnb_format",
+        "QuantError": "nibblora.quant.report",
+        "error_report": "nibblora.quant.report",
+        "format_error_report": "nibblora.quant.report",
+        "quantization_error": "nibblora.quant.report",
+        "QuantizedTensor": "nibblora.quant.state",
+        "QuantState": "nibblora.quant.state",
+    },
 )
-from nibblora.quant.bnb_format import find_quant_state_key, from_bnb_state_dict, to_bnb_state_dict
-from nibblora.quant.report import QuantError, error_report, format_error_report, quantization_error
-from nibblora.quant.state import QuantizedTensor, QuantState
 
 __all__ = [
     "QuantError",

@@ -18,6 +18,7 @@ from nibblora.quant.state import (
     QuantState,
     dtype_name,
 )
+from nibblora.quant.names import BLOCKSIZES
 
 
 @cache
@@ -73,7 +74,7 @@ def quantize_4bit(
         )
     if tensor.numel() == 0:
         raise InputError(f"{label} is empty (shape {tuple(tensor.shape)}); there is nothing to quantize")
-    if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+    if blocksize not in BLOCKSIZES:
         raise InputError(f"blocksize {blocksize} is not supported: use a power of two from 32 to 4096 (default 64)")
     flat = tensor.detach().reshape(-1)
     if flat.device.type == "cpu":

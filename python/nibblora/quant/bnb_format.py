@@ -19,14 +19,12 @@ from math import ceil, prod
 
 import torch
 
-from nibblora._native import NESTED_BLOCKSIZE
+from nibblora.quant.names import BLOCKSIZES, BNB_QUANT_TYPES, NESTED_BLOCKSIZE  # noqa: F401 (re-exported)
 from nibblora.checkpoint.writer import DeferredSpec, TensorSpec
 from nibblora.dtypes import SAFETENSORS_TO_TORCH_NAME
 from nibblora.quant.state import QuantizedTensor, QuantState, dtype_from_name, dtype_name
 
-BNB_QUANT_TYPES = ("nf4", "fp4")
 # Elements per 4-bit block scale that bitsandbytes accepts: powers of two from 32 to 4096.
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # The tensors transformers + bitsandbytes save next to a 4-bit `P.weight` (the nested ones only with double quant).
 BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 # Linear weights inside the repeated decoder blocks: model.layers.N.*, language_model.model.layers.N.*, ...

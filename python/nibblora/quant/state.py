@@ -7,10 +7,9 @@ from math import prod
 
 import torch
 
-from nibblora._native import NESTED_BLOCKSIZE  # one definition: the Rust core's (256)
+from nibblora.quant.names import NESTED_BLOCKSIZE, QUANT_TYPES  # noqa: F401 (re-exported)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-QUANT_TYPES = ("nf4", "fp4", "int4")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -8,8 +8,19 @@ The output loads with `transformers.AutoModelForCausalLM.from_pretrained(out)` (
 transformers had quantized the model itself with BitsAndBytesConfig(load_in_4bit=True, ...) and saved it.
 """
 
-from nibblora.quant.bnb_format import bnb_quantization_config
-from nibblora.quantize.cli import main
-from nibblora.quantize.tool import QuantizeError, QuantizeSummary, quantize_checkpoint
+from nibblora._lazy import lazy_exports
+
+# The tool (torch) loads with the first of these names used; `python -m` reads its arguments first.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "bnb_quantization_config": "nibblora.quant.bnb_format",
+        "main": "nibblora.quantize.cli",
+        "QuantizeError": "nibblora.quantize.tool",
+        "QuantizeSummary": "nibblora.quantize.tool",
+        "quantize_checkpoint": "nibblora.quantize.tool",
+    },
+)
 
 __all__ = ["QuantizeError", "QuantizeSummary", "bnb_quantization_config", "main", "quantize_checkpoint"]

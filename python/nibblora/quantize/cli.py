@@ -6,7 +6,8 @@ import argparse
 from collections.abc import Sequence
 
 from nibblora.cli_errors import run_tool
-from nibblora.quantize.tool import BLOCKSIZES, COMPUTE_DTYPES, QUANT_TYPES, quantize_checkpoint
+from nibblora.dtypes import TORCH_NAME_TO_SAFETENSORS
+from nibblora.quant.names import BLOCKSIZES, BNB_QUANT_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,12 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="input folder: config.json + safetensors (sharded or not)")
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
-    parser.add_argument("--quant-type", default="nf4", choices=QUANT_TYPES)
+    parser.add_argument("--quant-type", default="nf4", choices=BNB_QUANT_TYPES)
     parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="N",
                         help="elements per scale: a power of two from 32 to 4096 (default 64)")
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                         help="keep block scales in float32 (4.5 instead of 4.127 bits per parameter)")
-    parser.add_argument("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES,
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=tuple(TORCH_NAME_TO_SAFETENSORS),
                         help="bnb_4bit_compute_dtype written to the config (default bfloat16)")
     parser.add_argument("--skip", nargs="+", action="extend", default=[], metavar="NAME",
                         help="module-name patterns to leave unquantized, matched like transformers' "
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from nibblora.quantize.tool import quantize_checkpoint  # torch loads after the arguments are read
+
     return run_tool("nibblora.quantize", lambda: quantize_checkpoint(
         args.model,
         args.out,

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nibblora.errors import ConfigError, NibbloraError
+from nibblora.quant.names import BNB_QUANT_TYPES
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="name of the base model in the API (default: the folder's name)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="parameter / compute dtype (default: bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--quantize", choices=("nf4", "fp4"), help="quantize the decoder's linears to 4-bit as it loads")
+    p.add_argument("--quantize", choices=BNB_QUANT_TYPES, help="quantize the decoder's linears to 4-bit as it loads")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="register an adapter folder under NAME; repeat for more")

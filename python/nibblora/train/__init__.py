@@ -9,9 +9,28 @@ Each run records itself in <output_dir>/runs.sqlite (see nibblora.runs) and chec
 """
 
 from nibblora.train.config import ConfigError, TrainConfig, config_from_dict, load_config
-from nibblora.train.data import TokenizedRows, open_dataset, pad_collate, step_micro_batches
-from nibblora.train.loop import TrainResult, build_model, evaluate, token_loss_sum, train
-from nibblora.train.optim import PagedOptimizerStates, build_optimizer, build_scheduler, lr_multiplier
+from nibblora._lazy import lazy_exports
+
+# torch loads with the first heavy name used (tests/test_startup.py holds it).
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "TokenizedRows": "nibblora.train.data",
+        "open_dataset": "nibblora.train.data",
+        "pad_collate": "nibblora.train.data",
+        "step_micro_batches": "nibblora.train.data",
+        "TrainResult": "nibblora.train.loop",
+        "build_model": "nibblora.train.loop",
+        "evaluate": "nibblora.train.loop",
+        "token_loss_sum": "nibblora.train.loop",
+        "train": "nibblora.train.loop",
+        "PagedOptimizerStates": "nibblora.train.optim",
+        "build_optimizer": "nibblora.train.optim",
+        "build_scheduler": "nibblora.train.optim",
+        "lr_multiplier": "nibblora.train.optim",
+    },
+)
 
 __all__ = [
     "ConfigError",

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from nibblora.errors import ConfigError
+from nibblora.quant.names import BNB_QUANT_TYPES
 
 MODES = ("full", "lora", "qlora")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant")
-QUANT_TYPES = ("nf4", "fp4")
+QUANT_TYPES = BNB_QUANT_TYPES
 NAN_POLICIES = ("stop", "skip")
 INT_MAX = 2**31 - 1  # no count in a training config needs more; bigger values are typos or hostile
 MAX_ROWS_PER_STEP = 2**20  # data.batch_size x train.grad_accum

@@ -1,3 +1,3 @@
-from nibblora.verify.check import main
+from nibblora.verify.cli import main
 
 raise SystemExit(main())

@@ -15,9 +15,7 @@ while a missing scaling or a dropped layer fails in any dtype. Explicit `atol` /
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nibblora.errors import CheckpointError, NibbloraError
+from nibblora.errors import CheckpointError
 from nibblora.verify.rounding import perturb_by_rounding, stored_dtypes
 
 SAMPLE_PROMPTS = (
@@ -230,38 +228,3 @@ def verify_merge(
         rounding_max_kl=rounding.max_kl if automatic else math.nan,
         automatic=automatic,
     )
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nibblora.verify",
-        description="Check a merged model against its base + adapter: max |logit diff|, KL divergence and "
-        "next-token agreement on sample prompts, judged against the rounding of the merged dtype. Exit code 0: "
-        "within tolerance; 1: past it (or NaN / infinity anywhere); 2: inputs could not be read.",
-    )
-    parser.add_argument("--base", required=True, help="base model folder")
-    parser.add_argument("--adapter", required=True, help="peft adapter folder")
-    parser.add_argument("--merged", required=True, help="merged model folder (python -m nibblora.merge)")
-    parser.add_argument("--prompt", action="append", help="a prompt to compare on (repeatable; needs tokenizer.json)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(_DTYPES), help="compute dtype (default float32)")
-    parser.add_argument("--atol", type=float, help="largest allowed |logit diff| (default: from the merged dtype's "
-                        "rounding)")
-    parser.add_argument("--max-kl", type=float, help="largest allowed KL per position, nats (default: from the "
-                        "merged dtype's rounding)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts and the rounding draw")
-    args = parser.parse_args(argv)
-    for flag, value in (("--atol", args.atol), ("--max-kl", args.max_kl)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            parser.error(f"{flag} must be a finite number >= 0, got {value}")
-    try:
-        report = verify_merge(args.base, args.adapter, args.merged, prompts=args.prompt, dtype=_DTYPES[args.dtype],
-                              atol=args.atol, kl_tol=args.max_kl, seed=args.seed)
-    except (NibbloraError, ValueError, FileNotFoundError, KeyError) as err:
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        print(f"nibblora.verify: error: {message}", file=sys.stderr)
-        return 2
-    print(report.format())
-    return 0 if report.passed else 1
