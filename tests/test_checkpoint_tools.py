@@ -137,5 +137,5 @@ def test_load_model_refuses_a_quantization_config_that_is_not_an_object(tmp_path
     config = json.loads((model / "config.json").read_text())
     config["quantization_config"] = "bitsandbytes"
     (model / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="quantization_config is a JSON str, expected an object"):
+    with pytest.raises(CheckpointError, match="config.json: quantization_config is 'bitsandbytes'; expected an object"):
         load_model(model)

@@ -184,7 +184,7 @@ def test_a_config_nested_100000_deep_is_one_config_error(tmp_path):
 
 def test_apply_threads_sets_torch_threads_and_auto_follows_omp_num_threads(monkeypatch):
     import torch
-    from nibblora.train.threads import apply_threads, default_threads
+    from nibblora.threads import apply_threads, default_threads
 
     before = torch.get_num_threads()
     try:

@@ -55,6 +55,9 @@ _TORCH_ATTR: dict[str, str] = {
 TORCH_NAME_TO_SAFETENSORS: dict[str, str] = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 SAFETENSORS_TO_TORCH_NAME: dict[str, str] = {v: k for k, v in TORCH_NAME_TO_SAFETENSORS.items()}
 FLOAT_DTYPES: tuple[str, ...] = tuple(TORCH_NAME_TO_SAFETENSORS.values())  # ("F32", "BF16", "F16")
+COMPUTE_DTYPE_NAMES: tuple[str, ...] = tuple(TORCH_NAME_TO_SAFETENSORS)  # ("float32", "bfloat16", "float16")
+# Bytes per element of each compute dtype, by its torch name.
+COMPUTE_DTYPE_BYTES: dict[str, int] = {name: ITEMSIZE[st] for name, st in TORCH_NAME_TO_SAFETENSORS.items()}
 # Floating point in any width: a weight stored as one of these is a real number, never a code or an index.
 ANY_FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
@@ -75,6 +78,13 @@ def torch_dtype(name: str) -> torch.dtype:
     if attr is None or not hasattr(torch, attr):
         raise ValueError(f"safetensors dtype {name!r} has no torch equivalent in this torch version")
     return getattr(torch, attr)  # type: ignore[no-any-return]
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a compute dtype's torch name ("bfloat16" -> torch.bfloat16); ValueError for another."""
+    if name not in TORCH_NAME_TO_SAFETENSORS:
+        raise ValueError(f"unknown dtype name {name!r}: expected {', '.join(COMPUTE_DTYPE_NAMES)}")
+    return torch_dtype(TORCH_NAME_TO_SAFETENSORS[name])
 
 
 def safetensors_dtype(dtype: torch.dtype) -> str:

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nibblora.lora.params import ALL_SEVEN, DecoderShape, projection_lora_params
+from nibblora.dtypes import COMPUTE_DTYPE_BYTES
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = COMPUTE_DTYPE_BYTES
 MODES = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
 COMPONENTS = ("weights", "quant_constants", "master_weights", "gradients", "optimizer_states", "adapter", "activations")

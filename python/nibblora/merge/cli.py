@@ -9,6 +9,7 @@ from nibblora.cli_errors import run_tool
 from nibblora.dtypes import TORCH_NAME_TO_SAFETENSORS
 from nibblora.merge.names import METHODS
 from nibblora.quant.names import BLOCKSIZES, BNB_QUANT_TYPES
+from nibblora.threads import add_threads_argument, apply_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_argument(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_threads(args.threads)
     from nibblora.merge.tool import merge_checkpoint  # torch loads after the arguments are read
 
     return run_tool("nibblora.merge", lambda: merge_checkpoint(

@@ -8,6 +8,7 @@ from math import prod
 import torch
 
 from nibblora.quant.names import NESTED_BLOCKSIZE, QUANT_TYPES  # noqa: F401 (re-exported)
+from nibblora.dtypes import COMPUTE_DTYPE_NAMES
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -18,7 +19,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
+    dtype = getattr(torch, name, None) if name in COMPUTE_DTYPE_NAMES else None
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype name {name!r}: expected float32, bfloat16 or float16")
     return dtype

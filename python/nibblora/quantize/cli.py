@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from nibblora.cli_errors import run_tool
 from nibblora.dtypes import TORCH_NAME_TO_SAFETENSORS
 from nibblora.quant.names import BLOCKSIZES, BNB_QUANT_TYPES
+from nibblora.threads import add_threads_argument, apply_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB; 500MB, 4GiB...)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_argument(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_threads(args.threads)
     from nibblora.quantize.tool import quantize_checkpoint  # torch loads after the arguments are read
 
     return run_tool("nibblora.quantize", lambda: quantize_checkpoint(

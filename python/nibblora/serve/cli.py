@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nibblora.errors import ConfigError, NibbloraError
 from nibblora.quant.names import BNB_QUANT_TYPES
+from nibblora.threads import add_threads_argument, apply_threads
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default=None,
                    help="write a registry file there so qlora-tui finds this server (default: $NIBBLORA_RUNS_DIR "
                    "or ./runs when it exists)")
+    add_threads_argument(p)
     return p
 
 
@@ -81,6 +83,8 @@ def build_server(args: argparse.Namespace):
     from nibblora.serve.text import TextCodec
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        apply_threads(args.threads)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     adapters = parse_adapters(args.adapter, args.adapter_dir)
     model = load_model(args.model, dtype=getattr(torch, dtype_name), quantize=args.quantize, device=device)

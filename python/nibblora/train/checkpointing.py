@@ -36,6 +36,7 @@ from nibblora.errors import CheckpointError, OutputError
 from nibblora.lora import load_adapter, lora_modules, save_adapter
 from nibblora.train.distributed import DistInfo, barrier
 from nibblora.train.state_files import load_state, save_state, state_paths
+from nibblora.checkpoint.names import SINGLE_FILE
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -43,7 +44,7 @@ MANIFEST_FORMAT = "nibblora-checkpoint/1"
 TRAINER_STATE = "trainer_state"  # stem: trainer_state.json + trainer_state.safetensors
 LEGACY_STATE = "trainer_state.pt"  # a pickle, written before manifests existed; never loaded
 ADAPTER_DIR = "adapter"
-FULL_WEIGHTS = "model.safetensors"
+FULL_WEIGHTS = SINGLE_FILE
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _HASH_CHUNK = 1 << 20
 _LOADING_ADAPTER = "_nibblora_checkpoint"  # the name a checkpoint's adapter is loaded under before it is copied

@@ -19,9 +19,10 @@ from typing import Any
 
 from nibblora.errors import ConfigError
 from nibblora.quant.names import BNB_QUANT_TYPES
+from nibblora.dtypes import COMPUTE_DTYPE_NAMES
 
 MODES = ("full", "lora", "qlora")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = COMPUTE_DTYPE_NAMES
 SCHEDULES = ("cosine", "linear", "constant")
 QUANT_TYPES = BNB_QUANT_TYPES
 NAN_POLICIES = ("stop", "skip")

@@ -35,9 +35,9 @@ from nibblora.train.config import TrainConfig
 from nibblora.train.data import TokenizedDataset, open_dataset
 from nibblora.train.distributed import DistInfo, broadcast_int
 from nibblora.train.optim import PagedOptimizerStates, build_optimizer, build_scheduler
-from nibblora.train.threads import apply_threads
+from nibblora.threads import apply_threads
+from nibblora.dtypes import compute_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # log(message, level) -> None: the run's logger (rank 0 writes; other ranks' calls do nothing).
 Log = Callable[..., None]
@@ -75,7 +75,7 @@ class TrainingSetup:
     def autocast(self) -> contextlib.AbstractContextManager:
         """CUDA autocast to the model dtype for 16-bit runs on a GPU; nothing otherwise."""
         if self.info.device.type == "cuda" and self.config.model.dtype != "float32":
-            return torch.autocast("cuda", dtype=DTYPES[self.config.model.dtype])
+            return torch.autocast("cuda", dtype=compute_dtype(self.config.model.dtype))
         return contextlib.nullcontext()
 
 
@@ -83,7 +83,7 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, i
     """The model to train (full: every parameter; lora / qlora: adapters injected, the base frozen).
     Returns (model, trainable parameter count)."""
     mode = config.train.mode
-    dtype = DTYPES[config.model.dtype]
+    dtype = compute_dtype(config.model.dtype)
     quantize = config.model.quant_type if mode == "qlora" else None
     model = load_model(config.model.path, dtype=dtype, quantize=quantize, device=device,
                        double_quant=config.model.double_quant,

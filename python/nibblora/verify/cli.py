@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from nibblora.dtypes import TORCH_NAME_TO_SAFETENSORS, torch_dtype
 from nibblora.errors import NibbloraError
+from nibblora.threads import add_threads_argument, apply_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-kl", type=float, help="largest allowed KL per position, nats (default: from the "
                         "merged dtype's rounding)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts and the rounding draw")
+    add_threads_argument(parser)
     return parser
 
 
@@ -38,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, value in (("--atol", args.atol), ("--max-kl", args.max_kl)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             parser.error(f"{flag} must be a finite number >= 0, got {value}")
+    apply_threads(args.threads)
     from nibblora.verify.check import verify_merge
 
     try:

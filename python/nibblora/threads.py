@@ -1,6 +1,6 @@
 """CPU threads for torch: `train.threads` in the trainer, and the same helper for every tool that runs torch.
 
-    from nibblora.train.threads import apply_threads
+    from nibblora.threads import apply_threads
     apply_threads(0)    # auto: OMP_NUM_THREADS if set, else this process's share of the CPUs idle now
     apply_threads(4)    # exactly 4
 
@@ -12,9 +12,8 @@ against 0.86 to 1.09 s (median 0.91) in our own measurement. See docs/training.m
 
 from __future__ import annotations
 
+import argparse
 import os
-
-import torch
 
 
 def default_threads() -> int:
@@ -41,6 +40,25 @@ def apply_threads(threads: int = 0) -> int:
     """Set torch's intra-op CPU threads: `threads` > 0 exactly, 0 the default above. Returns the number set."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise ValueError(f"threads must be 0 (auto) or a positive integer, got {threads!r}")
+    import torch  # here: the CLIs add --threads before torch is loaded
+
     count = threads or default_threads()
     torch.set_num_threads(count)
     return count
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """`--threads N` for a tool that runs torch on the CPU (0, the default: as `default_threads`)."""
+    parser.add_argument("--threads", type=_thread_count, default=0, metavar="N",
+                        help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else the idle CPUs); "
+                        "on a shared machine fewer threads are often faster")
+
+
+def _thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (auto) or a positive integer, got {text!r}")
+    return value
