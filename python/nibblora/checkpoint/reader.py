@@ -155,7 +155,7 @@ def open_safetensors(path: Path) -> SafetensorsFile:
         return SafetensorsFile(path)
     except FileNotFoundError:
         raise CheckpointFileNotFoundError(f"reading {path}: the file does not exist") from None
-    except (ValueError, OSError) as err:
+    except CheckpointError as err:  # what the binding raises for an unreadable, corrupt or hostile file
         # The Rust reader's message is "<phase>: <path>: <what is wrong>"; keep what is wrong.
         detail = str(err).split(f"{path}: ", 1)[-1]
         raise CheckpointError(
@@ -232,7 +232,7 @@ class Checkpoint:
         entry = self.entry(name)
         try:
             return self._handles[entry.path].read(name)
-        except (ValueError, OSError) as err:
+        except CheckpointError as err:  # the file changed or went away under us
             raise CheckpointError(f"reading {name!r} from {entry.path}: {err}") from None
 
     def get_tensor(self, name: str) -> torch.Tensor:

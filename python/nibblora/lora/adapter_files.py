@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from nibblora._native import SafetensorsFile
-from nibblora.errors import AdapterError, CheckpointFileNotFoundError
+from nibblora.errors import AdapterError, CheckpointError, CheckpointFileNotFoundError
 from nibblora.lora.adapter_config import AdapterConfig, parse_adapter_config
 from nibblora.dtypes import torch_dtype
 
@@ -140,7 +140,7 @@ def _open_weights(path: Path) -> SafetensorsFile:
         raise CheckpointFileNotFoundError(f"reading adapter weights: {path} does not exist{hint}")
     try:
         return SafetensorsFile(path)
-    except (OSError, ValueError) as err:  # the Rust reader's refusal (its message names the file and the fault)
+    except CheckpointError as err:  # the Rust reader's refusal (its message names the file and the fault)
         detail = str(err)
         for prefix in ("reading safetensors: ", f"{path}: "):
             detail = detail.removeprefix(prefix)
