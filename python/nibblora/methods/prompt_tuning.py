@@ -54,11 +54,11 @@ class PromptTuning(nn.Module):
     prompt_encoder.embedding), and the hooks that put them in front of every fresh input."""
 
     def __init__(self, num_virtual_tokens: int, hidden: int, init_text: str | None = None,
-                 init: str = "random"):
+                 init: str = "random", tokenizer_name_or_path: str | None = None):
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         self.embedding = nn.Embedding(num_virtual_tokens, hidden)
-        self.init, self.init_text = init, init_text
+        self.init, self.init_text, self.tokenizer_name_or_path = init, init_text, tokenizer_name_or_path
         self._handles: list = []
         self._pending = False
         self._fresh = False
@@ -139,12 +139,13 @@ def _check_fresh(model: nn.Module) -> None:
 
 def inject_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init: str = "random",
                          init_token_ids: Sequence[int] | None = None, init_text: str | None = None,
-                         seed: int | None = None) -> PromptTuning:
+                         tokenizer_name_or_path: str | None = None, seed: int | None = None) -> PromptTuning:
     """Freeze `model` and prepend `num_virtual_tokens` trainable embeddings to every fresh input.
 
     init: "random" (normal(0, 1), peft's nn.Embedding default), "sample_vocab" (rows of the input embedding at
     random token ids) or "text" (the embeddings of `init_token_ids`, the tokenized `init_text`, repeated and cut
-    to num_virtual_tokens as peft does). The tuning is registered as `model.prompt_tuning`, so it follows
+    to num_virtual_tokens as peft does; init_text and tokenizer_name_or_path are only recorded in the saved
+    config, which says RANDOM unless both are given, as peft requires). The tuning is registered as `model.prompt_tuning`, so it follows
     `.to()` and its `embedding.weight` is the only trainable parameter. Returns it.
     """
     _check_fresh(model)
@@ -156,7 +157,8 @@ def inject_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init: str
         raise AdapterError(f"prompt tuning: init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     emb = input_embedding(model)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    tuning = PromptTuning(num_virtual_tokens, hidden, init_text=init_text, init=init)
+    tuning = PromptTuning(num_virtual_tokens, hidden, init_text=init_text, init=init,
+                          tokenizer_name_or_path=tokenizer_name_or_path)
     with torch.no_grad():
         if init == "random":
             tuning.embedding.weight.normal_(0.0, 1.0, generator=generator)
@@ -197,11 +199,17 @@ def save_prompt_tuning(model: nn.Module, directory: str | Path, base_model_name_
         raise AdapterError(f"saving prompt tuning: {type(model).__name__} has no prompt tuning; call "
                            "inject_prompt_tuning first")
     _, layers, heads, _, _, _ = model_sizes(model, "saving prompt tuning")
+    # peft refuses a TEXT init without its text and tokenizer; the init only matters before training (the saved
+    # tensor replaces it), so without them the file says RANDOM.
+    text_known = tuning.init == "text" and tuning.init_text and tuning.tokenizer_name_or_path
+    init = tuning.init if tuning.init != "text" or text_known else "random"
+    text = tuning.init_text if init == "text" else None
     config = dict(_PEFT_DEFAULTS)
     config.update(base_model_name_or_path=base_model_name_or_path or model_name_or_path(model),
                   task_type=task_type(model), num_virtual_tokens=tuning.num_virtual_tokens,
                   token_dim=tuning.embedding.embedding_dim, num_layers=layers, num_attention_heads=heads,
-                  prompt_tuning_init=tuning.init.upper(), prompt_tuning_init_text=tuning.init_text)
+                  prompt_tuning_init=init.upper(), prompt_tuning_init_text=text,
+                  tokenizer_name_or_path=tuning.tokenizer_name_or_path if init == "text" else None)
     return write_peft_folder(directory, config, {"prompt_embeddings": tuning.embedding.weight})
 
 
@@ -225,6 +233,7 @@ def load_prompt_tuning(model: nn.Module, directory: str | Path) -> PromptTuning:
                            f"expected {list(shape)} (num_virtual_tokens x the model's hidden size)")
     tuning = inject_prompt_tuning(model, config.num_virtual_tokens)
     tuning.init, tuning.init_text = config.prompt_tuning_init.lower(), config.prompt_tuning_init_text
+    tuning.tokenizer_name_or_path = config.raw.get("tokenizer_name_or_path")
     with torch.no_grad():
         tuning.embedding.weight.copy_(files.read("prompt_embeddings"))
     return tuning
