@@ -4,13 +4,14 @@
     inject_ia3(model)                                   # ia3.py: learned scales on k, v and down_proj's input
     inject_prompt_tuning(model, num_virtual_tokens=8)   # prompt_tuning.py: virtual input embeddings
     inject_prefix_tuning(model, num_virtual_tokens=8)   # prefix_tuning.py: per-layer key/value prefixes
+    inject_dora(model, ["q_proj", "v_proj"], r=8)       # dora.py: LoRA direction + learned magnitude
     trainable_parameters(model)                         # {name: parameter} the optimizer gets
     save_adapter(model, "out/adapter")                  # whichever method the model carries
     load_adapter(model, "out/adapter")                  # dispatches on adapter_config.json's peft_type
 
 Every module has the same shape: inject_<m>(model, ...) freezes the model and adds the method's parameters;
 save_<m> / load_<m> write and read peft's adapter folder; merge_<m> folds the method into the weights where it
-can be (IA3; LoRA in nibblora.lora). LoRA and DoRA stay in nibblora.lora; load_adapter hands LORA folders to it.
+can be (IA3; LoRA in nibblora.lora). Plain LoRA stays in nibblora.lora; load_adapter hands LORA folders to it (DoRA ones to load_dora).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nibblora.errors import AdapterError
 from nibblora.lora.adapter_config import parse_any_adapter_config
 from nibblora.lora.adapter_files import read_adapter_config
 from nibblora.methods.common import freeze, trainable_parameters
+from nibblora.methods.dora import DoRALinear, dora_modules, inject_dora, load_dora, merge_dora, save_dora
 from nibblora.methods.ia3 import IA3Linear, ia3_modules, inject_ia3, load_ia3, merge_ia3, save_ia3
 from nibblora.methods.prefix_tuning import (
     PrefixTuning,
@@ -42,24 +44,29 @@ from nibblora.methods.prompt_tuning import (
 _LOADERS = {"IA3": load_ia3, "PROMPT_TUNING": load_prompt_tuning, "PREFIX_TUNING": load_prefix_tuning}
 
 
-def load_adapter(model: nn.Module, directory: str | Path):
+def load_adapter(model: nn.Module, directory: str | Path, *, trainable: bool = False):
     """Load the adapter folder `directory` into `model`, whatever its method: adapter_config.json's peft_type
-    picks the loader (LORA -> nibblora.lora.load_adapter, IA3, PROMPT_TUNING, PREFIX_TUNING). Returns what that
-    loader returns. Raises AdapterError (naming file and key) for an unknown peft_type or a malformed folder."""
+    picks the loader (LORA -> nibblora.lora.load_adapter, or load_dora when use_dora is true; IA3,
+    PROMPT_TUNING, PREFIX_TUNING -> this package's). The method's parameters stay frozen unless `trainable`.
+    Returns what that loader returns. Raises AdapterError (naming file and key) for an unknown peft_type or a
+    malformed folder."""
     config = parse_any_adapter_config(read_adapter_config(directory), Path(directory) / "adapter_config.json")
     if config.peft_type == "LORA":
+        if config.use_dora:
+            return load_dora(model, directory, trainable=trainable)
         from nibblora.lora.adapters import load_adapter as load_lora
 
-        return load_lora(model, directory)
-    return _LOADERS[config.peft_type](model, directory)
+        return load_lora(model, directory, trainable=trainable)
+    return _LOADERS[config.peft_type](model, directory, trainable=trainable)
 
 
 def method_of(model: nn.Module) -> str | None:
-    """The peft_type of the adapter `model` carries ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING"), or None."""
+    """The method `model` carries: "LORA", "DORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", or None."""
     from nibblora.lora.inject import lora_modules
 
     found = [kind for kind, present in (
         ("LORA", bool(lora_modules(model))),
+        ("DORA", bool(dora_modules(model))),
         ("IA3", bool(ia3_modules(model))),
         ("PROMPT_TUNING", isinstance(getattr(model, "prompt_tuning", None), PromptTuning)),
         ("PREFIX_TUNING", isinstance(getattr(model, "prefix_tuning", None), PrefixTuning)),
@@ -79,11 +86,17 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         from nibblora.lora.adapters import save_adapter as save_lora
 
         return save_lora(model, directory, base_model_name_or_path)
-    saver = {"IA3": save_ia3, "PROMPT_TUNING": save_prompt_tuning, "PREFIX_TUNING": save_prefix_tuning}[kind]
+    saver = {"DORA": save_dora, "IA3": save_ia3, "PROMPT_TUNING": save_prompt_tuning, "PREFIX_TUNING": save_prefix_tuning}[kind]
     return saver(model, directory, base_model_name_or_path)
 
 
 __all__ = [
+    "DoRALinear",
+    "dora_modules",
+    "inject_dora",
+    "load_dora",
+    "merge_dora",
+    "save_dora",
     "IA3Linear",
     "PrefixTuning",
     "PromptTuning",

@@ -124,10 +124,11 @@ def save_ia3(model: nn.Module, directory: str | Path, base_model_name_or_path: s
     return write_peft_folder(directory, config, tensors)
 
 
-def load_ia3(model: nn.Module, directory: str | Path) -> dict[str, IA3Linear]:
+def load_ia3(model: nn.Module, directory: str | Path, *, trainable: bool = False) -> dict[str, IA3Linear]:
     """Inject and fill the IA3 vectors of a peft IA3 folder into `model` (frozen). Every tensor must be
     `base_model.model.<module>.ia3_l` for a linear module of `model` that target_modules selects, shaped [out, 1]
-    or, when feedforward_modules selects it, [1, in]. Raises AdapterError naming the file and the key."""
+    or, when feedforward_modules selects it, [1, in]. `trainable` leaves the vectors trainable (to continue
+    training); by default they are frozen like the base. Raises AdapterError naming the file and the key."""
     directory = Path(directory)
     config, files = read_method_files(directory)
     expect_peft_type(config, "IA3", directory)
@@ -166,6 +167,7 @@ def load_ia3(model: nn.Module, directory: str | Path) -> dict[str, IA3Linear]:
         layer = IA3Linear(model.get_submodule(name), feedforward=feedforward)
         with torch.no_grad():
             layer.ia3_l.copy_(files.read(key))
+        layer.ia3_l.requires_grad_(trainable)
         _set_submodule(model, name, layer)
         out[name] = layer
     return out

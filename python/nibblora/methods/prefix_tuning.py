@@ -193,7 +193,7 @@ def save_prefix_tuning(model: nn.Module, directory: str | Path, base_model_name_
     return write_peft_folder(directory, config, {"prompt_embeddings": flat})
 
 
-def load_prefix_tuning(model: nn.Module, directory: str | Path) -> PrefixTuning:
+def load_prefix_tuning(model: nn.Module, directory: str | Path, *, trainable: bool = False) -> PrefixTuning:
     """Attach the prefixes of a peft PREFIX_TUNING folder to `model` (frozen). num_layers, token_dim and
     num_attention_heads must describe the model's key/value layout (kv_heads x head_dim per layer). Raises
     AdapterError naming the file and what disagrees."""
@@ -223,4 +223,5 @@ def load_prefix_tuning(model: nn.Module, directory: str | Path) -> PrefixTuning:
     tuning = inject_prefix_tuning(model, config.num_virtual_tokens)
     with torch.no_grad():
         tuning.embedding.weight.copy_(files.read("prompt_embeddings"))
+    tuning.requires_grad_(trainable)  # frozen unless training continues
     return tuning

@@ -213,7 +213,7 @@ def save_prompt_tuning(model: nn.Module, directory: str | Path, base_model_name_
     return write_peft_folder(directory, config, {"prompt_embeddings": tuning.embedding.weight})
 
 
-def load_prompt_tuning(model: nn.Module, directory: str | Path) -> PromptTuning:
+def load_prompt_tuning(model: nn.Module, directory: str | Path, *, trainable: bool = False) -> PromptTuning:
     """Attach the virtual tokens of a peft PROMPT_TUNING folder to `model` (frozen). The folder's only tensor is
     `prompt_embeddings` [num_virtual_tokens, hidden]. Raises AdapterError naming the file and what disagrees."""
     directory = Path(directory)
@@ -236,4 +236,5 @@ def load_prompt_tuning(model: nn.Module, directory: str | Path) -> PromptTuning:
     tuning.tokenizer_name_or_path = config.raw.get("tokenizer_name_or_path")
     with torch.no_grad():
         tuning.embedding.weight.copy_(files.read("prompt_embeddings"))
+    tuning.requires_grad_(trainable)  # frozen unless training continues
     return tuning
