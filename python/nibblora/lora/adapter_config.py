@@ -5,7 +5,8 @@
 Values are refused, never coerced: `r: 4.5` is not truncated to 4, `use_rslora: "false"` is not truthy, a NaN
 `lora_alpha` is not a number. Unknown keys are tolerated (peft adds some in most releases) and kept in `raw`.
 `parse_adapter_config` reads LoRA (and DoRA) configs, what the LoRA tools take; `parse_any_adapter_config` also
-reads IA3, PROMPT_TUNING and PREFIX_TUNING configs (IA3AdapterConfig, PromptLearningConfig), which
+reads IA3, PROMPT_TUNING and PREFIX_TUNING configs (IA3AdapterConfig, PromptLearningConfig) and nibblora's own
+BOTTLENECK adapters (BottleneckAdapterConfig), which
 `nibblora.methods.load_adapter` dispatches on.
 """
 
@@ -331,7 +332,49 @@ def _parse_prompt_learning(raw: Mapping[str, Any], path: Path | None) -> PromptL
     )
 
 
-AnyAdapterConfig = AdapterConfig | IA3AdapterConfig | PromptLearningConfig
+BOTTLENECK_VARIANTS = ("houlsby", "pfeiffer")
+BOTTLENECK_ACTIVATIONS = ("relu", "silu", "gelu")
+
+
+@dataclass(frozen=True)
+class BottleneckAdapterConfig:
+    """A validated nibblora bottleneck-adapter config (peft has no such method; the format is nibblora's own,
+    documented in docs/methods.md). target_modules: full names of the modules whose output is adapted."""
+
+    path: Path | None
+    variant: str
+    bottleneck_size: int
+    non_linearity: str
+    target_modules: tuple[str, ...]
+    base_model_name_or_path: str | None = None
+    peft_type: str = "BOTTLENECK"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_bottleneck(raw: Mapping[str, Any], path: Path | None) -> BottleneckAdapterConfig:
+    f = _Fields(raw, path)
+    needs = "a bottleneck adapter config needs variant, bottleneck_size, non_linearity and target_modules"
+    variant = f.required("variant", needs)
+    if variant not in BOTTLENECK_VARIANTS:
+        raise f.fail("variant", f"must be one of {', '.join(map(repr, BOTTLENECK_VARIANTS))}, got {_describe(variant)}")
+    act = f.required("non_linearity", needs)
+    if act not in BOTTLENECK_ACTIVATIONS:
+        raise f.fail("non_linearity", f"must be one of {', '.join(map(repr, BOTTLENECK_ACTIVATIONS))}, got "
+                     f"{_describe(act)}")
+    f.required("target_modules", needs)
+    targets = f.names("target_modules", allow_str=False)
+    return BottleneckAdapterConfig(
+        path=path,
+        variant=variant,
+        bottleneck_size=f.positive_int("bottleneck_size", f.required("bottleneck_size", needs)),
+        non_linearity=act,
+        target_modules=targets,  # type: ignore[arg-type]
+        base_model_name_or_path=f.optional_str("base_model_name_or_path"),
+        raw=dict(raw),
+    )
+
+
+AnyAdapterConfig = AdapterConfig | IA3AdapterConfig | PromptLearningConfig | BottleneckAdapterConfig
 
 # peft_type -> parser. LORA covers DoRA too (use_dora); the others are read by nibblora.methods.
 _PARSERS: dict[str, Callable[[Mapping[str, Any], Path | None], Any]] = {
@@ -339,9 +382,10 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any], Path | None], Any]] = {
     "IA3": _parse_ia3,
     "PROMPT_TUNING": _parse_prompt_learning,
     "PREFIX_TUNING": _parse_prompt_learning,
+    "BOTTLENECK": _parse_bottleneck,  # nibblora's own format: peft has no bottleneck adapters
 }
 METHOD_NAMES = {"LORA": "a LoRA", "IA3": "an IA3", "PROMPT_TUNING": "a prompt-tuning",
-                "PREFIX_TUNING": "a prefix-tuning"}
+                "PREFIX_TUNING": "a prefix-tuning", "BOTTLENECK": "a bottleneck"}
 
 
 def parse_adapter_config(raw: object, path: str | Path | None = None, *,
@@ -367,5 +411,6 @@ def parse_adapter_config(raw: object, path: str | Path | None = None, *,
 
 
 def parse_any_adapter_config(raw: object, path: str | Path | None = None) -> AnyAdapterConfig:
-    """parse_adapter_config for every peft_type nibblora reads (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING)."""
+    """parse_adapter_config for every peft_type nibblora reads (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, and
+    nibblora's own BOTTLENECK)."""
     return parse_adapter_config(raw, path, peft_types=None)

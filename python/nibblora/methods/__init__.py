@@ -5,6 +5,7 @@
     inject_prompt_tuning(model, num_virtual_tokens=8)   # prompt_tuning.py: virtual input embeddings
     inject_prefix_tuning(model, num_virtual_tokens=8)   # prefix_tuning.py: per-layer key/value prefixes
     inject_dora(model, ["q_proj", "v_proj"], r=8)       # dora.py: LoRA direction + learned magnitude
+    inject_bottleneck(model, "houlsby")                 # bottleneck.py: residual MLPs after attention / MLP
     trainable_parameters(model)                         # {name: parameter} the optimizer gets
     save_adapter(model, "out/adapter")                  # whichever method the model carries
     load_adapter(model, "out/adapter")                  # dispatches on adapter_config.json's peft_type
@@ -23,6 +24,14 @@ from torch import nn
 from nibblora.errors import AdapterError
 from nibblora.lora.adapter_config import parse_any_adapter_config
 from nibblora.lora.adapter_files import read_adapter_config
+from nibblora.methods.bottleneck import (
+    Bottleneck,
+    bottleneck_modules,
+    inject_bottleneck,
+    load_bottleneck,
+    remove_bottleneck,
+    save_bottleneck,
+)
 from nibblora.methods.common import freeze, trainable_parameters
 from nibblora.methods.dora import DoRALinear, dora_modules, inject_dora, load_dora, merge_dora, save_dora
 from nibblora.methods.ia3 import IA3Linear, ia3_modules, inject_ia3, load_ia3, merge_ia3, save_ia3
@@ -41,13 +50,14 @@ from nibblora.methods.prompt_tuning import (
     save_prompt_tuning,
 )
 
-_LOADERS = {"IA3": load_ia3, "PROMPT_TUNING": load_prompt_tuning, "PREFIX_TUNING": load_prefix_tuning}
+_LOADERS = {"IA3": load_ia3, "PROMPT_TUNING": load_prompt_tuning, "PREFIX_TUNING": load_prefix_tuning,
+            "BOTTLENECK": load_bottleneck}
 
 
 def load_adapter(model: nn.Module, directory: str | Path, *, trainable: bool = False):
     """Load the adapter folder `directory` into `model`, whatever its method: adapter_config.json's peft_type
     picks the loader (LORA -> nibblora.lora.load_adapter, or load_dora when use_dora is true; IA3,
-    PROMPT_TUNING, PREFIX_TUNING -> this package's). The method's parameters stay frozen unless `trainable`.
+    PROMPT_TUNING, PREFIX_TUNING and nibblora's own BOTTLENECK -> this package's). The method's parameters stay frozen unless `trainable`.
     Returns what that loader returns. Raises AdapterError (naming file and key) for an unknown peft_type or a
     malformed folder."""
     config = parse_any_adapter_config(read_adapter_config(directory), Path(directory) / "adapter_config.json")
@@ -61,7 +71,8 @@ def load_adapter(model: nn.Module, directory: str | Path, *, trainable: bool = F
 
 
 def method_of(model: nn.Module) -> str | None:
-    """The method `model` carries: "LORA", "DORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", or None."""
+    """The method `model` carries: "LORA", "DORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "BOTTLENECK", or
+    None."""
     from nibblora.lora.inject import lora_modules
 
     found = [kind for kind, present in (
@@ -70,6 +81,7 @@ def method_of(model: nn.Module) -> str | None:
         ("IA3", bool(ia3_modules(model))),
         ("PROMPT_TUNING", isinstance(getattr(model, "prompt_tuning", None), PromptTuning)),
         ("PREFIX_TUNING", isinstance(getattr(model, "prefix_tuning", None), PrefixTuning)),
+        ("BOTTLENECK", bool(bottleneck_modules(model))),
     ) if present]
     if len(found) > 1:
         raise AdapterError(f"saving adapter: {type(model).__name__} carries {' and '.join(found)} adapters; peft's "
@@ -86,11 +98,18 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         from nibblora.lora.adapters import save_adapter as save_lora
 
         return save_lora(model, directory, base_model_name_or_path)
-    saver = {"DORA": save_dora, "IA3": save_ia3, "PROMPT_TUNING": save_prompt_tuning, "PREFIX_TUNING": save_prefix_tuning}[kind]
+    saver = {"DORA": save_dora, "IA3": save_ia3, "PROMPT_TUNING": save_prompt_tuning, "PREFIX_TUNING": save_prefix_tuning,
+             "BOTTLENECK": save_bottleneck}[kind]
     return saver(model, directory, base_model_name_or_path)
 
 
 __all__ = [
+    "Bottleneck",
+    "bottleneck_modules",
+    "inject_bottleneck",
+    "load_bottleneck",
+    "remove_bottleneck",
+    "save_bottleneck",
     "DoRALinear",
     "dora_modules",
     "inject_dora",
