@@ -115,3 +115,20 @@ def test_refusals(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="do not describe the model's keys and values"):
         load_prefix_tuning(nib_model(tmp_path), tmp_path / "p")
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_left_padded_batch_generates_what_each_row_generates_alone(tmp_path, method):
+    from nibblora.methods import inject_prompt_tuning
+
+    model = nib_model(tmp_path)
+    if method == "prefix":
+        inject_prefix_tuning(model, N, seed=5)
+    else:
+        inject_prompt_tuning(model, N, seed=5)
+    short = IDS[1:, 4:]
+    batch = torch.cat((IDS[:1], torch.cat((torch.zeros(1, 4, dtype=torch.long), short), dim=1)))
+    mask = torch.cat((torch.ones(1, 10), torch.cat((torch.zeros(1, 4), torch.ones(1, 6)), dim=1))).long()
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(out[:1], model.generate(IDS[:1], max_new_tokens=4, eos_token_id=[]))
+    assert torch.equal(out[1:, -4:], model.generate(short, max_new_tokens=4, eos_token_id=[])[:, -4:])
