@@ -4,8 +4,8 @@ saved weights, so peft (on transformers) and nibblora can be compared logit for 
 from __future__ import annotations
 
 import torch
-
 from helpers_models import hf_tiny_model, random_ids, save_hf
+
 from nibblora.models import load_model
 
 IDS = random_ids(2, 10, seed=3)

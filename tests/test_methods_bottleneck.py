@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from helpers_methods import IDS, logits, nib_model, train_steps, twins
+
 from nibblora.errors import AdapterError
 from nibblora.methods import (
     bottleneck_modules,

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from helpers_methods import nib_model
 from safetensors.torch import save_file
 
-from helpers_methods import nib_model
 from nibblora.errors import AdapterError
 from nibblora.lora import load_adapter as load_lora
 from nibblora.lora.adapter_config import (

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from helpers_methods import IDS, logits, nib_model, train_steps, twins
 from safetensors import safe_open
 
-from helpers_methods import IDS, logits, nib_model, train_steps, twins
 from nibblora.errors import AdapterError
 from nibblora.methods import (
     dora_modules,

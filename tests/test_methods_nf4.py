@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from helpers_methods import IDS, logits, train_steps
 from helpers_models import hf_tiny_model, save_hf
+
 from nibblora.lora.layers import NF4Linear
 from nibblora.methods import (
     dora_modules,

@@ -12,7 +12,8 @@
 
 Every module has the same shape: inject_<m>(model, ...) freezes the model and adds the method's parameters;
 save_<m> / load_<m> write and read peft's adapter folder; merge_<m> folds the method into the weights where it
-can be (IA3; LoRA in nibblora.lora). Plain LoRA stays in nibblora.lora; load_adapter hands LORA folders to it (DoRA ones to load_dora).
+can be (IA3, DoRA). Plain LoRA stays in nibblora.lora; load_adapter hands LORA folders to it (DoRA ones to
+load_dora).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ _LOADERS = {"IA3": load_ia3, "PROMPT_TUNING": load_prompt_tuning, "PREFIX_TUNING
 def load_adapter(model: nn.Module, directory: str | Path, *, trainable: bool = False):
     """Load the adapter folder `directory` into `model`, whatever its method: adapter_config.json's peft_type
     picks the loader (LORA -> nibblora.lora.load_adapter, or load_dora when use_dora is true; IA3,
-    PROMPT_TUNING, PREFIX_TUNING and nibblora's own BOTTLENECK -> this package's). The method's parameters stay frozen unless `trainable`.
+    PROMPT_TUNING, PREFIX_TUNING and nibblora's own BOTTLENECK -> this package's). The method's parameters stay
+    frozen unless `trainable`.
     Returns what that loader returns. Raises AdapterError (naming file and key) for an unknown peft_type or a
     malformed folder."""
     config = parse_any_adapter_config(read_adapter_config(directory), Path(directory) / "adapter_config.json")
@@ -98,7 +100,8 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         from nibblora.lora.adapters import save_adapter as save_lora
 
         return save_lora(model, directory, base_model_name_or_path)
-    saver = {"DORA": save_dora, "IA3": save_ia3, "PROMPT_TUNING": save_prompt_tuning, "PREFIX_TUNING": save_prefix_tuning,
+    saver = {"DORA": save_dora, "IA3": save_ia3, "PROMPT_TUNING": save_prompt_tuning,
+             "PREFIX_TUNING": save_prefix_tuning,
              "BOTTLENECK": save_bottleneck}[kind]
     return saver(model, directory, base_model_name_or_path)
 

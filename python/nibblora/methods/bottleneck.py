@@ -25,7 +25,14 @@ from torch import nn
 
 from nibblora.errors import AdapterError
 from nibblora.lora.adapter_files import KEY_PREFIX, read_method_files
-from nibblora.methods.common import expect_peft_type, freeze, model_name_or_path, model_sizes, write_peft_folder
+from nibblora.methods.common import (
+    expect_peft_type,
+    freeze,
+    model_name_or_path,
+    model_sizes,
+    module_device,
+    write_peft_folder,
+)
 
 VARIANT_TARGETS = {"houlsby": ("self_attn", "mlp"), "pfeiffer": ("mlp",)}
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
@@ -73,7 +80,7 @@ def _attach(model: nn.Module, names: list[str], hidden: int, size: int, act: str
     out = {}
     for name in names:
         sub = model.get_submodule(name)
-        device = next((t.device for t in sub.parameters()), None)
+        device = module_device(sub)
         adapter = Bottleneck(hidden, size, act, device=device)
         adapter.train(sub.training)
         sub.add_module(CHILD, adapter)

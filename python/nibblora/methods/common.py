@@ -29,6 +29,15 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where `module` lives: its first parameter's or, for a 4-bit layer holding only buffers, first buffer's."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def model_name_or_path(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)

@@ -23,7 +23,13 @@ from nibblora.errors import AdapterError
 from nibblora.lora.adapter_files import KEY_PREFIX, read_adapter_files
 from nibblora.lora.inject import _set_submodule, find_target_modules
 from nibblora.lora.layers import LoRAAdapter, NF4Linear, _base_shape
-from nibblora.methods.common import freeze, model_name_or_path, task_type, write_peft_folder
+from nibblora.methods.common import (
+    freeze,
+    model_name_or_path,
+    module_device,
+    task_type,
+    write_peft_folder,
+)
 
 MAGNITUDE_KEY = "lora_magnitude_vector"
 
@@ -36,7 +42,7 @@ class DoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.fan_in_fan_out = _base_shape(base)
         self.base = base
-        device = next((t.device for t in base.parameters()), torch.device("cpu"))
+        device = module_device(base)
         self.lora = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, rslora, device=device)
         self.merged = False
         with torch.no_grad():
@@ -151,8 +157,8 @@ def save_dora(model: nn.Module, directory: str | Path, base_model_name_or_path: 
 
 
 def load_dora(model: nn.Module, directory: str | Path, *, trainable: bool = False) -> dict[str, DoRALinear]:
-    """Inject and fill the DoRA layers of a peft LoRA folder with use_dora=true (frozen unless `trainable`). Every adapted module needs lora_A, lora_B and its magnitude. Raises
-    AdapterError naming the file and the key."""
+    """Inject and fill the DoRA layers of a peft LoRA folder with use_dora=true (frozen unless `trainable`).
+    Every adapted module needs lora_A, lora_B and its magnitude. Raises AdapterError naming the file and key."""
     files = read_adapter_files(directory)
     config = files.config
     where = f"loading adapter: {files.weights_path}"

@@ -21,7 +21,14 @@ from nibblora.lora.adapter_files import CONFIG_NAME, KEY_PREFIX, read_method_fil
 from nibblora.lora.config import matches_target
 from nibblora.lora.inject import _set_submodule, find_target_modules
 from nibblora.lora.layers import NF4Linear, _base_shape
-from nibblora.methods.common import expect_peft_type, freeze, model_name_or_path, task_type, write_peft_folder
+from nibblora.methods.common import (
+    expect_peft_type,
+    freeze,
+    model_name_or_path,
+    module_device,
+    task_type,
+    write_peft_folder,
+)
 
 DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
 DEFAULT_FEEDFORWARD = ("down_proj",)
@@ -45,7 +52,7 @@ class IA3Linear(nn.Module):
         self.base = base
         self.feedforward = feedforward
         self.merged = False
-        device = next((t.device for t in base.parameters()), torch.device("cpu"))
+        device = module_device(base)
         shape = (1, in_features) if feedforward else (out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device))
 

@@ -26,8 +26,14 @@ from torch import nn
 
 from nibblora.errors import AdapterError
 from nibblora.lora.adapter_files import CONFIG_NAME, read_method_files
-from nibblora.methods.common import expect_peft_type, freeze, model_name_or_path, model_sizes, task_type, \
-    write_peft_folder
+from nibblora.methods.common import (
+    expect_peft_type,
+    freeze,
+    model_name_or_path,
+    model_sizes,
+    task_type,
+    write_peft_folder,
+)
 from nibblora.methods.virtual_tokens import bind_call, check_context, forward_accepts, prepend_mask, remove_hooks
 
 ATTRIBUTE = "prefix_tuning"

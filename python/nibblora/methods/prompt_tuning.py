@@ -24,8 +24,14 @@ from torch import nn
 
 from nibblora.errors import AdapterError
 from nibblora.lora.adapter_files import CONFIG_NAME, read_method_files
-from nibblora.methods.common import expect_peft_type, freeze, model_name_or_path, model_sizes, task_type, \
-    write_peft_folder
+from nibblora.methods.common import (
+    expect_peft_type,
+    freeze,
+    model_name_or_path,
+    model_sizes,
+    task_type,
+    write_peft_folder,
+)
 from nibblora.methods.virtual_tokens import bind_call, check_context, forward_accepts, prepend_mask, remove_hooks
 
 INITS = ("random", "sample_vocab", "text")
@@ -89,7 +95,8 @@ class PromptTuning(nn.Module):
         cache = call.get("past_key_values")
         past = cache.get_seq_length() if cache is not None else 0
         fresh = past == 0
-        check_context("prompt tuning", 0 if past else n, past, ids.shape[1], self._max_positions)
+        # A cache already holds the virtual tokens (past counts them): the real tokens so far are past - n.
+        check_context("prompt tuning", n, past - n if past else 0, ids.shape[1], self._max_positions)
         positions = call.get("position_ids")
         if fresh:
             call["input_ids"] = torch.cat((ids.new_zeros(ids.shape[0], n), ids), dim=1)
@@ -145,8 +152,9 @@ def inject_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init: str
     init: "random" (normal(0, 1), peft's nn.Embedding default), "sample_vocab" (rows of the input embedding at
     random token ids) or "text" (the embeddings of `init_token_ids`, the tokenized `init_text`, repeated and cut
     to num_virtual_tokens as peft does; init_text and tokenizer_name_or_path are only recorded in the saved
-    config, which says RANDOM unless both are given, as peft requires). The tuning is registered as `model.prompt_tuning`, so it follows
-    `.to()` and its `embedding.weight` is the only trainable parameter. Returns it.
+    config, which says RANDOM unless both are given, as peft requires). The tuning is registered as
+    `model.prompt_tuning`, so it follows `.to()` and its `embedding.weight` is the only trainable parameter.
+    Returns it.
     """
     _check_fresh(model)
     hidden, _, _, _, _, max_pos = model_sizes(model, "prompt tuning")

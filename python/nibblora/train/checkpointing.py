@@ -129,7 +129,8 @@ def save_weights(model: nn.Module, directory: Path, mode: str, base_model_path: 
         if config.is_file():
             shutil.copy2(config, directory / "config.json")
     elif mode in METHOD_MODES:
-        from nibblora.methods import save_adapter as save_method, trainable_parameters
+        from nibblora.methods import save_adapter as save_method
+        from nibblora.methods import trainable_parameters
 
         save_method(model, directory, base_model_name_or_path=base_model_path)
         # Every trainable parameter by name, for resume: peft's file lacks some (prefix tuning's MLP).
