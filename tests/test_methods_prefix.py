@@ -90,6 +90,15 @@ def test_peft_saves_nibblora_loads(tmp_path, kv_heads):
     assert torch.equal(got, want)
 
 
+def test_peft_reparameterized_prefix_loads_as_its_output(tmp_path):
+    hf, model = twins(tmp_path)
+    pm = _peft_prefix(hf, tmp_path, prefix_projection=True, encoder_hidden_size=16)
+    assert json.loads((tmp_path / "peft_prefix" / "adapter_config.json").read_text())["prefix_projection"]
+    load_prefix_tuning(model, tmp_path / "peft_prefix")
+    assert model.prefix_tuning.transform is None  # the MLP is not in the file: its output is the prefix
+    torch.testing.assert_close(logits(model), pm(input_ids=IDS).logits.detach(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_nibblora_saves_peft_loads(tmp_path, kv_heads):
     hf, model = twins(tmp_path, kv_heads=kv_heads)
