@@ -37,7 +37,7 @@ def test_overrides_parse_values_as_toml(tmp_path):
 @pytest.mark.parametrize("data, message", [
     ({"model": {"path": "m"}, "train": {"lrr": 1}}, "train.lrr: unknown key"),
     ({"model": {"path": "m"}, "train": {"max_steps": "ten"}}, "train.max_steps: expected an integer"),
-    ({"model": {"path": "m"}, "train": {"mode": "dora"}}, "train.mode must be one of"),
+    ({"model": {"path": "m"}, "train": {"mode": "adalora"}}, "train.mode must be one of"),
     ({}, "model.path is required"),
 ])
 def test_bad_configs_name_the_key(data, message):

@@ -5,6 +5,9 @@ print(summary)                                   # trainable parameters per modu
 save_adapter(model, "out/adapter")               # peft's format: adapter_config.json + safetensors
 load_adapter(other_model, "out/adapter")         # reads peft adapters too
 print(param_table("llama-2-7b"))                 # exact counts before building anything
+
+The other methods (DoRA training, IA3, prompt and prefix tuning, bottleneck adapters) live in nibblora.methods,
+whose `load_adapter` loads a folder of any of them, LoRA included, by its peft_type.
 """
 
 from __future__ import annotations

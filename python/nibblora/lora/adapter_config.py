@@ -4,7 +4,10 @@
 
 Values are refused, never coerced: `r: 4.5` is not truncated to 4, `use_rslora: "false"` is not truthy, a NaN
 `lora_alpha` is not a number. Unknown keys are tolerated (peft adds some in most releases) and kept in `raw`.
-Only peft_type "LORA" has a parser today; another method's config gets its own entry in `_PARSERS`.
+`parse_adapter_config` reads LoRA (and DoRA) configs, what the LoRA tools take; `parse_any_adapter_config` also
+reads IA3, PROMPT_TUNING and PREFIX_TUNING configs (IA3AdapterConfig, PromptLearningConfig) and nibblora's own
+BOTTLENECK adapters (BottleneckAdapterConfig), which
+`nibblora.methods.load_adapter` dispatches on.
 """
 
 from __future__ import annotations
@@ -111,9 +114,9 @@ class _Fields:
     def fail(self, key: str, problem: str) -> AdapterError:
         return AdapterError(_where(self.path, key, problem))
 
-    def required(self, key: str) -> object:
+    def required(self, key: str, needs: str = "a LoRA adapter config needs at least r and lora_alpha") -> object:
         if key not in self.raw:
-            raise self.fail(key, "is missing; a LoRA adapter config needs at least r and lora_alpha")
+            raise self.fail(key, f"is missing; {needs}")
         return self.raw[key]
 
     def positive_int(self, key: str, value: object, what: str = "") -> int:
@@ -221,20 +224,193 @@ def _parse_lora(raw: Mapping[str, Any], path: Path | None) -> AdapterConfig:
     )
 
 
-# peft_type -> parser. The PEFT-methods work adds its own (IA3, PROMPT_TUNING, ...) beside LORA.
-_PARSERS: dict[str, Callable[[Mapping[str, Any], Path | None], AdapterConfig]] = {"LORA": _parse_lora}
+@dataclass(frozen=True)
+class IA3AdapterConfig:
+    """A validated IA3 adapter_config.json: which modules carry a learned scale (target_modules) and which of them
+    scale their input (feedforward_modules, a subset) rather than their output. Matching follows peft's rule."""
+
+    path: Path | None
+    target_modules: str | tuple[str, ...] | None
+    feedforward_modules: str | tuple[str, ...] | None = None
+    fan_in_fan_out: bool = False
+    modules_to_save: tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    base_model_name_or_path: str | None = None
+    peft_type: str = "IA3"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def selects(self, module: str) -> bool:
+        if self.target_modules is None or self.target_modules == ALL_LINEAR:
+            return True
+        return matches_target(module, self.target_modules)
+
+    def is_feedforward(self, module: str) -> bool:
+        return self.feedforward_modules is not None and matches_target(module, self.feedforward_modules)
 
 
-def parse_adapter_config(raw: object, path: str | Path | None = None) -> AdapterConfig:
+PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+@dataclass(frozen=True)
+class PromptLearningConfig:
+    """A validated PROMPT_TUNING or PREFIX_TUNING adapter_config.json (peft's PromptLearningConfig).
+
+    num_virtual_tokens: virtual tokens per sequence. token_dim: hidden size (prompt tuning) or, for prefix tuning,
+    the key/value width per layer (num_key_value_heads x head_dim for grouped-query attention, as peft rewrites
+    it). num_layers / num_attention_heads: decoder layers and (key/value) heads. The four sizes may be null in a
+    hand-written config; the loader then takes them from the model.
+    """
+
+    path: Path | None
+    peft_type: str
+    num_virtual_tokens: int
+    token_dim: int | None = None
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_transformer_submodules: int | None = None
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    base_model_name_or_path: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_ia3(raw: Mapping[str, Any], path: Path | None) -> IA3AdapterConfig:
+    f = _Fields(raw, path)
+    targets = f.names("target_modules", allow_str=True)
+    feedforward = f.names("feedforward_modules", allow_str=True)
+    for key, value in (("target_modules", targets), ("feedforward_modules", feedforward)):
+        if isinstance(value, str) and value != ALL_LINEAR:
+            f.regex(key, value)
+    if isinstance(targets, tuple) and isinstance(feedforward, tuple) and not set(feedforward) <= set(targets):
+        raise f.fail("feedforward_modules", f"names {sorted(set(feedforward) - set(targets))}, which target_modules "
+                     "does not select; peft requires feedforward_modules to be a subset of target_modules")
+    return IA3AdapterConfig(
+        path=path,
+        target_modules=targets,
+        feedforward_modules=feedforward,
+        fan_in_fan_out=f.boolean("fan_in_fan_out"),
+        modules_to_save=f.names("modules_to_save", allow_str=False),  # type: ignore[arg-type]
+        exclude_modules=f.names("exclude_modules", allow_str=True),
+        base_model_name_or_path=f.optional_str("base_model_name_or_path"),
+        raw=dict(raw),
+    )
+
+
+def _optional_positive(f: _Fields, key: str) -> int | None:
+    value = f.raw.get(key)
+    return None if value is None else f.positive_int(key, value)
+
+
+def _parse_prompt_learning(raw: Mapping[str, Any], path: Path | None) -> PromptLearningConfig:
+    f = _Fields(raw, path)
+    peft_type = raw["peft_type"]
+    n = f.positive_int("num_virtual_tokens", f.required("num_virtual_tokens", "a prompt-learning adapter config "
+                                                        "needs num_virtual_tokens"))
+    submodules = _optional_positive(f, "num_transformer_submodules")
+    if submodules not in (None, 1):
+        raise f.fail("num_transformer_submodules", f"is {submodules}: nibblora's models are decoder-only (1)")
+    init = raw.get("prompt_tuning_init") or "RANDOM"
+    if peft_type == "PROMPT_TUNING" and init not in PROMPT_TUNING_INITS:
+        raise f.fail("prompt_tuning_init", f"must be one of {', '.join(map(repr, PROMPT_TUNING_INITS))}, got "
+                     f"{_describe(init)}")
+    return PromptLearningConfig(
+        path=path,
+        peft_type=peft_type,
+        num_virtual_tokens=n,
+        token_dim=_optional_positive(f, "token_dim"),
+        num_layers=_optional_positive(f, "num_layers"),
+        num_attention_heads=_optional_positive(f, "num_attention_heads"),
+        num_transformer_submodules=submodules,
+        prompt_tuning_init=init if isinstance(init, str) else "RANDOM",
+        prompt_tuning_init_text=f.optional_str("prompt_tuning_init_text"),
+        prefix_projection=f.boolean("prefix_projection"),
+        encoder_hidden_size=_optional_positive(f, "encoder_hidden_size"),
+        base_model_name_or_path=f.optional_str("base_model_name_or_path"),
+        raw=dict(raw),
+    )
+
+
+BOTTLENECK_VARIANTS = ("houlsby", "pfeiffer")
+BOTTLENECK_ACTIVATIONS = ("relu", "silu", "gelu")
+
+
+@dataclass(frozen=True)
+class BottleneckAdapterConfig:
+    """A validated nibblora bottleneck-adapter config (peft has no such method; the format is nibblora's own,
+    documented in docs/methods.md). target_modules: full names of the modules whose output is adapted."""
+
+    path: Path | None
+    variant: str
+    bottleneck_size: int
+    non_linearity: str
+    target_modules: tuple[str, ...]
+    base_model_name_or_path: str | None = None
+    peft_type: str = "BOTTLENECK"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_bottleneck(raw: Mapping[str, Any], path: Path | None) -> BottleneckAdapterConfig:
+    f = _Fields(raw, path)
+    needs = "a bottleneck adapter config needs variant, bottleneck_size, non_linearity and target_modules"
+    variant = f.required("variant", needs)
+    if variant not in BOTTLENECK_VARIANTS:
+        raise f.fail("variant", f"must be one of {', '.join(map(repr, BOTTLENECK_VARIANTS))}, got {_describe(variant)}")
+    act = f.required("non_linearity", needs)
+    if act not in BOTTLENECK_ACTIVATIONS:
+        raise f.fail("non_linearity", f"must be one of {', '.join(map(repr, BOTTLENECK_ACTIVATIONS))}, got "
+                     f"{_describe(act)}")
+    f.required("target_modules", needs)
+    targets = f.names("target_modules", allow_str=False)
+    return BottleneckAdapterConfig(
+        path=path,
+        variant=variant,
+        bottleneck_size=f.positive_int("bottleneck_size", f.required("bottleneck_size", needs)),
+        non_linearity=act,
+        target_modules=targets,  # type: ignore[arg-type]
+        base_model_name_or_path=f.optional_str("base_model_name_or_path"),
+        raw=dict(raw),
+    )
+
+
+AnyAdapterConfig = AdapterConfig | IA3AdapterConfig | PromptLearningConfig | BottleneckAdapterConfig
+
+# peft_type -> parser. LORA covers DoRA too (use_dora); the others are read by nibblora.methods.
+_PARSERS: dict[str, Callable[[Mapping[str, Any], Path | None], Any]] = {
+    "LORA": _parse_lora,
+    "IA3": _parse_ia3,
+    "PROMPT_TUNING": _parse_prompt_learning,
+    "PREFIX_TUNING": _parse_prompt_learning,
+    "BOTTLENECK": _parse_bottleneck,  # nibblora's own format: peft has no bottleneck adapters
+}
+METHOD_NAMES = {"LORA": "a LoRA", "IA3": "an IA3", "PROMPT_TUNING": "a prompt-tuning",
+                "PREFIX_TUNING": "a prefix-tuning", "BOTTLENECK": "a bottleneck"}
+
+
+def parse_adapter_config(raw: object, path: str | Path | None = None, *,
+                         peft_types: tuple[str, ...] | None = ("LORA",)) -> Any:
     """Validate a parsed adapter_config.json (`path` only names the file in errors). Raises AdapterError naming
-    the file and the key for a wrong type or value, a missing r / lora_alpha, or an unsupported peft_type."""
+    the file and the key for a wrong type or value, a missing r / lora_alpha, or a peft_type outside
+    `peft_types` (default: LoRA only, an AdapterConfig; None: every type in `_PARSERS`)."""
     path = Path(path) if path is not None else None
     if not isinstance(raw, dict):
         where = path if path is not None else "adapter_config.json"
         raise AdapterError(f"{PHASE}: {where} must hold a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type", "LORA")  # old peft versions (and hand-written configs) leave it out
-    parser = _PARSERS.get(peft_type) if isinstance(peft_type, str) else None
+    accepted = tuple(_PARSERS) if peft_types is None else peft_types
+    parser = _PARSERS.get(peft_type) if isinstance(peft_type, str) and peft_type in accepted else None
     if parser is None:
+        hint = "load this one with peft"
+        if isinstance(peft_type, str) and peft_type in _PARSERS:
+            hint = (f"this is {METHOD_NAMES[peft_type]} adapter: load it with nibblora.methods.load_adapter, "
+                    "which dispatches on peft_type")
         raise AdapterError(_where(path, "peft_type", f"is {_describe(peft_type)}: nibblora reads "
-                                  f"{', '.join(map(repr, _PARSERS))} adapters only; load this one with peft"))
+                                  f"{', '.join(map(repr, accepted))} adapters only here; {hint}"))
     return parser(raw, path)
+
+
+def parse_any_adapter_config(raw: object, path: str | Path | None = None) -> AnyAdapterConfig:
+    """parse_adapter_config for every peft_type nibblora reads (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, and
+    nibblora's own BOTTLENECK)."""
+    return parse_adapter_config(raw, path, peft_types=None)

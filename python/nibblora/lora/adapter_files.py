@@ -28,7 +28,7 @@ import torch
 
 from nibblora._native import SafetensorsFile
 from nibblora.errors import AdapterError, CheckpointError, CheckpointFileNotFoundError
-from nibblora.lora.adapter_config import AdapterConfig, parse_adapter_config
+from nibblora.lora.adapter_config import AdapterConfig, AnyAdapterConfig, parse_adapter_config, parse_any_adapter_config
 from nibblora.dtypes import torch_dtype
 
 CONFIG_NAME = "adapter_config.json"
@@ -197,6 +197,30 @@ def read_adapter_files(directory: str | Path, *, check_values: bool = True) -> A
     if check_values:
         files.check_values()
     return files
+
+
+def read_method_files(directory: str | Path, *, check_values: bool = True) -> tuple[AnyAdapterConfig, AdapterFiles]:
+    """Read an adapter folder of any peft_type nibblora knows (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING): the
+    config through `parse_any_adapter_config`, the safetensors header through the Rust reader, float dtypes only.
+    Returns (config, files); a LORA folder is read by `read_adapter_files` (all its LoRA checks), the others leave
+    their key checks to their method's loader (nibblora.methods). Raises AdapterError naming file and key."""
+    directory = Path(directory)
+    config = parse_any_adapter_config(read_adapter_config(directory), directory / CONFIG_NAME)
+    if config.peft_type == "LORA":
+        files = read_adapter_files(directory, check_values=check_values)
+        return files.config, files
+    weights_path = directory / WEIGHTS_NAME
+    file = _open_weights(weights_path)
+    tensors = {name: AdapterTensor(name, dtype, tuple(shape)) for name, dtype, shape, _, _ in file.tensors()}
+    for key, t in tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"reading adapter weights: {weights_path}: tensor {key!r} is {t.dtype}; adapter "
+                               f"weights are floating point ({', '.join(FLOAT_DTYPES)}), so the file was not written "
+                               "by peft or is damaged")
+    files = AdapterFiles(directory, config, file, tensors)  # type: ignore[arg-type]
+    if check_values:
+        files.check_values()
+    return config, files
 
 
 def _check_module(files: AdapterFiles, entry: AdapterModule, where: str) -> None:

@@ -2,6 +2,7 @@
 
     <output_dir>/checkpoints/step-00000040/
         adapter/                          LoRA / QLoRA: peft's adapter_config.json + adapter_model.safetensors
+                                          other methods (nibblora.methods): their folder + trainable.safetensors
         model.safetensors, config.json    full fine-tuning: every parameter, loadable as a HF checkpoint
         trainer_state.json + .safetensors step, data position, optimizer, scheduler, grad scaler (JSON + tensors)
         rng-rank<N>.json + .safetensors   each rank's random state (LoRA dropout masks)
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
@@ -45,6 +47,8 @@ TRAINER_STATE = "trainer_state"  # stem: trainer_state.json + trainer_state.safe
 LEGACY_STATE = "trainer_state.pt"  # a pickle, written before manifests existed; never loaded
 ADAPTER_DIR = "adapter"
 FULL_WEIGHTS = SINGLE_FILE
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+METHOD_MODES = ("dora", "ia3", "prompt", "prefix", "adapter")
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _HASH_CHUNK = 1 << 20
 _LOADING_ADAPTER = "_nibblora_checkpoint"  # the name a checkpoint's adapter is loaded under before it is copied
@@ -125,8 +129,39 @@ def save_weights(model: nn.Module, directory: Path, mode: str, base_model_path: 
         config = Path(base_model_path) / "config.json"
         if config.is_file():
             shutil.copy2(config, directory / "config.json")
+    elif mode in METHOD_MODES:
+        from nibblora.methods import save_adapter as save_method
+        from nibblora.methods import trainable_parameters
+
+        save_method(model, directory, base_model_name_or_path=base_model_path)
+        # Every trainable parameter by name, for resume: peft's file lacks some (prefix tuning's MLP).
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()},
+                  str(directory / TRAINABLE_WEIGHTS), metadata={"format": "pt"})
     else:
         save_adapter(model, directory, base_model_name_or_path=base_model_path)
+
+
+def _load_trainable_in_place(model: nn.Module, adapter_dir: Path) -> None:
+    """Copy trainable.safetensors back into the trainable parameters of the same (injected) model, by name."""
+    from nibblora.methods import trainable_parameters
+
+    path = adapter_dir / TRAINABLE_WEIGHTS
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"reading checkpoint {path}: {err}") from None
+    params = trainable_parameters(model)
+    if set(saved) != set(params):
+        extra, missing = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
+        raise CheckpointError(f"reading checkpoint {path}: it holds other parameters than this run trains (only in "
+                              f"the checkpoint: {extra[:3]}, only in the model: {missing[:3]}); did train.mode or "
+                              "its section change? Set it back, or start afresh with checkpoint.resume = false")
+    with torch.no_grad():
+        for name, p in params.items():
+            if saved[name].shape != p.shape:
+                raise CheckpointError(f"reading checkpoint {path}: {name} has shape {list(saved[name].shape)}, the "
+                                      f"model's is {list(p.shape)}; did the method's section change?")
+            p.copy_(saved[name])
 
 
 def load_weights(model: nn.Module, directory: Path, mode: str) -> None:
@@ -140,6 +175,9 @@ def load_weights(model: nn.Module, directory: Path, mode: str) -> None:
             first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CheckpointError(f"reading checkpoint {directory}: {FULL_WEIGHTS} does not fit this model "
                                   f"({first_line}); did model.path change since the checkpoint?") from None
+        return
+    if mode in METHOD_MODES:
+        _load_trainable_in_place(model, directory / ADAPTER_DIR)
         return
     _load_adapter_in_place(model, directory / ADAPTER_DIR)
 

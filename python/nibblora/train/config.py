@@ -21,7 +21,10 @@ from nibblora.errors import ConfigError
 from nibblora.quant.names import BNB_QUANT_TYPES
 from nibblora.dtypes import COMPUTE_DTYPE_NAMES
 
-MODES = ("full", "lora", "qlora")
+MODES = ("full", "lora", "qlora", "dora", "ia3", "prompt", "prefix", "adapter")
+PROMPT_INITS = ("random", "sample_vocab", "text")
+ADAPTER_VARIANTS = ("houlsby", "pfeiffer")
+ADAPTER_ACTIVATIONS = ("relu", "silu", "gelu")
 DTYPES = COMPUTE_DTYPE_NAMES
 SCHEDULES = ("cosine", "linear", "constant")
 QUANT_TYPES = BNB_QUANT_TYPES
@@ -59,6 +62,7 @@ class ModelSection:
     gradient_checkpointing: bool = option(True)  # recompute each decoder layer in backward
     quant_type: str = option("nf4", choices=QUANT_TYPES)  # qlora only
     double_quant: bool = option(True)  # qlora only: quantize the block scales too (4.127 instead of 4.5 bits/param)
+    load_in_4bit: bool = option(False)  # any adapter mode: the frozen base in 4-bit (quant_type); qlora always is
 
 
 @dataclass
@@ -68,6 +72,32 @@ class LoRASection:
     dropout: float = option(0.1, ge=0, lt=1)
     target_modules: str | list[str] = option("all-linear", nonempty=True)
     rslora: bool = option(False)
+
+
+@dataclass
+class IA3Section:
+    target_modules: str | list[str] = option(["k_proj", "v_proj", "down_proj"], nonempty=True)
+    feedforward_modules: str | list[str] = option(["down_proj"])  # of those, the ones whose input is scaled
+
+
+@dataclass
+class PromptSection:
+    num_virtual_tokens: int = option(20, ge=1, le=65536)
+    init: str = option("random", choices=PROMPT_INITS)
+    init_token_ids: list[int] = option([])  # init = "text": the tokenized init text
+
+
+@dataclass
+class PrefixSection:
+    num_virtual_tokens: int = option(20, ge=1, le=65536)
+    projection_hidden: int = option(0, ge=0, le=65536)  # > 0: train through the reparameterization MLP
+
+
+@dataclass
+class AdapterSection:
+    variant: str = option("houlsby", choices=ADAPTER_VARIANTS)  # houlsby: after attention and MLP; pfeiffer: MLP
+    bottleneck_size: int = option(16, ge=1, le=65536)
+    non_linearity: str = option("relu", choices=ADAPTER_ACTIVATIONS)
 
 
 @dataclass
@@ -122,6 +152,10 @@ class TrainConfig:
     run_name: str = option("")  # default: output_dir's folder name
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoRASection = field(default_factory=LoRASection)
+    ia3: IA3Section = field(default_factory=IA3Section)
+    prompt: PromptSection = field(default_factory=PromptSection)
+    prefix: PrefixSection = field(default_factory=PrefixSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -150,12 +184,38 @@ class TrainConfig:
             except re.error as err:
                 raise ConfigError(f"lora.target_modules: {targets!r} is neither 'all-linear' nor a valid regular "
                                   f"expression ({err})") from None
+        self._validate_methods()
         for name, path in self.data.eval.items():
             if not name or not path:
                 raise ConfigError(f"data.eval: each entry needs a name and a dataset path, got {name!r} = {path!r}")
         if self.data.batch_size * self.train.grad_accum > MAX_ROWS_PER_STEP:
             raise ConfigError(f"data.batch_size x train.grad_accum is {self.data.batch_size * self.train.grad_accum:,} "
                               f"rows per step per device; at most {MAX_ROWS_PER_STEP:,} are allowed")
+
+
+    def _validate_methods(self) -> None:
+        """The rules that tie a method's section to train.mode and the model."""
+        mode = self.train.mode
+        if self.model.load_in_4bit and mode == "full":
+            raise ConfigError("model.load_in_4bit: full fine-tuning trains every weight, which a 4-bit base cannot "
+                              "hold; use an adapter mode (qlora, dora, ia3, ...) or set load_in_4bit = false")
+        bad_ids = [i for i in self.prompt.init_token_ids if not 0 <= i <= INT_MAX]
+        if bad_ids:
+            raise ConfigError(f"prompt.init_token_ids: {_show(bad_ids[:3])} are not token ids (0 .. {INT_MAX})")
+        if mode == "prompt" and self.prompt.init == "text" and not self.prompt.init_token_ids:
+            raise ConfigError("prompt.init_token_ids: prompt.init = 'text' needs the tokenized init text "
+                              "(a list of token ids)")
+        for key in ("target_modules", "feedforward_modules"):
+            value = getattr(self.ia3, key)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise ConfigError(f"ia3.{key}: {value!r} is not a valid regular expression ({err})") from None
+        ff, targets = self.ia3.feedforward_modules, self.ia3.target_modules
+        if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
+            raise ConfigError(f"ia3.feedforward_modules: {sorted(set(ff) - set(targets))} are not in "
+                              "ia3.target_modules; feed-forward modules are a subset of the targets")
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -193,6 +253,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {_show(value)}")
         return [_coerce(v, float, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif hint == list[int]:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of integers, got {_show(value)}")
+        return [_coerce(v, int, f"{key}[{i}]") for i, v in enumerate(value)]
     elif hint == dict[str, str]:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {_show(value)}")

@@ -39,6 +39,8 @@ from nibblora.train.lock import lock_run_folder
 from nibblora.train.setup import TrainingSetup, build_model, setup_training
 from nibblora.train.step import StepOutput, evaluate, token_loss_sum, train_step
 
+ESTIMATED_MODES = ("full", "lora", "qlora")
+
 __all__ = ["NonFiniteLossError", "TrainResult", "build_model", "evaluate", "token_loss_sum", "train"]
 
 
@@ -173,7 +175,7 @@ def run_steps(setup: TrainingSetup, result: TrainResult, writer: RunWriter | Non
         result.losses[step] = out.loss
         result.step = step
         result.peak_memory_bytes = max(result.peak_memory_bytes, metrics["mem_peak_bytes"])
-        result.estimated_memory_bytes = int(metrics["mem_estimate_bytes"])
+        result.estimated_memory_bytes = int(metrics.get("mem_estimate_bytes", 0))  # 0: no estimate for the mode
         result.tokens_per_s = metrics["tokens_per_s"]
         if not out.applied:
             _non_finite(setup, out, step, metrics, writer, log, result)  # raises under nan_policy "stop"
@@ -201,6 +203,8 @@ def _step_metrics(setup: TrainingSetup, out: StepOutput, seconds: float, longest
     metrics: dict[str, float] = {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
                                  "tokens_per_s": out.tokens / seconds, "supervised_tokens": out.supervised_tokens,
                                  **setup.meter.read()}
+    if config.train.mode not in ESTIMATED_MODES:
+        return metrics  # the memory calculator models full, LoRA and QLoRA only
     estimate = estimate_memory(
         setup.model.config, config.train.mode, batch_size=config.data.batch_size, seq_len=longest_seen,
         r=config.lora.r, target_modules=config.lora.target_modules, dtype=config.model.dtype,

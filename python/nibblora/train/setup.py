@@ -80,23 +80,53 @@ class TrainingSetup:
 
 
 def build_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, int]:
-    """The model to train (full: every parameter; lora / qlora: adapters injected, the base frozen).
+    """The model to train (full: every parameter; lora / qlora / dora / ia3 / prompt / prefix / adapter: that
+    method injected, the base frozen; 4-bit base for qlora, or any adapter mode with model.load_in_4bit).
     Returns (model, trainable parameter count)."""
     mode = config.train.mode
     dtype = compute_dtype(config.model.dtype)
-    quantize = config.model.quant_type if mode == "qlora" else None
+    four_bit = mode == "qlora" or (mode != "full" and config.model.load_in_4bit)
+    quantize = config.model.quant_type if four_bit else None
     model = load_model(config.model.path, dtype=dtype, quantize=quantize, device=device,
                        double_quant=config.model.double_quant,
                        gradient_checkpointing=config.model.gradient_checkpointing)
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-    else:
+    elif mode in ("lora", "qlora"):
         targets = config.lora.target_modules
         inject_lora(model, targets if isinstance(targets, str) else list(targets), r=config.lora.r,
                     alpha=config.lora.alpha, dropout=config.lora.dropout, rslora=config.lora.rslora)
+    else:
+        inject_method(model, config)
     model.train()
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def inject_method(model: nn.Module, config: TrainConfig) -> None:
+    """Inject the nibblora.methods method train.mode names, configured by its section."""
+    from nibblora import methods
+
+    mode = config.train.mode
+    listed = lambda v: v if isinstance(v, str) else list(v)  # noqa: E731
+    seed = config.train.seed
+    if mode == "dora":
+        methods.inject_dora(model, listed(config.lora.target_modules), r=config.lora.r, alpha=config.lora.alpha,
+                            dropout=config.lora.dropout, rslora=config.lora.rslora)
+    elif mode == "ia3":
+        methods.inject_ia3(model, listed(config.ia3.target_modules), listed(config.ia3.feedforward_modules))
+    elif mode == "prompt":
+        p = config.prompt
+        methods.inject_prompt_tuning(model, p.num_virtual_tokens, init=p.init, init_token_ids=p.init_token_ids or None,
+                                     seed=seed)
+    elif mode == "prefix":
+        methods.inject_prefix_tuning(model, config.prefix.num_virtual_tokens,
+                                     projection_hidden=config.prefix.projection_hidden or None, seed=seed)
+    elif mode == "adapter":
+        a = config.adapter
+        methods.inject_bottleneck(model, a.variant, a.bottleneck_size, a.non_linearity)
+    else:
+        raise ConfigError(f"train.mode: {mode!r} is not a method nibblora can inject")
 
 
 def load_datasets(config: TrainConfig, train_dataset: TokenizedDataset | None,
