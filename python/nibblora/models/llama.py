@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nibblora.lora.group import project_group, swiglu_mlp
 from nibblora.models.config import ModelConfig
 from nibblora.models.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, linear_cross_entropy, shift_labels
 
@@ -197,10 +198,12 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
+        # One fused call when q, k and v are frozen-base (LoRA) projections (x saved once); else module by module.
+        q, k, v = project_group(x, (self.q_proj, self.k_proj, self.v_proj))
         # [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], the layout SDPA expects.
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             # Keys are cached after RoPE, so earlier tokens never need re-rotating.
@@ -229,7 +232,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Frozen-base (LoRA) projections: one function that keeps gate(x) and up(x) and recomputes their product.
+        return swiglu_mlp(x, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
