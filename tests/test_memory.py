@@ -122,9 +122,17 @@ def test_a_broken_config_json_is_refused_naming_the_file(tmp_path, capsys):
     assert str(bad) in err and "not valid JSON" in err
 
 
+CPU_AND_CUDA = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not __import__("torch").cuda.is_available(), reason="needs a CUDA device")]),
+]
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_saved_activations_of_one_layer_are_counted_tensor_by_tensor(mode, dtype):
+def test_saved_activations_of_one_layer_are_counted_tensor_by_tensor(mode, dtype, device):
     """layer_activation_bytes is the decoder's own count: every tensor a layer saves for backward, each storage once,
     excluding parameters (RoPE's cos/sin are the model's, counted once in activation_bytes)."""
     import torch
@@ -137,7 +145,7 @@ def test_saved_activations_of_one_layer_are_counted_tensor_by_tensor(mode, dtype
     hf = dict(model_type="llama", hidden_size=96, intermediate_size=224, num_hidden_layers=1, num_attention_heads=6,
               num_key_value_heads=2, vocab_size=100)
     torch_dtype = getattr(torch, dtype)
-    model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).to(torch_dtype)
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).to(device, torch_dtype)
     r = 4
     if mode == "full":
         for p in model.parameters():
@@ -146,8 +154,8 @@ def test_saved_activations_of_one_layer_are_counted_tensor_by_tensor(mode, dtype
         inject_lora(model, "all-linear", r=r, alpha=8, dropout=0.1, quantize_base="nf4" if mode == "qlora" else None)
     model.train()
     batch, seq = 2, 24
-    x = torch.randn(batch, seq, 96, dtype=torch_dtype, requires_grad=True)
-    cos, sin = model.model.rotary_emb(x, torch.arange(seq)[None].expand(batch, -1))
+    x = torch.randn(batch, seq, 96, dtype=torch_dtype, device=device, requires_grad=True)
+    cos, sin = model.model.rotary_emb(x, torch.arange(seq, device=device)[None].expand(batch, -1))
     resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), cos, sin]}
     seen = {}
 
@@ -161,8 +169,11 @@ def test_saved_activations_of_one_layer_are_counted_tensor_by_tensor(mode, dtype
         model.model.layers[0](x, cos, sin, None)
     e = torch.finfo(torch_dtype).bits // 8
     expected = layer_activation_bytes(DecoderShape.from_config(hf), batch * seq, e, mode == "full",
-                                      0 if mode == "full" else 7 * r)
-    assert sum(seen.values()) == expected
+                                      0 if mode == "full" else 7 * r, fused_norm=device == "cuda")
+    if device == "cpu":
+        assert sum(seen.values()) == expected
+    else:  # CUDA attention kernels keep their own small statistics (padded log-sum-exp, RNG state)
+        assert sum(seen.values()) == pytest.approx(expected, rel=0.03)
 
 
 def test_estimate_holds_on_a_small_grid_of_real_runs(tmp_path):

@@ -114,7 +114,8 @@ def _targets(target_modules: str | list[str]) -> tuple[str, ...]:
     return names
 
 
-def layer_activation_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, full: bool, lora_rank_sum: int = 0) -> int:
+def layer_activation_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, full: bool, lora_rank_sum: int = 0,
+                           fused_norm: bool = False) -> int:
     """Bytes one decoder layer saves for backward over `tokens` tokens (nibblora's decoder, counted tensor by tensor
     with saved_tensors_hooks; tests/test_memory.py checks the count).
 
@@ -122,13 +123,14 @@ def layer_activation_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, f
     attention keeps the q/k/v input, q and the output (H each), k and v (kv each), the log-sum-exp (4 bytes per
     head); the MLP keeps gate(x) and up(x) (the group function recomputes their product) or, with a trainable base
     (full FT), also silu(gate) and the product, plus its input; each adapter keeps its r-wide A(x).
+    fused_norm (CUDA, where RMSNorm is PyTorch's fused kernel): each norm keeps its input and one float32 per token.
     """
     e = dtype_bytes
     head_dim = shape.head_dim or shape.hidden_size // shape.num_attention_heads
     kv = shape.num_key_value_heads * head_dim
     h, i = shape.hidden_size, shape.intermediate_size
     per_token = e * ((4 if full else 2) * i + (4 if full else 2) * h + 2 * kv + lora_rank_sum)
-    per_token += 2 * (4 + e) * h + 4 * (shape.num_attention_heads + 2)
+    per_token += 2 * (e * h + 4 if fused_norm else (4 + e) * h) + 4 * (shape.num_attention_heads + 2)
     return tokens * per_token
 
 
@@ -140,6 +142,7 @@ def activation_bytes(
     gradient_checkpointing: bool,
     lora_rank_sum: int = 0,
     full: bool = False,
+    fused_norm: bool = False,
 ) -> int:
     """Bytes of saved activations for one micro-batch at their peak.
 
@@ -150,12 +153,13 @@ def activation_bytes(
     tokens = batch_size * seq_len
     e = dtype_bytes
     head_dim = shape.head_dim or shape.hidden_size // shape.num_attention_heads
-    layer = layer_activation_bytes(shape, tokens, e, full, lora_rank_sum)
+    layer = layer_activation_bytes(shape, tokens, e, full, lora_rank_sum, fused_norm)
     if gradient_checkpointing:
         layers = shape.num_hidden_layers * tokens * shape.hidden_size * e + layer
     else:
         layers = shape.num_hidden_layers * layer
-    model = tokens * (2 * head_dim * e + (4 + e) * shape.hidden_size + e * shape.hidden_size)
+    final_norm = e * shape.hidden_size + 4 if fused_norm else (4 + e) * shape.hidden_size
+    model = tokens * (2 * head_dim * e + final_norm + e * shape.hidden_size)
     return layers + model
 
 
@@ -208,6 +212,8 @@ def estimate_memory(
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if device not in FRAMEWORK_BYTES:
+        raise ValueError(f"device must be one of {', '.join(FRAMEWORK_BYTES)}, got {device!r}")
     shape = _shape(model)
     e = DTYPE_BYTES[dtype]
     total = shape.total_params()
@@ -246,13 +252,12 @@ def estimate_memory(
         c["optimizer_states"] = 0
     full = mode == "full"
     tokens = batch_size * seq_len
-    c["activations"] = activation_bytes(shape, batch_size, seq_len, e, gradient_checkpointing, rank_sum, full)
+    c["activations"] = activation_bytes(shape, batch_size, seq_len, e, gradient_checkpointing, rank_sum, full,
+                                        fused_norm=device == "cuda")
     c["loss"] = loss_bytes(shape, tokens, e, lm_head_trainable=full)
     c["backward_temporaries"] = backward_temporary_bytes(shape, tokens, e)
     # AdamW one parameter at a time (foreach=False): the denominator and the update, each the size of the largest.
     c["optimizer_temporaries"] = 2 * largest * state_bytes if states_per_param else 0
-    if device not in FRAMEWORK_BYTES:
-        raise ValueError(f"device must be one of {', '.join(FRAMEWORK_BYTES)}, got {device!r}")
     c["framework"] = FRAMEWORK_BYTES[device]
     inputs = dict(
         mode=mode,

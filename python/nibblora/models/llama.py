@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from nibblora.lora.group import project_group, swiglu_mlp
@@ -40,6 +41,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype and (x.dtype == torch.float32 or x.is_cuda):
+            # PyTorch's rms_norm: the same bits as below in float32 (tested); on CUDA one fused kernel that keeps only
+            # the input and the reciprocal rms for backward (bf16 results may differ from transformers in the last bit:
+            # the weight multiply is done before rounding, not after).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         input_dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -104,6 +110,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x [batch, heads, seq, head_dim] by the angles in cos/sin [batch, seq, head_dim]."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     return x * cos + rotate_half(x) * sin
+
+
+# The attention kernel, chosen explicitly on CUDA: cuDNN's fused attention first (the fastest on Hopper), then flash,
+# then memory-efficient; the math kernel last (it materializes [heads, seq, seq] scores). SDPA skips each one that
+# cannot take the call (an explicit mask, fp32, a head size) and tries the next. On a CPU PyTorch's own choice stays:
+# its flash kernel for causal or masked calls keeps only the log-sum-exp for backward, where math would keep the
+# whole [heads, seq, seq] probabilities (measured: forcing math costs memory and time there).
+CUDA_ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                           SDPBackend.MATH]
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention with the backend order above on CUDA (same arguments)."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(CUDA_ATTENTION_BACKENDS, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 class KVCache:
@@ -209,7 +232,7 @@ class Attention(nn.Module):
             # Keys are cached after RoPE, so earlier tokens never need re-rotating.
             k, v = cache.update(self.layer_idx, k, v)
         # enable_gqa lets SDPA share each key/value head across its query group without copying it.
-        out = F.scaled_dot_product_attention(
+        out = scaled_dot_product_attention(
             q,
             k,
             v,
