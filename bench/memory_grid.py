@@ -20,8 +20,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # The demo's model (examples/pretrain_tiny.py) and a 106 M-parameter one; "tiny" is the test suite's share.
 MODELS = {
     "demo": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -118,7 +116,10 @@ threads = {threads}
 [checkpoint]
 every = 0
 """)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS=str(threads))
+    import nibblora
+
+    # The child imports the nibblora this process runs (the worktree's, or an installed wheel on a GPU machine).
+    env = dict(os.environ, PYTHONPATH=str(Path(nibblora.__file__).resolve().parents[1]), OMP_NUM_THREADS=str(threads))
     done = subprocess.run([sys.executable, "-m", "nibblora.train", str(config), "--quiet"], env=env,
                           capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
