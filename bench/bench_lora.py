@@ -71,8 +71,11 @@ def lora_targets() -> list[str]:
     return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_nibblora_model(args: argparse.Namespace, quantize: bool) -> tuple[nn.Module, tuple[type, ...]]:
-    """The same weights in nibblora's own LlamaForCausalLM (what nibblora.train runs), adapters injected."""
+def make_nibblora_model(args: argparse.Namespace, quantize: bool, fused: bool = True
+                        ) -> tuple[nn.Module, tuple[type, ...]]:
+    """The same weights in nibblora's own LlamaForCausalLM (what nibblora.train runs), adapters injected.
+    fused=False: every projection runs as its own module (the path before the group-level functions), forced by
+    a no-op forward hook on each, which makes the group functions step aside."""
     from nibblora.lora import inject_lora
     from nibblora.models import LlamaForCausalLM, ModelConfig
 
@@ -87,6 +90,10 @@ def make_nibblora_model(args: argparse.Namespace, quantize: bool) -> tuple[nn.Mo
                 quantize_base="nf4" if quantize else None)
     if args.checkpointing:
         model.gradient_checkpointing_enable()
+    if not fused:
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"):
+                module.register_forward_hook(lambda *hook_args: None)
     return model.to(args.device), ()
 
 
@@ -284,6 +291,8 @@ def format_results(results: dict[str, Result], args: argparse.Namespace) -> str:
 
     ratio("nibblora QLoRA (own model)", "peft+bnb QLoRA")  # ratios use the best step times
     ratio("nibblora LoRA (own model)", "peft LoRA")
+    ratio("nibblora QLoRA (own model)", "nibblora QLoRA (own, unfused)")
+    ratio("nibblora LoRA (own model)", "nibblora LoRA (own, unfused)")
     ratio("nibblora QLoRA", "peft+bnb QLoRA")
     ratio("nibblora QLoRA", "peft LoRA")
     ratio("nibblora LoRA", "peft LoRA")
@@ -311,7 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on, for everyone")
     parser.add_argument("--only", nargs="*", default=None,
                         help="contenders to run: nibblora-model-qlora nibblora-model-lora nibblora-qlora "
-                             "nibblora-lora peft peft-bnb")
+                             "nibblora-lora peft peft-bnb (default: these), nibblora-model-qlora-unfused "
+                             "nibblora-model-lora-unfused (the own model without the group-level functions)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     args = parser.parse_args(argv)
     if args.quick:
@@ -323,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 CONTENDERS = {
     "nibblora-model-qlora": ("nibblora QLoRA (own model)", lambda a: make_nibblora_model(a, True)),
     "nibblora-model-lora": ("nibblora LoRA (own model)", lambda a: make_nibblora_model(a, False)),
+    "nibblora-model-qlora-unfused": ("nibblora QLoRA (own, unfused)", lambda a: make_nibblora_model(a, True, False)),
+    "nibblora-model-lora-unfused": ("nibblora LoRA (own, unfused)", lambda a: make_nibblora_model(a, False, False)),
     "nibblora-qlora": ("nibblora QLoRA", lambda a: make_nibblora(a, True)),
     "peft-bnb": ("peft+bnb QLoRA", make_peft_bnb),
     "nibblora-lora": ("nibblora LoRA", lambda a: make_nibblora(a, False)),
@@ -341,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
           f"checkpointing {'on' if args.checkpointing else 'off'}")
     contenders: list[Contender] = []
     for key, (name, factory) in CONTENDERS.items():
-        if args.only and key not in args.only:
+        if (key not in args.only) if args.only else key.endswith("-unfused"):
             continue
         try:
             contenders.append(Contender(name, factory, args))
