@@ -90,6 +90,8 @@ def make_nibblora_model(args: argparse.Namespace, quantize: bool, fused: bool = 
                 quantize_base="nf4" if quantize else None)
     if args.checkpointing:
         model.gradient_checkpointing_enable()
+    if args.loss_chunk:
+        model.loss_chunk_tokens = args.loss_chunk
     if not fused:
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"):
@@ -318,6 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on, for everyone")
+    parser.add_argument("--loss-chunk", type=int, default=0,
+                        help="tokens per chunk of nibblora's chunked loss (own model; default: the model's)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="contenders to run: nibblora-model-qlora nibblora-model-lora nibblora-qlora "
                              "nibblora-lora peft peft-bnb (default: these), nibblora-model-qlora-unfused "
