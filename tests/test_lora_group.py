@@ -172,7 +172,7 @@ def test_fused_and_per_projection_loss_curves_agree_for_50_steps(quantize):
             (loss / n).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss / n))
+            losses.append(float(loss.detach() / n))
         curves.append(losses)
     fused_curve, plain_curve = curves
     for step, (a, b) in enumerate(zip(fused_curve, plain_curve)):
