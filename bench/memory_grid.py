@@ -42,7 +42,8 @@ class GridPoint:
 
     @property
     def name(self) -> str:
-        return f"{self.model}-{self.mode}-b{self.batch}-s{self.seq}" + ("-ckpt" if self.checkpointing else "")
+        return (f"{self.model}-{self.mode}-b{self.batch}-s{self.seq}" + ("-ckpt" if self.checkpointing else "")
+                + ("-bf16" if self.dtype == "bfloat16" else ""))
 
 
 GRID = [
@@ -55,6 +56,8 @@ GRID = [
     GridPoint("106m", "qlora", 2, 512, False),
     GridPoint("106m", "qlora", 4, 512, True),
     GridPoint("106m", "qlora", 1, 1024, False),
+    GridPoint("106m", "qlora", 2, 512, False, "bfloat16"),
+    GridPoint("106m", "lora", 4, 256, True, "bfloat16"),
 ]
 # What `make test` runs (tests/test_memory.py): small and quick, one per mode.
 QUICK = [

@@ -165,11 +165,12 @@ def activation_bytes(
 
 def loss_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, lm_head_trainable: bool) -> int:
     """The chunked lm_head + cross-entropy's working set at the end of forward: one chunk of float32 logits and the
-    log-sum-exp's temporary of the same size (plus the logits in the dtype and their gradient when it is 16-bit),
-    the selected hidden states and their gradient; with a trainable lm_head its float32 gradient."""
+    log-sum-exp's temporary of the same size (a 16-bit dtype's logits and gradient live next to the float32 logits
+    only, never next to both), the selected hidden states and their gradient; with a trainable lm_head its float32
+    gradient."""
     e = dtype_bytes
     chunk = min(tokens, LOSS_CHUNK_TOKENS)
-    working = chunk * shape.vocab_size * (8 + (2 * e if e < 4 else 0)) + 2 * tokens * shape.hidden_size * e
+    working = chunk * shape.vocab_size * 8 + 2 * tokens * shape.hidden_size * e
     return working + (shape.vocab_size * shape.hidden_size * 4 if lm_head_trainable else 0)
 
 
