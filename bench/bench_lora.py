@@ -271,7 +271,6 @@ class Contender:
 
 def format_results(results: dict[str, Result], args: argparse.Namespace) -> str:
     mb = 1e6
-    cuda = args.device.startswith("cuda")
     head = (f"{'contender':<27} {'best s':>8} {'median s':>8} {'tok/s':>9} {'saved MB':>9} {'LoRA MB':>8} "
             f"{'+params MB':>10}")
     head += f" {'peak MB':>9}"

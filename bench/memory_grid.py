@@ -134,7 +134,8 @@ every = 0
 
 
 def format_table(results: list[dict]) -> str:
-    lines = ["| configuration | measured peak MiB | estimate MiB | estimate / measured |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| configuration | measured peak MiB | estimate MiB | estimate / measured |",
+             "| --- | ---: | ---: | ---: |"]
     for r in results:
         lines.append(f"| {r['name']} | {r['measured'] / 2**20:.1f} | {r['estimate'] / 2**20:.1f} | {r['ratio']:.2f} |")
     return "\n".join(lines)

@@ -66,8 +66,9 @@ def test_swiglu_gradcheck_float64(quantized, dropout_p):
 
 
 def tiny_model(quantize, dropout, targets="all-linear", seed=0):
-    config = ModelConfig.from_hf_dict(dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96))
+    config = ModelConfig.from_hf_dict(dict(model_type="llama", hidden_size=64, intermediate_size=160,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           vocab_size=96))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     inject_lora(model, targets, r=4, alpha=8, dropout=dropout, quantize_base=quantize)

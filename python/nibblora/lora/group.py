@@ -157,7 +157,8 @@ def _grads_out(per_projection: list[tuple]) -> list:
 class LoRAGroupFunction(torch.autograd.Function):
     """apply(x, *p_1, ..., *p_n) -> (y_1, ..., y_n): n projections of one input x [..., in], each p_i the 8
     arguments of LoRALinearFunction after x (weight, quant_state, bias, lora_A, lora_B, scaling, dropout_p,
-    dropout_seed) and a flag `plain` (a bare nn.Linear). x is in the compute dtype. Saved: x once, each adapter's x A^T [tokens, r]."""
+    dropout_seed) and a flag `plain` (a bare nn.Linear). x is in the compute dtype. Saved: x once, each adapter's
+    x A^T [tokens, r]."""
 
     @staticmethod
     def forward(ctx, x, *flat):
