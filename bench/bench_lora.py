@@ -19,6 +19,8 @@ for every contender (non-reentrant). For each contender:
   +params MB      the same sum including parameter/buffer storages (weights a contender saves for backward)
   peak MB         allocator peak during one step, above what was allocated before it: CUDA max_memory_allocated,
                   CPU malloc's in-use bytes (mallinfo2) sampled every 2 ms by nibblora.memory.MemoryMeter
+  device MB       CUDA only: device memory taken by the step (torch.cuda.mem_get_info before and after, the
+                  cache emptied first), which also sees paged / managed allocations the allocator does not
 Ratios compare nibblora QLoRA with peft + bitsandbytes and nibblora LoRA with peft.
 """
 
@@ -51,6 +53,7 @@ class Result:
     lora_saved_bytes: int
     saved_with_params_bytes: int
     peak_bytes: int | None = None
+    device_bytes: int | None = None  # CUDA: device memory taken during the step (torch.cuda.mem_get_info)
     notes: list[str] = field(default_factory=list)
 
 
@@ -252,21 +255,27 @@ class Contender:
                 meter.stop()
         gc.collect()
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the cache then grows to the step's reserved high-water mark and keeps it
         before = torch.cuda.memory_allocated()
+        free_before = torch.cuda.mem_get_info()[0]
         torch.cuda.reset_peak_memory_stats()
         self.step()
         torch.cuda.synchronize()
+        # Device memory in use, so that paged / managed allocations (which max_memory_allocated does not see) count.
+        self.device_bytes = free_before - torch.cuda.mem_get_info()[0]
         return torch.cuda.max_memory_allocated() - before
 
     def result(self) -> Result:
         # Best of the timed steps: on a shared machine other processes only ever add time.
         step_s, median_s = min(self.times), statistics.median(self.times)
+        self.device_bytes = None
         peak = self.peak_bytes()
         saved, lora_saved, with_params = measure_saved(self.model, self.lora_types, self.forward_loss)
         for p in self.model.parameters():
             p.grad = None
         tokens_per_s = self.args.batch * self.args.seq / step_s
-        return Result(self.name, step_s, median_s, tokens_per_s, saved, lora_saved, with_params, peak)
+        return Result(self.name, step_s, median_s, tokens_per_s, saved, lora_saved, with_params, peak,
+                      self.device_bytes)
 
 
 def format_results(results: dict[str, Result], args: argparse.Namespace) -> str:
@@ -274,11 +283,14 @@ def format_results(results: dict[str, Result], args: argparse.Namespace) -> str:
     head = (f"{'contender':<27} {'best s':>8} {'median s':>8} {'tok/s':>9} {'saved MB':>9} {'LoRA MB':>8} "
             f"{'+params MB':>10}")
     head += f" {'peak MB':>9}"
+    cuda = args.device.startswith("cuda")
+    head += f" {'device MB':>9}" if cuda else ""
     lines = [head]
     for r in results.values():
         line = (f"{r.name:<27} {r.step_s:>8.3f} {r.median_s:>8.3f} {r.tokens_per_s:>9.0f} {r.saved_bytes / mb:>9.1f} "
                 f"{r.lora_saved_bytes / mb:>8.1f} {r.saved_with_params_bytes / mb:>10.1f}")
         line += f" {r.peak_bytes / mb:>9.1f}" if r.peak_bytes is not None else ""
+        line += f" {r.device_bytes / mb:>9.1f}" if r.device_bytes is not None else ""
         lines.append(line)
 
     def ratio(ours: str, anchor: str) -> None:
@@ -291,6 +303,8 @@ def format_results(results: dict[str, Result], args: argparse.Namespace) -> str:
                  f"saved+params {a.saved_with_params_bytes / b.saved_with_params_bytes:.2f}x"]
         if a.peak_bytes and b.peak_bytes:
             parts.append(f"peak {a.peak_bytes / b.peak_bytes:.2f}x")
+        if a.device_bytes and b.device_bytes:
+            parts.append(f"device memory {a.device_bytes / b.device_bytes:.2f}x")
         lines.append(f"{ours} / {anchor}: " + ", ".join(parts))
 
     ratio("nibblora QLoRA (own model)", "peft+bnb QLoRA")  # ratios use the best step times
