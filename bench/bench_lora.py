@@ -5,7 +5,11 @@
     python bench/bench_lora.py --quick              # tiny sizes, a smoke test
 
 One transformers LlamaForCausalLM built from a config (random weights, same seed for every contender), LoRA on
-all linear layers but lm_head. For each contender:
+all linear layers but lm_head. "nibblora ... (own model)" runs the same weights in nibblora's LlamaForCausalLM, the
+model `python -m nibblora.train` trains: q/k/v and the SwiGLU MLP through the group-level LoRA functions, the loss
+through the chunked lm_head + cross-entropy. The other nibblora rows put nibblora's LoRA layers into the
+transformers model (its loss keeps full logits, like peft's). `--checkpointing` turns gradient checkpointing on
+for every contender (non-reentrant). For each contender:
   best s          fastest wall time of forward + backward (loss on the input ids as labels) after warm-up;
                   the timed steps of all contenders are interleaved (median s is printed too)
   tok/s           batch * seq / best step time
@@ -13,7 +17,10 @@ all linear layers but lm_head. For each contender:
                   excluding storages of the model's parameters and buffers (resident anyway): activations
   LoRA MB         the part of `saved MB` first saved inside the LoRA layers themselves
   +params MB      the same sum including parameter/buffer storages (weights a contender saves for backward)
-  peak MB         CUDA only: allocator peak during the step, above what was allocated before it
+  peak MB         allocator peak during one step, above what was allocated before it: CUDA max_memory_allocated,
+                  CPU malloc's in-use bytes (mallinfo2) sampled every 2 ms by nibblora.memory.MemoryMeter
+  device MB       CUDA only: device memory taken by the step (torch.cuda.mem_get_info before and after, the
+                  cache emptied first), which also sees paged / managed allocations the allocator does not
 Ratios compare nibblora QLoRA with peft + bitsandbytes and nibblora LoRA with peft.
 """
 
@@ -46,6 +53,7 @@ class Result:
     lora_saved_bytes: int
     saved_with_params_bytes: int
     peak_bytes: int | None = None
+    device_bytes: int | None = None  # CUDA: device memory taken during the step (torch.cuda.mem_get_info)
     notes: list[str] = field(default_factory=list)
 
 
@@ -58,12 +66,43 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         max_position_embeddings=max(2048, args.seq), attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(DTYPES[args.dtype])
+    # On a GPU the random init runs there (a 1.5 B-parameter model inits in seconds instead of a minute on CPUs);
+    # every contender draws the same weights either way.
+    with torch.device(args.device if args.device.startswith("cuda") else "cpu"):
+        model = LlamaForCausalLM(config).to(DTYPES[args.dtype])
     return model.to(args.device).train()
 
 
 def lora_targets() -> list[str]:
     return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_nibblora_model(args: argparse.Namespace, quantize: bool, fused: bool = True
+                        ) -> tuple[nn.Module, tuple[type, ...]]:
+    """The same weights in nibblora's own LlamaForCausalLM (what nibblora.train runs), adapters injected.
+    fused=False: every projection runs as its own module (the path before the group-level functions), forced by
+    a no-op forward hook on each, which makes the group functions step aside."""
+    from nibblora.lora import inject_lora
+    from nibblora.models import LlamaForCausalLM, ModelConfig
+
+    reference = build_model(args)
+    config = ModelConfig.from_hf_dict({**reference.config.to_dict(), "model_type": "llama"})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(reference.state_dict(), assign=True)
+    del reference
+    model.to(args.device, DTYPES[args.dtype]).train()
+    inject_lora(model, "all-linear", r=args.r, alpha=args.alpha, dropout=args.dropout,
+                quantize_base="nf4" if quantize else None)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
+    if args.loss_chunk:
+        model.loss_chunk_tokens = args.loss_chunk
+    if not fused:
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"):
+                module.register_forward_hook(lambda *hook_args: None)
+    return model.to(args.device), ()
 
 
 def make_nibblora(args: argparse.Namespace, quantize: bool) -> tuple[nn.Module, tuple[type, ...]]:
@@ -72,7 +111,14 @@ def make_nibblora(args: argparse.Namespace, quantize: bool) -> tuple[nn.Module, 
     model = build_model(args)
     inject_lora(model, "all-linear", r=args.r, alpha=args.alpha, dropout=args.dropout,
                 quantize_base="nf4" if quantize else None)
+    enable_checkpointing(model, args)
     return model.to(args.device), (LoRALinear,)
+
+
+def enable_checkpointing(model: nn.Module, args: argparse.Namespace) -> None:
+    """transformers' gradient checkpointing, non-reentrant (peft's recommended setting; the inputs need no grad)."""
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def peft_config(args: argparse.Namespace):
@@ -86,7 +132,9 @@ def make_peft(args: argparse.Namespace) -> tuple[nn.Module, tuple[type, ...]]:
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    return get_peft_model(build_model(args), peft_config(args)), (LoraLayer,)
+    model = get_peft_model(build_model(args), peft_config(args))
+    enable_checkpointing(model, args)
+    return model, (LoraLayer,)
 
 
 def make_peft_bnb(args: argparse.Namespace) -> tuple[nn.Module, tuple[type, ...]]:
@@ -114,6 +162,7 @@ def make_peft_bnb(args: argparse.Namespace) -> tuple[nn.Module, tuple[type, ...]
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     model = get_peft_model(model, peft_config(args))
+    enable_checkpointing(model, args)
     return model.to(args.device), (LoraLayer,)
 
 
@@ -172,7 +221,10 @@ class Contender:
         self.times: list[float] = []
 
     def forward_loss(self) -> torch.Tensor:
-        return self.model(input_ids=self.ids, labels=self.ids).loss
+        out = self.model(input_ids=self.ids, labels=self.ids)
+        if isinstance(out, tuple):  # nibblora's model: (sum over supervised tokens, their number)
+            return out[0] / out[1]
+        return out.loss
 
     def step(self) -> None:
         self.forward_loss().backward()
@@ -192,37 +244,53 @@ class Contender:
 
     def peak_bytes(self) -> int | None:
         if not self.args.device.startswith("cuda"):
-            return None
+            from nibblora.memory.measure import MemoryMeter
+
+            gc.collect()
+            meter = MemoryMeter(torch.device("cpu"))  # baseline: what is allocated now (model, inputs)
+            try:
+                self.step()
+                return meter.read()["mem_peak_bytes"]
+            finally:
+                meter.stop()
         gc.collect()
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the cache then grows to the step's reserved high-water mark and keeps it
         before = torch.cuda.memory_allocated()
+        free_before = torch.cuda.mem_get_info()[0]
         torch.cuda.reset_peak_memory_stats()
         self.step()
         torch.cuda.synchronize()
+        # Device memory in use, so that paged / managed allocations (which max_memory_allocated does not see) count.
+        self.device_bytes = free_before - torch.cuda.mem_get_info()[0]
         return torch.cuda.max_memory_allocated() - before
 
     def result(self) -> Result:
         # Best of the timed steps: on a shared machine other processes only ever add time.
         step_s, median_s = min(self.times), statistics.median(self.times)
+        self.device_bytes = None
         peak = self.peak_bytes()
         saved, lora_saved, with_params = measure_saved(self.model, self.lora_types, self.forward_loss)
         for p in self.model.parameters():
             p.grad = None
         tokens_per_s = self.args.batch * self.args.seq / step_s
-        return Result(self.name, step_s, median_s, tokens_per_s, saved, lora_saved, with_params, peak)
+        return Result(self.name, step_s, median_s, tokens_per_s, saved, lora_saved, with_params, peak,
+                      self.device_bytes)
 
 
 def format_results(results: dict[str, Result], args: argparse.Namespace) -> str:
     mb = 1e6
-    cuda = args.device.startswith("cuda")
-    head = (f"{'contender':<18} {'best s':>8} {'median s':>8} {'tok/s':>9} {'saved MB':>9} {'LoRA MB':>8} "
+    head = (f"{'contender':<27} {'best s':>8} {'median s':>8} {'tok/s':>9} {'saved MB':>9} {'LoRA MB':>8} "
             f"{'+params MB':>10}")
-    head += f" {'peak MB':>9}" if cuda else ""
+    head += f" {'peak MB':>9}"
+    cuda = args.device.startswith("cuda")
+    head += f" {'device MB':>9}" if cuda else ""
     lines = [head]
     for r in results.values():
-        line = (f"{r.name:<18} {r.step_s:>8.3f} {r.median_s:>8.3f} {r.tokens_per_s:>9.0f} {r.saved_bytes / mb:>9.1f} "
+        line = (f"{r.name:<27} {r.step_s:>8.3f} {r.median_s:>8.3f} {r.tokens_per_s:>9.0f} {r.saved_bytes / mb:>9.1f} "
                 f"{r.lora_saved_bytes / mb:>8.1f} {r.saved_with_params_bytes / mb:>10.1f}")
-        line += f" {r.peak_bytes / mb:>9.1f}" if cuda and r.peak_bytes is not None else ""
+        line += f" {r.peak_bytes / mb:>9.1f}" if r.peak_bytes is not None else ""
+        line += f" {r.device_bytes / mb:>9.1f}" if r.device_bytes is not None else ""
         lines.append(line)
 
     def ratio(ours: str, anchor: str) -> None:
@@ -233,11 +301,17 @@ def format_results(results: dict[str, Result], args: argparse.Namespace) -> str:
                  f"saved {a.saved_bytes / b.saved_bytes:.2f}x",
                  f"LoRA-layer saved {a.lora_saved_bytes / max(b.lora_saved_bytes, 1):.2f}x",
                  f"saved+params {a.saved_with_params_bytes / b.saved_with_params_bytes:.2f}x"]
-        if cuda and a.peak_bytes and b.peak_bytes:
+        if a.peak_bytes and b.peak_bytes:
             parts.append(f"peak {a.peak_bytes / b.peak_bytes:.2f}x")
+        if a.device_bytes and b.device_bytes:
+            parts.append(f"device memory {a.device_bytes / b.device_bytes:.2f}x")
         lines.append(f"{ours} / {anchor}: " + ", ".join(parts))
 
-    ratio("nibblora QLoRA", "peft+bnb QLoRA")  # ratios use the best step times
+    ratio("nibblora QLoRA (own model)", "peft+bnb QLoRA")  # ratios use the best step times
+    ratio("nibblora LoRA (own model)", "peft LoRA")
+    ratio("nibblora QLoRA (own model)", "nibblora QLoRA (own, unfused)")
+    ratio("nibblora LoRA (own model)", "nibblora LoRA (own, unfused)")
+    ratio("nibblora QLoRA", "peft+bnb QLoRA")
     ratio("nibblora QLoRA", "peft LoRA")
     ratio("nibblora LoRA", "peft LoRA")
     return "\n".join(lines)
@@ -261,8 +335,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on, for everyone")
+    parser.add_argument("--loss-chunk", type=int, default=0,
+                        help="tokens per chunk of nibblora's chunked loss (own model; default: the model's)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="contenders to run: nibblora-qlora nibblora-lora peft peft-bnb")
+                        help="contenders to run: nibblora-model-qlora nibblora-model-lora nibblora-qlora "
+                             "nibblora-lora peft peft-bnb (default: these), nibblora-model-qlora-unfused "
+                             "nibblora-model-lora-unfused (the own model without the group-level functions)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     args = parser.parse_args(argv)
     if args.quick:
@@ -272,6 +351,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 CONTENDERS = {
+    "nibblora-model-qlora": ("nibblora QLoRA (own model)", lambda a: make_nibblora_model(a, True)),
+    "nibblora-model-lora": ("nibblora LoRA (own model)", lambda a: make_nibblora_model(a, False)),
+    "nibblora-model-qlora-unfused": ("nibblora QLoRA (own, unfused)", lambda a: make_nibblora_model(a, True, False)),
+    "nibblora-model-lora-unfused": ("nibblora LoRA (own, unfused)", lambda a: make_nibblora_model(a, False, False)),
     "nibblora-qlora": ("nibblora QLoRA", lambda a: make_nibblora(a, True)),
     "peft-bnb": ("peft+bnb QLoRA", make_peft_bnb),
     "nibblora-lora": ("nibblora LoRA", lambda a: make_nibblora(a, False)),
@@ -286,10 +369,11 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
     print(f"LlamaForCausalLM hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, heads "
           f"{args.heads}/{args.kv_heads}, vocab {args.vocab}, batch {args.batch} x seq {args.seq}; LoRA r {args.r} "
           f"alpha {args.alpha:g} dropout {args.dropout} on all linear layers but lm_head; {args.dtype} on "
-          f"{args.device} ({torch.get_num_threads()} threads); {args.steps} interleaved timed steps")
+          f"{args.device} ({torch.get_num_threads()} threads); {args.steps} interleaved timed steps; gradient "
+          f"checkpointing {'on' if args.checkpointing else 'off'}")
     contenders: list[Contender] = []
     for key, (name, factory) in CONTENDERS.items():
-        if args.only and key not in args.only:
+        if (key not in args.only) if args.only else key.endswith("-unfused"):
             continue
         try:
             contenders.append(Contender(name, factory, args))

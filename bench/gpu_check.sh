@@ -28,13 +28,23 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 
 # Tests run against the installed wheel: copy them out of the tree so `python/` is not imported instead.
 rm -rf /tmp/nibblora_tests && cp -r tests /tmp/nibblora_tests
-step "cuda tests" 150 python3 -m pytest -q -m cuda -p no:cacheprovider /tmp/nibblora_tests -W ignore::DeprecationWarning
-step "quant bench (cuda)" 60 python3 bench/bench_quant.py --device cuda --repeat 10
-if [ -f bench/bench_lora.py ]; then
-    step "lora bench (cuda)" 90 python3 bench/bench_lora.py --device cuda --batch 4 --seq 2048 --layers 4 --steps 10 --warmup 2
-    step "lora bench 7B-wide (cuda)" 90 python3 bench/bench_lora.py --device cuda --hidden 4096 --intermediate 11008 \
-        --heads 32 --kv-heads 32 --layers 2 --batch 4 --seq 1024 --steps 6 --warmup 1
-fi
+# Budget: the step limits below add up to 285 s (plus installing, about 20 s): under 5 minutes on one H200.
+step "cuda tests" 75 python3 -m pytest -q -m cuda -p no:cacheprovider /tmp/nibblora_tests -W ignore::DeprecationWarning
+# Issue 12: nibblora's own model (group-level LoRA functions, fused RMSNorm, explicit SDPA backends, chunked loss)
+# against peft + bitsandbytes, checkpointing on and off, Llama-style layers at batch 4 x 2048.
+LORA="python3 bench/bench_lora.py --device cuda --only nibblora-model-qlora peft-bnb nibblora-model-lora peft"
+step "lora 4x2048 ckpt on" 45 $LORA --batch 4 --seq 2048 --layers 4 --steps 5 --warmup 1 --checkpointing
+step "lora 4x2048 ckpt off" 40 $LORA --batch 4 --seq 2048 --layers 4 --steps 5 --warmup 1
+# Llama-3-8B-shaped layers (hidden 4096, MLP 14336, 32/8 heads, vocabulary 128,256), two of them.
+step "lora 8B-shaped ckpt on" 55 python3 bench/bench_lora.py --device cuda --only nibblora-model-qlora peft-bnb \
+    --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 --vocab 128256 --layers 2 --batch 4 --seq 2048 \
+    --steps 3 --warmup 1 --checkpointing
+step "chunked loss 128k" 20 python3 bench/bench_loss.py --device cuda --batch 4 --seq 2048 --hidden 4096 \
+    --vocab 128256 --dtype bf16 --repeat 3
+# The memory calculator against real bf16 runs on the GPU (the quick share of the grid).
+step "memory grid (cuda)" 50 python3 bench/memory_grid.py --device cuda --quick
 
 echo; echo "=== summary ==="
-for k in "${!STATUS[@]}"; do printf '%-22s %s\n' "$k" "${STATUS[$k]}"; done
+for k in "${!STATUS[@]}"; do printf '%-24s %s\n' "$k" "${STATUS[$k]}"; done
+echo; echo "=== ratios ==="
+grep -E "^(nibblora .*/ |chunked / plain|\| [a-z0-9]+-)" "$LOG" || true

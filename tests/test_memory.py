@@ -120,3 +120,69 @@ def test_a_broken_config_json_is_refused_naming_the_file(tmp_path, capsys):
     assert main(["--model", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "not valid JSON" in err
+
+
+CPU_AND_CUDA = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not __import__("torch").cuda.is_available(), reason="needs a CUDA device")]),
+]
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_saved_activations_of_one_layer_are_counted_tensor_by_tensor(mode, dtype, device):
+    """layer_activation_bytes is the decoder's own count: every tensor a layer saves for backward, each storage once,
+    excluding parameters (RoPE's cos/sin are the model's, counted once in activation_bytes)."""
+    import torch
+
+    from nibblora.lora import inject_lora
+    from nibblora.lora.params import DecoderShape
+    from nibblora.memory.estimate import layer_activation_bytes
+    from nibblora.models import LlamaForCausalLM, ModelConfig
+
+    hf = dict(model_type="llama", hidden_size=96, intermediate_size=224, num_hidden_layers=1, num_attention_heads=6,
+              num_key_value_heads=2, vocab_size=100)
+    torch_dtype = getattr(torch, dtype)
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).to(device, torch_dtype)
+    r = 4
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        inject_lora(model, "all-linear", r=r, alpha=8, dropout=0.1, quantize_base="nf4" if mode == "qlora" else None)
+    model.train()
+    batch, seq = 2, 24
+    x = torch.randn(batch, seq, 96, dtype=torch_dtype, device=device, requires_grad=True)
+    cos, sin = model.model.rotary_emb(x, torch.arange(seq, device=device)[None].expand(batch, -1))
+    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), cos, sin]}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in resident:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, cos, sin, None)
+    e = torch.finfo(torch_dtype).bits // 8
+    expected = layer_activation_bytes(DecoderShape.from_config(hf), batch * seq, e, mode == "full",
+                                      0 if mode == "full" else 7 * r, fused_norm=device == "cuda")
+    if device == "cpu":
+        assert sum(seen.values()) == expected
+    else:  # CUDA attention kernels keep their own small statistics (padded log-sum-exp, RNG state)
+        assert sum(seen.values()) == pytest.approx(expected, rel=0.03)
+
+
+def test_estimate_holds_on_a_small_grid_of_real_runs(tmp_path):
+    """bench/memory_grid.py's quick share: real `nibblora.train` runs, measured peak within 15% of the estimate."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import memory_grid
+    finally:
+        sys.path.pop(0)
+    for point in memory_grid.QUICK[1:]:  # the full-FT point is the test above
+        result = memory_grid.run_point(point, tmp_path, threads=1)
+        assert 0.85 <= result["ratio"] <= 1.15, result

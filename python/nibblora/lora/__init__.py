@@ -21,6 +21,7 @@ from nibblora.lora.params import DecoderShape, ParamTable, param_table, projecti
 if TYPE_CHECKING:
     from nibblora.lora.adapters import load_adapter, read_adapter_config, save_adapter
     from nibblora.lora.function import LoRALinearFunction, lora_linear
+    from nibblora.lora.group import LoRAGroupFunction, LoRASwiGLUFunction, project_group, swiglu_mlp
     from nibblora.lora.inject import (
         LoRASummary,
         find_target_modules,
@@ -39,6 +40,8 @@ __getattr__, __dir__ = lazy_exports(
     {
         **dict.fromkeys(("load_adapter", "read_adapter_config", "save_adapter"), "nibblora.lora.adapters"),
         **dict.fromkeys(("LoRALinearFunction", "lora_linear"), "nibblora.lora.function"),
+        **dict.fromkeys(("LoRAGroupFunction", "LoRASwiGLUFunction", "project_group", "swiglu_mlp"),
+                        "nibblora.lora.group"),
         **dict.fromkeys(
             ("LoRASummary", "find_target_modules", "inject_lora", "lora_modules", "lora_summary", "set_adapter"),
             "nibblora.lora.inject",
@@ -52,7 +55,9 @@ __all__ = [
     "LoRAAdapter",
     "LoRAConfig",
     "LoRALinear",
+    "LoRAGroupFunction",
     "LoRALinearFunction",
+    "LoRASwiGLUFunction",
     "LoRASummary",
     "NF4Linear",
     "ParamTable",
@@ -64,8 +69,10 @@ __all__ = [
     "lora_scaling",
     "lora_summary",
     "param_table",
+    "project_group",
     "projection_lora_params",
     "read_adapter_config",
     "save_adapter",
     "set_adapter",
+    "swiglu_mlp",
 ]

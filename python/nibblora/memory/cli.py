@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="full FT without fp32 master weights (what nibblora.train does)",
     )
     parser.add_argument("--paged-optimizer", action="store_true", help="optimizer states in host memory")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where training runs (the framework's fixed bytes and the RMSNorm kernel differ)")
     return parser
 
 
@@ -52,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             gradient_checkpointing=args.gradient_checkpointing,
             mixed_precision=args.mixed_precision,
             paged_optimizer=args.paged_optimizer,
+            device=args.device,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"nibblora.memory: error: {err}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Training-memory estimates by component for full fine-tuning, LoRA and QLoRA of a Llama-family decoder.
 
     est = estimate_memory("llama-2-7b", mode="qlora", r=64, target_modules="all-linear", batch_size=1, seq_len=512)
-    print(est.format())            # one line per component, and the total
-    est.total_bytes
+    print(est.format())            # one line per component, the phase at the peak, and the total
+    est.total_bytes                # the predicted peak
 
 Components (bytes on the training device):
     weights            the base model as stored: dtype bytes per parameter; QLoRA: 0.5 per quantized parameter
@@ -12,8 +12,23 @@ Components (bytes on the training device):
     optimizer_states   AdamW: two moments per trainable parameter, in the trainable parameter's precision
                        (0 on the device when paged to host memory)
     adapter            LoRA / QLoRA: A and B of every adapted projection, kept in fp32
-    activations        what backward needs: per layer, all saved tensors, or only the layer input with gradient
-                       checkpointing (plus one layer being recomputed); plus the logits and their fp32 gradient
+    activations        what backward needs, as nibblora's decoder saves it: per layer all saved tensors, or only
+                       the layer input with gradient checkpointing (plus the layer being recomputed in backward)
+    loss               the chunked lm_head + cross-entropy at the end of forward: one chunk of logits (float32,
+                       and its log-sum-exp temporary), the selected hidden states and their gradient; full FT: the
+                       lm_head's float32 gradient, computed in forward
+    backward_temporaries  backward of one decoder layer: the MLP's recomputed product and the gradients of the
+                       gate, up and product tensors, plus two hidden-size gradients
+    optimizer_temporaries the AdamW step (one parameter at a time): two temporaries of the largest parameter
+    framework          fixed cost of the framework's own allocations (PyTorch's CPU allocator pools, the CUDA
+                       workspace): measured, not derived
+
+Not every component is alive at once. The peak is the largest of three phases (`phases`): the end of forward
+(activations + loss), backward (activations + backward_temporaries) and the optimizer step (gradients +
+optimizer_temporaries), each on top of what lives throughout (weights, constants, master copy, adapter, optimizer
+states, framework). `total_bytes` is that peak. Validated on CPU against measured peaks on a grid of runs
+(bench/memory_grid.py; docs/training.md lists the ratios); allocator fragmentation does not show in either
+measure (malloc's in-use bytes on a CPU, max_memory_allocated on CUDA), so no term is spent on it.
 """
 
 from __future__ import annotations
@@ -28,7 +43,19 @@ from nibblora.dtypes import COMPUTE_DTYPE_BYTES
 DTYPE_BYTES = COMPUTE_DTYPE_BYTES
 MODES = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
-COMPONENTS = ("weights", "quant_constants", "master_weights", "gradients", "optimizer_states", "adapter", "activations")
+COMPONENTS = ("weights", "quant_constants", "master_weights", "gradients", "optimizer_states", "adapter", "activations",
+              "loss", "backward_temporaries", "optimizer_temporaries", "framework")
+# Alive for the whole step; the rest belongs to one phase each (PHASES).
+PERSISTENT = ("weights", "quant_constants", "master_weights", "optimizer_states", "adapter", "framework")
+PHASES = {
+    "forward": ("activations", "loss"),
+    "backward": ("activations", "backward_temporaries"),
+    "optimizer step": ("gradients", "optimizer_temporaries"),
+}
+# Bytes the framework itself holds once training runs (measured: malloc'd bytes after loading a 1 M-parameter model
+# beyond its weights, PyTorch 2.15 on Linux; on CUDA the cuBLAS workspace, not validated).
+FRAMEWORK_BYTES = {"cpu": 26 * 2**20, "cuda": 32 * 2**20}
+LOSS_CHUNK_TOKENS = 4096  # nibblora.models.loss.DEFAULT_CHUNK_TOKENS (not imported: this module stays torch-free)
 # Nominal sizes for the no-argument table.
 TABLE_MODELS = {"1B": "llama-3.2-1b", "7B": "llama-2-7b", "13B": "llama-2-13b", "70B": "llama-2-70b"}
 
@@ -44,14 +71,27 @@ class MemoryEstimate:
     inputs: dict[str, object] = field(default_factory=dict)
 
     @property
+    def phases(self) -> dict[str, int]:
+        """Bytes alive at the peak of each phase of a step (what lives throughout included)."""
+        c = self.components
+        base = sum(c.get(k, 0) for k in PERSISTENT)
+        return {name: base + sum(c.get(k, 0) for k in parts) for name, parts in PHASES.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        phases = self.phases
+        return max(phases, key=phases.__getitem__)
+
+    @property
     def total_bytes(self) -> int:
-        return sum(self.components.values())
+        """The predicted peak: the largest phase."""
+        return max(self.phases.values())
 
     def format(self) -> str:
         lines = [f"{self.mode}: {self.params / 1e9:.2f} B parameters, {self.trainable_params:,} trainable"]
         for name in COMPONENTS:
-            lines.append(f"  {name:<17} {self.components.get(name, 0) / 1e9:>9.3f} GB")
-        lines.append(f"  {'total':<17} {self.total_bytes / 1e9:>9.3f} GB")
+            lines.append(f"  {name:<22} {self.components.get(name, 0) / 1e9:>9.3f} GB")
+        lines.append(f"  {'peak (' + self.peak_phase + ')':<22} {self.total_bytes / 1e9:>9.3f} GB")
         return "\n".join(lines)
 
 
@@ -75,6 +115,26 @@ def _targets(target_modules: str | list[str]) -> tuple[str, ...]:
     return names
 
 
+def layer_activation_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, full: bool, lora_rank_sum: int = 0,
+                           fused_norm: bool = False) -> int:
+    """Bytes one decoder layer saves for backward over `tokens` tokens (nibblora's decoder, counted tensor by tensor
+    with saved_tensors_hooks; tests/test_memory.py checks the count).
+
+    Per token: each RMSNorm keeps its input in float32 and its normalized output in the dtype ((4 + e) H bytes);
+    attention keeps the q/k/v input, q and the output (H each), k and v (kv each), the log-sum-exp (4 bytes per
+    head); the MLP keeps gate(x) and up(x) (the group function recomputes their product) or, with a trainable base
+    (full FT), also silu(gate) and the product, plus its input; each adapter keeps its r-wide A(x).
+    fused_norm (CUDA, where RMSNorm is PyTorch's fused kernel): each norm keeps its input and one float32 per token.
+    """
+    e = dtype_bytes
+    head_dim = shape.head_dim or shape.hidden_size // shape.num_attention_heads
+    kv = shape.num_key_value_heads * head_dim
+    h, i = shape.hidden_size, shape.intermediate_size
+    per_token = e * ((4 if full else 2) * i + (4 if full else 2) * h + 2 * kv + lora_rank_sum)
+    per_token += 2 * (e * h + 4 if fused_norm else (4 + e) * h) + 4 * (shape.num_attention_heads + 2)
+    return tokens * per_token
+
+
 def activation_bytes(
     shape: DecoderShape,
     batch_size: int,
@@ -82,26 +142,43 @@ def activation_bytes(
     dtype_bytes: int,
     gradient_checkpointing: bool,
     lora_rank_sum: int = 0,
+    full: bool = False,
+    fused_norm: bool = False,
 ) -> int:
-    """Bytes of saved activations for one micro-batch (an estimate; see the module docstring).
+    """Bytes of saved activations for one micro-batch at their peak.
 
-    Per layer and token, nibblora's decoder saves about 14 hidden-size vectors (norm inputs and outputs, q, the
-    attention output and its log-sum-exp, the o_proj input, the residuals), 2 key/value-size vectors, and 4
-    intermediate-size vectors (gate and up outputs, silu(gate), their product), plus each adapter's r-wide A(x).
-    The logits cost dtype bytes, an fp32 copy for the loss and an fp32 gradient per vocabulary entry.
+    Without checkpointing: every layer's saved tensors (`layer_activation_bytes`). With it: each layer's input, plus
+    one layer's saved tensors while it is recomputed in backward. Both: RoPE's cos and sin, and the final norm's
+    input (float32) and output, and the loss's gradient for the hidden states.
     """
     tokens = batch_size * seq_len
+    e = dtype_bytes
     head_dim = shape.head_dim or shape.hidden_size // shape.num_attention_heads
-    kv = shape.num_key_value_heads * head_dim
-    per_layer = tokens * (
-        (14 * shape.hidden_size + 4 * shape.intermediate_size + 2 * kv) * dtype_bytes + lora_rank_sum * 4
-    )
+    layer = layer_activation_bytes(shape, tokens, e, full, lora_rank_sum, fused_norm)
     if gradient_checkpointing:
-        layers = shape.num_hidden_layers * tokens * shape.hidden_size * dtype_bytes + per_layer
+        layers = shape.num_hidden_layers * tokens * shape.hidden_size * e + layer
     else:
-        layers = shape.num_hidden_layers * per_layer
-    logits = tokens * shape.vocab_size * (dtype_bytes + 8)
-    return layers + logits
+        layers = shape.num_hidden_layers * layer
+    final_norm = e * shape.hidden_size + 4 if fused_norm else (4 + e) * shape.hidden_size
+    model = tokens * (2 * head_dim * e + final_norm + e * shape.hidden_size)
+    return layers + model
+
+
+def loss_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, lm_head_trainable: bool) -> int:
+    """The chunked lm_head + cross-entropy's working set at the end of forward: one chunk of float32 logits and the
+    log-sum-exp's temporary of the same size (a 16-bit dtype's logits and gradient live next to the float32 logits
+    only, never next to both), the selected hidden states and their gradient; with a trainable lm_head its float32
+    gradient."""
+    e = dtype_bytes
+    chunk = min(tokens, LOSS_CHUNK_TOKENS)
+    working = chunk * shape.vocab_size * 8 + 2 * tokens * shape.hidden_size * e
+    return working + (shape.vocab_size * shape.hidden_size * 4 if lm_head_trainable else 0)
+
+
+def backward_temporary_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int) -> int:
+    """Backward of the MLP, the largest one: the recomputed product and silu(gate), the gradients of the product,
+    up and gate ([tokens, intermediate] each), and two [tokens, hidden] gradients."""
+    return tokens * (5 * shape.intermediate_size + 2 * shape.hidden_size) * dtype_bytes
 
 
 def estimate_memory(
@@ -119,6 +196,7 @@ def estimate_memory(
     paged_optimizer: bool = False,
     double_quant: bool = True,
     blocksize: int = 64,
+    device: str = "cpu",
 ) -> MemoryEstimate:
     """Estimate training memory by component.
 
@@ -127,7 +205,8 @@ def estimate_memory(
     micro-batch. dtype: weights and activations (float32 | bfloat16 | float16). optimizer: adamw (2 states) or
     sgd (none). mixed_precision: full FT in a 16-bit dtype keeps fp32 master weights and fp32 Adam states (the
     16 bytes/parameter recipe); False is pure 16-bit training (what nibblora.train does). paged_optimizer:
-    optimizer states live in host memory, not on the device.
+    optimizer states live in host memory, not on the device. device: "cpu" or "cuda" (the framework's fixed
+    overhead differs).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -135,6 +214,8 @@ def estimate_memory(
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if device not in FRAMEWORK_BYTES:
+        raise ValueError(f"device must be one of {', '.join(FRAMEWORK_BYTES)}, got {device!r}")
     shape = _shape(model)
     e = DTYPE_BYTES[dtype]
     total = shape.total_params()
@@ -143,6 +224,8 @@ def estimate_memory(
     states_per_param = 2 if optimizer == "adamw" else 0
     c = dict.fromkeys(COMPONENTS, 0)
     rank_sum = 0
+    largest = 0  # elements of the largest trainable parameter
+    state_bytes = 4
     if mode == "full":
         trainable = total
         master = mixed_precision and e < 4
@@ -150,10 +233,13 @@ def estimate_memory(
         c["master_weights"] = total * 4 if master else 0
         c["gradients"] = total * e  # computed in the model's dtype (then added into the master copy)
         c["optimizer_states"] = total * states_per_param * (4 if master else e)
+        largest = max(shape.vocab_size * shape.hidden_size, max(a * b for a, b in projections.values()))
+        state_bytes = 4 if master else e
     else:
         names = _targets(target_modules)
         trainable = shape.num_hidden_layers * sum(projection_lora_params(*projections[n], r) for n in names)
         rank_sum = r * len(names)
+        largest = max(projection_lora_params(*projections[n], r) for n in names) // 2
         c["adapter"] = trainable * 4
         c["gradients"] = trainable * 4
         c["optimizer_states"] = trainable * states_per_param * 4
@@ -166,7 +252,15 @@ def estimate_memory(
             c["quant_constants"] = blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks
     if paged_optimizer:
         c["optimizer_states"] = 0
-    c["activations"] = activation_bytes(shape, batch_size, seq_len, e, gradient_checkpointing, rank_sum)
+    full = mode == "full"
+    tokens = batch_size * seq_len
+    c["activations"] = activation_bytes(shape, batch_size, seq_len, e, gradient_checkpointing, rank_sum, full,
+                                        fused_norm=device == "cuda")
+    c["loss"] = loss_bytes(shape, tokens, e, lm_head_trainable=full)
+    c["backward_temporaries"] = backward_temporary_bytes(shape, tokens, e)
+    # AdamW one parameter at a time (foreach=False): the denominator and the update, each the size of the largest.
+    c["optimizer_temporaries"] = 2 * largest * state_bytes if states_per_param else 0
+    c["framework"] = FRAMEWORK_BYTES[device]
     inputs = dict(
         mode=mode,
         r=r,
@@ -178,6 +272,7 @@ def estimate_memory(
         gradient_checkpointing=gradient_checkpointing,
         mixed_precision=mixed_precision,
         paged_optimizer=paged_optimizer,
+        device=device,
     )
     return MemoryEstimate(mode, total, trainable, c, inputs)
 

@@ -24,8 +24,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from nibblora.lora.group import project_group, swiglu_mlp
 from nibblora.models.config import ModelConfig
 from nibblora.models.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, linear_cross_entropy, shift_labels
 
@@ -39,6 +41,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype and (x.dtype == torch.float32 or x.is_cuda):
+            # PyTorch's rms_norm: the same bits as below in float32 (tested); on CUDA one fused kernel that keeps only
+            # the input and the reciprocal rms for backward (bf16 results may differ from transformers in the last bit:
+            # the weight multiply is done before rounding, not after).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         input_dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -103,6 +110,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x [batch, heads, seq, head_dim] by the angles in cos/sin [batch, seq, head_dim]."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     return x * cos + rotate_half(x) * sin
+
+
+# The attention kernel, chosen explicitly on CUDA: cuDNN's fused attention first (the fastest on Hopper), then flash,
+# then memory-efficient; the math kernel last (it materializes [heads, seq, seq] scores). SDPA skips each one that
+# cannot take the call (an explicit mask, fp32, a head size) and tries the next. On a CPU PyTorch's own choice stays:
+# its flash kernel for causal or masked calls keeps only the log-sum-exp for backward, where math would keep the
+# whole [heads, seq, seq] probabilities (measured: forcing math costs memory and time there).
+CUDA_ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                           SDPBackend.MATH]
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention with the backend order above on CUDA (same arguments)."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(CUDA_ATTENTION_BACKENDS, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 class KVCache:
@@ -197,16 +221,18 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
+        # One fused call when q, k and v are frozen-base (LoRA) projections (x saved once); else module by module.
+        q, k, v = project_group(x, (self.q_proj, self.k_proj, self.v_proj))
         # [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], the layout SDPA expects.
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             # Keys are cached after RoPE, so earlier tokens never need re-rotating.
             k, v = cache.update(self.layer_idx, k, v)
         # enable_gqa lets SDPA share each key/value head across its query group without copying it.
-        out = F.scaled_dot_product_attention(
+        out = scaled_dot_product_attention(
             q,
             k,
             v,
@@ -229,7 +255,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Frozen-base (LoRA) projections: one function that keeps gate(x) and up(x) and recomputes their product.
+        return swiglu_mlp(x, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class DecoderLayer(nn.Module):

@@ -209,7 +209,8 @@ def _step_metrics(setup: TrainingSetup, out: StepOutput, seconds: float, longest
         setup.model.config, config.train.mode, batch_size=config.data.batch_size, seq_len=longest_seen,
         r=config.lora.r, target_modules=config.lora.target_modules, dtype=config.model.dtype,
         gradient_checkpointing=config.model.gradient_checkpointing, mixed_precision=False,
-        paged_optimizer=setup.paged.active, double_quant=config.model.double_quant)
+        paged_optimizer=setup.paged.active, double_quant=config.model.double_quant,
+        device="cuda" if setup.info.device.type == "cuda" else "cpu")
     metrics["mem_estimate_bytes"] = estimate.total_bytes
     return metrics
 
