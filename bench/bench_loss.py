@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nibblora.models.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy
+from nibblora.models.loss import linear_cross_entropy
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_TOKENS)
+    parser.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: about 32 MiB of logits)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]

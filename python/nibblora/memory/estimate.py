@@ -39,6 +39,7 @@ from pathlib import Path
 
 from nibblora.lora.params import ALL_SEVEN, DecoderShape, projection_lora_params
 from nibblora.dtypes import COMPUTE_DTYPE_BYTES
+from nibblora.models.loss_chunks import loss_chunk_tokens
 
 DTYPE_BYTES = COMPUTE_DTYPE_BYTES
 MODES = ("full", "lora", "qlora")
@@ -55,7 +56,6 @@ PHASES = {
 # Bytes the framework itself holds once training runs (measured: malloc'd bytes after loading a 1 M-parameter model
 # beyond its weights, PyTorch 2.15 on Linux; on CUDA the cuBLAS workspace, not validated).
 FRAMEWORK_BYTES = {"cpu": 26 * 2**20, "cuda": 32 * 2**20}
-LOSS_CHUNK_TOKENS = 4096  # nibblora.models.loss.DEFAULT_CHUNK_TOKENS (not imported: this module stays torch-free)
 # Nominal sizes for the no-argument table.
 TABLE_MODELS = {"1B": "llama-3.2-1b", "7B": "llama-2-7b", "13B": "llama-2-13b", "70B": "llama-2-70b"}
 
@@ -170,7 +170,7 @@ def loss_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, lm_head_train
     only, never next to both), the selected hidden states and their gradient; with a trainable lm_head its float32
     gradient."""
     e = dtype_bytes
-    chunk = min(tokens, LOSS_CHUNK_TOKENS)
+    chunk = min(tokens, loss_chunk_tokens(shape.vocab_size))
     working = chunk * shape.vocab_size * 8 + 2 * tokens * shape.hidden_size * e
     return working + (shape.vocab_size * shape.hidden_size * 4 if lm_head_trainable else 0)
 

@@ -29,7 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from nibblora.lora.group import project_group, swiglu_mlp
 from nibblora.models.config import ModelConfig
-from nibblora.models.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, linear_cross_entropy, shift_labels
+from nibblora.models.loss import IGNORE_INDEX, linear_cross_entropy, shift_labels
+from nibblora.models.loss_chunks import loss_chunk_tokens
 
 
 class RMSNorm(nn.Module):
@@ -345,7 +346,7 @@ class LlamaForCausalLM(nn.Module):
             self.init_weights()
         self.model.gradient_checkpointing = gradient_checkpointing
         # Tokens per chunk of the fused lm_head + cross-entropy when forward gets labels; 0: plain full logits.
-        self.loss_chunk_tokens = DEFAULT_CHUNK_TOKENS
+        self.loss_chunk_tokens = loss_chunk_tokens(config.vocab_size)
 
     def tie_weights(self) -> None:
         """Share one matrix between the input embedding and the output head (tie_word_embeddings)."""

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from nibblora.models.loss_chunks import loss_chunk_tokens
+
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_TOKENS = 4096
 
 
 def supervised_rows(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -92,7 +93,7 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     *,
     rows: torch.Tensor | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, int | torch.Tensor]:
     """(sum of the cross-entropy over supervised tokens as a float32 scalar, number of those tokens).
@@ -100,9 +101,12 @@ def linear_cross_entropy(
     hidden [..., hidden] in the compute dtype; weight [vocab, hidden] (the lm_head's, frozen or trainable);
     labels [...] int64 aligned with hidden row for row (use `shift_labels` for next-token prediction).
     rows: `supervised_rows(labels)` computed ahead (on the CPU, to avoid a device sync); found here if None.
+    chunk_tokens: tokens per chunk; default `loss_chunk_tokens(vocab)`, about 32 MiB of float32 logits.
     Equal to `F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index, reduction="sum")` to float
     rounding, with gradients for hidden and for weight when it requires them.
     """
+    if chunk_tokens is None:
+        chunk_tokens = loss_chunk_tokens(weight.shape[0])
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
     if hidden.shape[:-1] != labels.shape:
