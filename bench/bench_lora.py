@@ -61,9 +61,14 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-        max_position_embeddings=max(2048, args.seq), attn_implementation="sdpa",
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=max(2048, args.seq),
+        attn_implementation="sdpa",
     )
     torch.manual_seed(0)
     # On a GPU the random init runs there (a 1.5 B-parameter model inits in seconds instead of a minute on CPUs);
@@ -77,8 +82,9 @@ def lora_targets() -> list[str]:
     return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_nibblora_model(args: argparse.Namespace, quantize: bool, fused: bool = True
-                        ) -> tuple[nn.Module, tuple[type, ...]]:
+def make_nibblora_model(
+    args: argparse.Namespace, quantize: bool, fused: bool = True
+) -> tuple[nn.Module, tuple[type, ...]]:
     """The same weights in nibblora's own LlamaForCausalLM (what nibblora.train runs), adapters injected.
     fused=False: every projection runs as its own module (the path before the group-level functions), forced by
     a no-op forward hook on each, which makes the group functions step aside."""
@@ -92,8 +98,9 @@ def make_nibblora_model(args: argparse.Namespace, quantize: bool, fused: bool = 
     model.load_state_dict(reference.state_dict(), assign=True)
     del reference
     model.to(args.device, DTYPES[args.dtype]).train()
-    inject_lora(model, "all-linear", r=args.r, alpha=args.alpha, dropout=args.dropout,
-                quantize_base="nf4" if quantize else None)
+    inject_lora(
+        model, "all-linear", r=args.r, alpha=args.alpha, dropout=args.dropout, quantize_base="nf4" if quantize else None
+    )
     if args.checkpointing:
         model.gradient_checkpointing_enable()
     if args.loss_chunk:
@@ -109,8 +116,9 @@ def make_nibblora(args: argparse.Namespace, quantize: bool) -> tuple[nn.Module, 
     from nibblora.lora import LoRALinear, inject_lora
 
     model = build_model(args)
-    inject_lora(model, "all-linear", r=args.r, alpha=args.alpha, dropout=args.dropout,
-                quantize_base="nf4" if quantize else None)
+    inject_lora(
+        model, "all-linear", r=args.r, alpha=args.alpha, dropout=args.dropout, quantize_base="nf4" if quantize else None
+    )
     enable_checkpointing(model, args)
     return model.to(args.device), (LoRALinear,)
 
@@ -124,8 +132,9 @@ def enable_checkpointing(model: nn.Module, args: argparse.Namespace) -> None:
 def peft_config(args: argparse.Namespace):
     from peft import LoraConfig
 
-    return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=lora_targets(),
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=lora_targets(), task_type="CAUSAL_LM"
+    )
 
 
 def make_peft(args: argparse.Namespace) -> tuple[nn.Module, tuple[type, ...]]:
@@ -150,15 +159,22 @@ def make_peft_bnb(args: argparse.Namespace) -> tuple[nn.Module, tuple[type, ...]
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in lora_targets():
             continue
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
-                                  device="meta")
+        layer = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
         # Same bytes as bitsandbytes' own quantizer (nibblora.quant is byte-compatible), built the way
         # transformers rebuilds a saved 4-bit checkpoint.
         state = to_bnb_state_dict(quantize_4bit(module.weight.detach().cpu(), "nf4", 64, True), "weight")
         stats = {k.removeprefix("weight."): v for k, v in state.items() if k != "weight"}
-        layer.weight = bnb.nn.Params4bit.from_prequantized(state["weight"], stats, requires_grad=False,
-                                                           device=args.device)
+        layer.weight = bnb.nn.Params4bit.from_prequantized(
+            state["weight"], stats, requires_grad=False, device=args.device
+        )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     model = get_peft_model(model, peft_config(args))
@@ -274,21 +290,26 @@ class Contender:
         for p in self.model.parameters():
             p.grad = None
         tokens_per_s = self.args.batch * self.args.seq / step_s
-        return Result(self.name, step_s, median_s, tokens_per_s, saved, lora_saved, with_params, peak,
-                      self.device_bytes)
+        return Result(
+            self.name, step_s, median_s, tokens_per_s, saved, lora_saved, with_params, peak, self.device_bytes
+        )
 
 
 def format_results(results: dict[str, Result], args: argparse.Namespace) -> str:
     mb = 1e6
-    head = (f"{'contender':<27} {'best s':>8} {'median s':>8} {'tok/s':>9} {'saved MB':>9} {'LoRA MB':>8} "
-            f"{'+params MB':>10}")
+    head = (
+        f"{'contender':<27} {'best s':>8} {'median s':>8} {'tok/s':>9} {'saved MB':>9} {'LoRA MB':>8} "
+        f"{'+params MB':>10}"
+    )
     head += f" {'peak MB':>9}"
     cuda = args.device.startswith("cuda")
     head += f" {'device MB':>9}" if cuda else ""
     lines = [head]
     for r in results.values():
-        line = (f"{r.name:<27} {r.step_s:>8.3f} {r.median_s:>8.3f} {r.tokens_per_s:>9.0f} {r.saved_bytes / mb:>9.1f} "
-                f"{r.lora_saved_bytes / mb:>8.1f} {r.saved_with_params_bytes / mb:>10.1f}")
+        line = (
+            f"{r.name:<27} {r.step_s:>8.3f} {r.median_s:>8.3f} {r.tokens_per_s:>9.0f} {r.saved_bytes / mb:>9.1f} "
+            f"{r.lora_saved_bytes / mb:>8.1f} {r.saved_with_params_bytes / mb:>10.1f}"
+        )
         line += f" {r.peak_bytes / mb:>9.1f}" if r.peak_bytes is not None else ""
         line += f" {r.device_bytes / mb:>9.1f}" if r.device_bytes is not None else ""
         lines.append(line)
@@ -297,10 +318,13 @@ def format_results(results: dict[str, Result], args: argparse.Namespace) -> str:
         if ours not in results or anchor not in results:
             return
         a, b = results[ours], results[anchor]
-        parts = [f"step time {a.step_s / b.step_s:.2f}x", f"tok/s {a.tokens_per_s / b.tokens_per_s:.2f}x",
-                 f"saved {a.saved_bytes / b.saved_bytes:.2f}x",
-                 f"LoRA-layer saved {a.lora_saved_bytes / max(b.lora_saved_bytes, 1):.2f}x",
-                 f"saved+params {a.saved_with_params_bytes / b.saved_with_params_bytes:.2f}x"]
+        parts = [
+            f"step time {a.step_s / b.step_s:.2f}x",
+            f"tok/s {a.tokens_per_s / b.tokens_per_s:.2f}x",
+            f"saved {a.saved_bytes / b.saved_bytes:.2f}x",
+            f"LoRA-layer saved {a.lora_saved_bytes / max(b.lora_saved_bytes, 1):.2f}x",
+            f"saved+params {a.saved_with_params_bytes / b.saved_with_params_bytes:.2f}x",
+        ]
         if a.peak_bytes and b.peak_bytes:
             parts.append(f"peak {a.peak_bytes / b.peak_bytes:.2f}x")
         if a.device_bytes and b.device_bytes:
@@ -336,12 +360,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on, for everyone")
-    parser.add_argument("--loss-chunk", type=int, default=0,
-                        help="tokens per chunk of nibblora's chunked loss (own model; default: the model's)")
-    parser.add_argument("--only", nargs="*", default=None,
-                        help="contenders to run: nibblora-model-qlora nibblora-model-lora nibblora-qlora "
-                             "nibblora-lora peft peft-bnb (default: these), nibblora-model-qlora-unfused "
-                             "nibblora-model-lora-unfused (the own model without the group-level functions)")
+    parser.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=0,
+        help="tokens per chunk of nibblora's chunked loss (own model; default: the model's)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="contenders to run: nibblora-model-qlora nibblora-model-lora nibblora-qlora "
+        "nibblora-lora peft peft-bnb (default: these), nibblora-model-qlora-unfused "
+        "nibblora-model-lora-unfused (the own model without the group-level functions)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     args = parser.parse_args(argv)
     if args.quick:
@@ -366,11 +398,13 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"LlamaForCausalLM hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, heads "
-          f"{args.heads}/{args.kv_heads}, vocab {args.vocab}, batch {args.batch} x seq {args.seq}; LoRA r {args.r} "
-          f"alpha {args.alpha:g} dropout {args.dropout} on all linear layers but lm_head; {args.dtype} on "
-          f"{args.device} ({torch.get_num_threads()} threads); {args.steps} interleaved timed steps; gradient "
-          f"checkpointing {'on' if args.checkpointing else 'off'}")
+    print(
+        f"LlamaForCausalLM hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, heads "
+        f"{args.heads}/{args.kv_heads}, vocab {args.vocab}, batch {args.batch} x seq {args.seq}; LoRA r {args.r} "
+        f"alpha {args.alpha:g} dropout {args.dropout} on all linear layers but lm_head; {args.dtype} on "
+        f"{args.device} ({torch.get_num_threads()} threads); {args.steps} interleaved timed steps; gradient "
+        f"checkpointing {'on' if args.checkpointing else 'off'}"
+    )
     contenders: list[Contender] = []
     for key, (name, factory) in CONTENDERS.items():
         if (key not in args.only) if args.only else key.endswith("-unfused"):
@@ -385,8 +419,9 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
     for i in range(args.steps):
         for c in contenders:
             c.timed_step()
-        print(f"  step {i + 1}/{args.steps}: " + ", ".join(f"{c.name} {c.times[-1]:.3f}s" for c in contenders),
-              flush=True)
+        print(
+            f"  step {i + 1}/{args.steps}: " + ", ".join(f"{c.name} {c.times[-1]:.3f}s" for c in contenders), flush=True
+        )
     results = {c.name: c.result() for c in contenders}
     print(format_results(results, args))
     return results

@@ -87,10 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         a, b = plain(hidden, weight, labels), chunked(hidden, weight, labels, args.chunk)
     rel = abs(float(a) - float(b)) / abs(float(a))
-    print(f"loss: batch {args.batch} x {args.seq}, hidden {args.hidden}, vocab {args.vocab}, {args.dtype} on "
-          f"{args.device}, chunk {args.chunk} tokens; relative difference of the two losses {rel:.1e}")
-    rows = {"plain (full logits)": measure(plain, (hidden, weight, labels), args.device, args.repeat),
-            "nibblora chunked": measure(chunked, (hidden, weight, labels, args.chunk), args.device, args.repeat)}
+    print(
+        f"loss: batch {args.batch} x {args.seq}, hidden {args.hidden}, vocab {args.vocab}, {args.dtype} on "
+        f"{args.device}, chunk {args.chunk} tokens; relative difference of the two losses {rel:.1e}"
+    )
+    rows = {
+        "plain (full logits)": measure(plain, (hidden, weight, labels), args.device, args.repeat),
+        "nibblora chunked": measure(chunked, (hidden, weight, labels, args.chunk), args.device, args.repeat),
+    }
     print(f"{'loss':<20} {'best s':>8} {'peak MiB':>9}")
     for name, (seconds, peak) in rows.items():
         print(f"{name:<20} {seconds:>8.3f} {peak / 2**20:>9.1f}")

@@ -60,16 +60,27 @@ def write_checkpoint(directory: Path, size: str, rank: int) -> tuple[Path, Path,
     base.mkdir(parents=True)
     adapter.mkdir()
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
     }
     (base / "config.json").write_text(json.dumps(config, indent=2))
     shapes = llama_shapes(hidden, inter, layers, heads, kv, vocab)
     g = torch.Generator().manual_seed(0)
-    with SafetensorsWriter(base / "model.safetensors", [TensorSpec(n, "BF16", s) for n, s in shapes.items()],
-                           metadata={"format": "pt"}) as out:
+    with SafetensorsWriter(
+        base / "model.safetensors", [TensorSpec(n, "BF16", s) for n, s in shapes.items()], metadata={"format": "pt"}
+    ) as out:
         for name, shape in shapes.items():
             out.write(name, (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16))
     lora = {}
@@ -81,10 +92,21 @@ def write_checkpoint(directory: Path, size: str, rank: int) -> tuple[Path, Path,
     from safetensors.torch import save_file
 
     save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
-        "target_modules": PROJ, "bias": "none", "base_model_name_or_path": str(base),
-    }, indent=2))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "lora_dropout": 0.0,
+                "target_modules": PROJ,
+                "bias": "none",
+                "base_model_name_or_path": str(base),
+            },
+            indent=2,
+        )
+    )
     return base, adapter, sum(int(torch.tensor(s).prod()) for s in shapes.values())
 
 
@@ -155,8 +177,11 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_merge-", dir=args.workdir))
     try:
         base, adapter, params = write_checkpoint(root, args.size, args.rank)
-        print(f"checkpoint: {params / 1e9:.2f}B parameters, bf16, {os.path.getsize(base / 'model.safetensors') / 1e9:.2f} GB; "
-              f"rank-{args.rank} LoRA on {', '.join(PROJ)}; {os.cpu_count()} CPUs")
+        print(
+            f"checkpoint: {params / 1e9:.2f}B parameters, bf16, "
+            f"{os.path.getsize(base / 'model.safetensors') / 1e9:.2f} GB; "
+            f"rank-{args.rank} LoRA on {', '.join(PROJ)}; {os.cpu_count()} CPUs"
+        )
         nib_s, nib_rss = run_child(NIBBLORA, str(base), str(adapter), str(root / "out_nibblora"))
         print(f"nibblora merge : {nib_s:6.2f} s, peak {nib_rss / 1e9:.2f} GB")
         if not args.skip_peft:

@@ -52,8 +52,12 @@ def train_tokenizer(folder: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=8000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=8000,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     corpus = [" ".join(random.Random(i).choices(WORDS, k=200)) for i in range(2000)]
     tok.train_from_iterator(corpus, trainer)
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,16 +90,31 @@ def bench_trl(tok: Path, rows: list[dict]) -> float | None:
         return None
     from nibblora import _native
 
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tok / "tokenizer.json"), eos_token="<|im_end|>",
-                                              pad_token="<|endoftext|>")
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tok / "tokenizer.json"), eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     hf.chat_template = _native.named_template_source("chatml")
-    config = transformers.LlamaConfig(vocab_size=len(hf), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=len(hf),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     model = transformers.LlamaForCausalLM(config)
     with tempfile.TemporaryDirectory() as out:
         # A CPU machine: TRL defaults to bf16 mixed precision and refuses to start without use_cpu / bf16=False.
-        args = SFTConfig(output_dir=out, assistant_only_loss=True, max_length=2048, packing=True, report_to=[],
-                         dataset_num_proc=None, use_cpu=True, bf16=False)
+        args = SFTConfig(
+            output_dir=out,
+            assistant_only_loss=True,
+            max_length=2048,
+            packing=True,
+            report_to=[],
+            dataset_num_proc=None,
+            use_cpu=True,
+            bf16=False,
+        )
         dataset = datasets.Dataset.from_list(rows)
         start = time.perf_counter()
         SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=hf)
@@ -126,8 +145,10 @@ def main() -> None:
     summary = prepare_dataset([src], work / "out", tokenizer=tok, template="chatml", max_length=2048, pack=True)
     ours = time.perf_counter() - start
     tokens = summary.tokens
-    print(f"nibblora end to end: {ours:.2f} s, {len(rows) / ours:,.0f} conv/s, {tokens / ours / 1e6:.2f} M tok/s "
-          f"({tokens:,} tokens, {summary.rows_out:,} packed rows, {100 * summary.supervised_fraction:.0f}% supervised)")
+    print(
+        f"nibblora end to end: {ours:.2f} s, {len(rows) / ours:,.0f} conv/s, {tokens / ours / 1e6:.2f} M tok/s "
+        f"({tokens:,} tokens, {summary.rows_out:,} packed rows, {100 * summary.supervised_fraction:.0f}% supervised)"
+    )
 
     # (c) the ceiling: tokenizers on pre-rendered strings.
     encoder = ConversationEncoder(tok, "chatml")
@@ -138,8 +159,10 @@ def main() -> None:
     encoded = fast.encode_batch_fast(texts, add_special_tokens=False)
     ceiling = time.perf_counter() - start
     ceiling_tokens = sum(len(e.ids) for e in encoded)
-    print(f"(c) tokenizers encode_batch_fast, pre-rendered: {ceiling:.2f} s, {ceiling_tokens / ceiling / 1e6:.2f} M tok/s"
-          f" -> nibblora at {(tokens / ours) / (ceiling_tokens / ceiling):.2f}x the ceiling")
+    print(
+        f"(c) tokenizers encode_batch_fast, pre-rendered: {ceiling:.2f} s, {ceiling_tokens / ceiling / 1e6:.2f} M tok/s"
+        f" -> nibblora at {(tokens / ours) / (ceiling_tokens / ceiling):.2f}x the ceiling"
+    )
 
     # (a) transformers, example by example, on a sample.
     import transformers
@@ -151,11 +174,14 @@ def main() -> None:
     sample = rows[: args.reference_sample]
     start = time.perf_counter()
     for r in sample:
-        hf.apply_chat_template(r["messages"], chat_template=template, tokenize=True, return_dict=True,
-                               return_assistant_tokens_mask=True)
+        hf.apply_chat_template(
+            r["messages"], chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
     hf_rate = len(sample) / (time.perf_counter() - start)
-    print(f"(a) transformers apply_chat_template + assistant mask: {hf_rate:,.0f} conv/s -> nibblora "
-          f"{(len(rows) / ours) / hf_rate:.1f}x")
+    print(
+        f"(a) transformers apply_chat_template + assistant mask: {hf_rate:,.0f} conv/s -> nibblora "
+        f"{(len(rows) / ours) / hf_rate:.1f}x"
+    )
 
     if not args.skip_trl:
         try:
@@ -165,13 +191,17 @@ def main() -> None:
             trl_seconds = None
         if trl_seconds:
             trl_rate = len(sample) / trl_seconds
-            print(f"(b) TRL SFTTrainer dataset preparation (sample): {trl_rate:,.0f} conv/s -> nibblora "
-                  f"{(len(rows) / ours) / trl_rate:.1f}x")
+            print(
+                f"(b) TRL SFTTrainer dataset preparation (sample): {trl_rate:,.0f} conv/s -> nibblora "
+                f"{(len(rows) / ours) / trl_rate:.1f}x"
+            )
 
     q_s, q_rss = child_peak_rss(tok, quarter, work / "q_out")
     f_s, f_rss = child_peak_rss(tok, src, work / "f_out")
-    print(f"peak RSS (fresh process, incl. Python + torch import): {len(rows) // 4:,} conv {q_rss:.0f} MB, "
-          f"{len(rows):,} conv {f_rss:.0f} MB")
+    print(
+        f"peak RSS (fresh process, incl. Python + torch import): {len(rows) // 4:,} conv {q_rss:.0f} MB, "
+        f"{len(rows):,} conv {f_rss:.0f} MB"
+    )
     print(f"scratch folder: {work}")
     _ = resource
 

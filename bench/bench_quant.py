@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.rows * args.cols
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, torch threads {torch.get_num_threads()}"
+    where = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU, torch threads {torch.get_num_threads()}"
+    )
     print(f"weight {args.rows} x {args.cols} = {n / 1e6:.1f} Mparam, NF4 blocksize 64, double quant; {where}")
     print(f"{'dtype':<9} {'op':<11} {'library':<13} {'ms':>9} {'Mparam/s':>10} {'nibblora x':>11}")
     for dtype in (torch.bfloat16, torch.float32):
@@ -103,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
                 if seconds is None:
                     continue
                 ratio = seconds / ours
-                print(f"{str(dtype).removeprefix('torch.'):<9} {op:<11} {name:<13} {seconds * 1e3:>9.1f} "
-                      f"{n / seconds / 1e6:>10.0f} {ratio:>10.1f}x")
+                print(
+                    f"{str(dtype).removeprefix('torch.'):<9} {op:<11} {name:<13} {seconds * 1e3:>9.1f} "
+                    f"{n / seconds / 1e6:>10.0f} {ratio:>10.1f}x"
+                )
 
 
 if __name__ == "__main__":

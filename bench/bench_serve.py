@@ -65,19 +65,35 @@ class Result:
 
     def row(self) -> dict:
         lat = sorted(self.latencies)
-        return {"contender": self.contender, "workload": self.workload, "n": self.n, "used": self.adapters_used,
-                "tok/s": round(self.tokens_per_s, 1), "req/s": round(self.requests / self.seconds, 2),
-                "p50 s": round(lat[len(lat) // 2], 3), "p99 s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
-                "peak MB": round(self.peak_bytes / 2**20, 1)}
+        return {
+            "contender": self.contender,
+            "workload": self.workload,
+            "n": self.n,
+            "used": self.adapters_used,
+            "tok/s": round(self.tokens_per_s, 1),
+            "req/s": round(self.requests / self.seconds, 2),
+            "p50 s": round(lat[len(lat) // 2], 3),
+            "p99 s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
+            "peak MB": round(self.peak_bytes / 2**20, 1),
+        }
 
 
 # ---- setup ------------------------------------------------------------------------------------------------------
 def build_checkpoint(args: argparse.Namespace, folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                         max_position_embeddings=1024, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=1024,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder, safe_serialization=True)
@@ -92,8 +108,15 @@ def write_adapters(base_folder: Path, root: Path, n: int, rank: int) -> list[Pat
     hidden, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
     head_dim = hidden // heads
     kv = config["num_key_value_heads"] * head_dim
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
-              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
     folders = []
     for i in range(n):
         gen = torch.Generator().manual_seed(i)
@@ -106,10 +129,24 @@ def write_adapters(base_folder: Path, root: Path, n: int, rank: int) -> list[Pat
                 tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.01
         folder = root / f"a{i}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
-            "target_modules": list(PROJECTIONS), "bias": "none", "use_dora": False, "use_rslora": False,
-            "base_model_name_or_path": None, "fan_in_fan_out": False, "inference_mode": True}))
+        (folder / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "r": rank,
+                    "lora_alpha": 2 * rank,
+                    "lora_dropout": 0.0,
+                    "target_modules": list(PROJECTIONS),
+                    "bias": "none",
+                    "use_dora": False,
+                    "use_rslora": False,
+                    "base_model_name_or_path": None,
+                    "fan_in_fan_out": False,
+                    "inference_mode": True,
+                }
+            )
+        )
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         folders.append(folder)
     return folders
@@ -181,10 +218,18 @@ def run_nibblora(args, base_folder, adapter_folders, prompts, outputs, adapter_i
                 parent, attr = name.rsplit(".", 1)
                 setattr(model.get_submodule(parent), attr, layer.base)
     used = sorted(set(adapter_ids))
-    engine = Engine(model, EngineConfig(max_loras=min(args.max_loras, max(1, len(used))),
-                                        max_cpu_loras=max(args.max_loras, len(used)), max_lora_rank=args.rank,
-                                        max_num_seqs=args.batch, max_num_batched_tokens=args.token_budget,
-                                        kv_cache_tokens=args.batch * 256, max_model_len=1024))
+    engine = Engine(
+        model,
+        EngineConfig(
+            max_loras=min(args.max_loras, max(1, len(used))),
+            max_cpu_loras=max(args.max_loras, len(used)),
+            max_lora_rank=args.rank,
+            max_num_seqs=args.batch,
+            max_num_batched_tokens=args.token_budget,
+            kv_cache_tokens=args.batch * 256,
+            max_model_len=1024,
+        ),
+    )
     # Register the adapters the workload uses (peft loads the same set), all held in host memory.
     names = [None] * len(adapter_ids)
     if not merged:
@@ -222,8 +267,15 @@ def _hf_generate(model, prompts, max_new, device, **kwargs):
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                       do_sample=False, pad_token_id=0, **kwargs)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
 
 
 def run_peft(args, base_folder, adapter_folders, prompts, outputs, adapter_ids, device, mixed: bool) -> tuple:
@@ -234,8 +286,7 @@ def run_peft(args, base_folder, adapter_folders, prompts, outputs, adapter_ids, 
         order.sort(key=lambda i: adapter_ids[i])
     batches = []
     for i in order:
-        if (batches and len(batches[-1]) < args.batch
-                and (mixed or adapter_ids[batches[-1][0]] == adapter_ids[i])):
+        if batches and len(batches[-1]) < args.batch and (mixed or adapter_ids[batches[-1][0]] == adapter_ids[i]):
             batches[-1].append(i)
         else:
             batches.append([i])
@@ -305,16 +356,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     rng = random.Random(0)
-    prompts = [[rng.randrange(1, args.vocab) for _ in range(rng.randint(*args.prompt_len))]
-               for _ in range(args.requests)]
+    prompts = [
+        [rng.randrange(1, args.vocab) for _ in range(rng.randint(*args.prompt_len))] for _ in range(args.requests)
+    ]
     outputs = [rng.randint(*args.output_len) for _ in range(args.requests)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = build_checkpoint(args, Path(tmp) / "base")
         adapters = write_adapters(base, Path(tmp) / "adapters", max(args.n), args.rank)
-        print(f"model hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, {args.dtype}, {device}; "
-              f"{args.requests} requests, prompts {args.prompt_len}, outputs {args.output_len}, rank {args.rank}, "
-              f"batch {args.batch}, threads {torch.get_num_threads()}")
+        print(
+            f"model hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, {args.dtype}, {device}; "
+            f"{args.requests} requests, prompts {args.prompt_len}, outputs {args.output_len}, rank {args.rank}, "
+            f"batch {args.batch}, threads {torch.get_num_threads()}"
+        )
         done_merged = False
         for n in args.n:
             for kind in args.workloads:
@@ -326,8 +380,9 @@ def main() -> None:
                         if kind != "identical" or done_merged:
                             continue
                         done_merged = True
-                    seconds, tokens, latencies, peak = run_contender(contender, args, base, adapters, prompts,
-                                                                     outputs, ids, device)
+                    seconds, tokens, latencies, peak = run_contender(
+                        contender, args, base, adapters, prompts, outputs, ids, device
+                    )
                     result = Result(contender, kind, n, len(set(ids)), seconds, tokens, args.requests, latencies, peak)
                     rows.append(result.row())
                     print(_format_row(rows[-1]), flush=True)

@@ -22,12 +22,30 @@ from pathlib import Path
 
 # The demo's model (examples/pretrain_tiny.py) and a 106 M-parameter one; "tiny" is the test suite's share.
 MODELS = {
-    "demo": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "tiny": dict(vocab_size=4000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4),
-    "106m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=9,
-                 num_attention_heads=12, num_key_value_heads=4),
+    "demo": dict(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "tiny": dict(
+        vocab_size=4000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+    "106m": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=9,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+    ),
 }
 
 
@@ -42,8 +60,11 @@ class GridPoint:
 
     @property
     def name(self) -> str:
-        return (f"{self.model}-{self.mode}-b{self.batch}-s{self.seq}" + ("-ckpt" if self.checkpointing else "")
-                + ("-bf16" if self.dtype == "bfloat16" else ""))
+        return (
+            f"{self.model}-{self.mode}-b{self.batch}-s{self.seq}"
+            + ("-ckpt" if self.checkpointing else "")
+            + ("-bf16" if self.dtype == "bfloat16" else "")
+        )
 
 
 GRID = [
@@ -73,8 +94,14 @@ def write_checkpoint(shape: dict, folder: Path) -> None:
 
     from nibblora.models import LlamaForCausalLM, ModelConfig
 
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 4096,
-              "tie_word_embeddings": False, "torch_dtype": "float32", **shape}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        **shape,
+    }
     torch.manual_seed(0)
     model = LlamaForCausalLM(ModelConfig.from_hf_dict(config))
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,8 +150,13 @@ every = 0
 
     # The child imports the nibblora this process runs (the worktree's, or an installed wheel on a GPU machine).
     env = dict(os.environ, PYTHONPATH=str(Path(nibblora.__file__).resolve().parents[1]), OMP_NUM_THREADS=str(threads))
-    done = subprocess.run([sys.executable, "-m", "nibblora.train", str(config), "--quiet"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "nibblora.train", str(config), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{point.name}: nibblora.train failed:\n{done.stderr[-2000:]}")
     with open_run(out) as store:
@@ -134,8 +166,10 @@ every = 0
 
 
 def format_table(results: list[dict]) -> str:
-    lines = ["| configuration | measured peak MiB | estimate MiB | estimate / measured |",
-             "| --- | ---: | ---: | ---: |"]
+    lines = [
+        "| configuration | measured peak MiB | estimate MiB | estimate / measured |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for r in results:
         lines.append(f"| {r['name']} | {r['measured'] / 2**20:.1f} | {r['estimate'] / 2**20:.1f} | {r['ratio']:.2f} |")
     return "\n".join(lines)
@@ -158,8 +192,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             results.append(run_point(point, Path(tmp), args.device, args.threads))
             r = results[-1]
-            print(f"{r['name']:<28} measured {r['measured'] / 2**20:8.1f} MiB  estimate {r['estimate'] / 2**20:8.1f} "
-                  f"MiB  ratio {r['ratio']:.2f}", flush=True)
+            print(
+                f"{r['name']:<28} measured {r['measured'] / 2**20:8.1f} MiB  estimate {r['estimate'] / 2**20:8.1f} "
+                f"MiB  ratio {r['ratio']:.2f}",
+                flush=True,
+            )
     print(format_table(results))
     return results
 

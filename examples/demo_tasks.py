@@ -1,4 +1,5 @@
-"""The demo's data: instruction tasks with checkable answers (arithmetic, parity, list lookups, counting), rendered as ChatML with the prompt masked.
+"""The demo's data: instruction tasks with checkable answers (arithmetic, parity, list lookups, counting),
+rendered as ChatML with the prompt masked.
 
 A demo helper, not a data pipeline: nibblora.data (Rust: chat templates, masks, packing) is the real one.
 Every task is generated from a seeded random.Random, so the same seed gives the same rows on every machine.
@@ -7,7 +8,6 @@ Every task is generated from a seeded random.Random, so the same seed gives the 
 from __future__ import annotations
 
 import random
-
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SYSTEM = "You are a precise assistant. Answer with the result only."
@@ -60,11 +60,15 @@ def make_examples(n: int, seed: int) -> list[dict]:
 
 def as_conversation(example: dict) -> dict:
     """The row nibblora.data prepares: system, user prompt, assistant answer."""
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": example["prompt"]},
-                         {"role": "assistant", "content": example["answer"]}]}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["answer"]},
+        ]
+    }
 
 
 def render_prompt(prompt: str) -> str:
     """ChatML up to where the assistant starts answering."""
-    return (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{prompt}{IM_END}\n"
-            f"{IM_START}assistant\n")
+    return f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{prompt}{IM_END}\n{IM_START}assistant\n"

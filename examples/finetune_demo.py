@@ -29,12 +29,12 @@ from tokenizers import Tokenizer  # noqa: E402
 from nibblora.data import prepare_dataset  # noqa: E402
 from nibblora.lora import load_adapter  # noqa: E402
 from nibblora.merge import merge_checkpoint  # noqa: E402
-from nibblora.quantize import quantize_checkpoint  # noqa: E402
-from nibblora.verify import verify_merge  # noqa: E402
 from nibblora.models import generate, load_model  # noqa: E402
+from nibblora.quantize import quantize_checkpoint  # noqa: E402
 from nibblora.runs import open_run  # noqa: E402
 from nibblora.train import TokenizedRows, evaluate  # noqa: E402
 from nibblora.train.distributed import DistInfo  # noqa: E402
+from nibblora.verify import verify_merge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,9 +46,8 @@ def exact_match(model: nn.Module, tokenizer: Tokenizer, examples: list[dict], ba
     correct = 0
     model.eval()
     for begin in range(0, len(examples), batch_size):
-        chunk = examples[begin:begin + batch_size]
-        prompts = [tokenizer.encode(demo_tasks.render_prompt(e["prompt"]), add_special_tokens=False).ids
-                   for e in chunk]
+        chunk = examples[begin : begin + batch_size]
+        prompts = [tokenizer.encode(demo_tasks.render_prompt(e["prompt"]), add_special_tokens=False).ids for e in chunk]
         longest = max(map(len, prompts))
         ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts])  # left-padded
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
@@ -64,7 +63,7 @@ def general_rows(tokenizer: Tokenizer, n_rows: int = 48, seq_len: int = 64) -> T
     """Held-out stdlib source (files pretraining never saw), in chunks: the "general distribution"."""
     _, held_out = pretrain_tiny.stdlib_files()
     ids = tokenizer.encode(pretrain_tiny.read_text(held_out, 200_000), add_special_tokens=False).ids
-    return TokenizedRows([{"input_ids": ids[i:i + seq_len]} for i in range(0, n_rows * seq_len, seq_len)])
+    return TokenizedRows([{"input_ids": ids[i : i + seq_len]} for i in range(0, n_rows * seq_len, seq_len)])
 
 
 def mean_loss(model: nn.Module, rows: TokenizedRows, pad_id: int) -> float:
@@ -95,17 +94,23 @@ def main() -> None:
     # Held-out rows are fresh draws; prompts seen in training are dropped, except for the addition table (100
     # prompts in all, every one of them in the training set).
     seen = {e["prompt"] for e in train_examples}
-    held_out = [e for e in demo_tasks.make_examples(600, seed=2)
-                if e["task"] == "add" or e["prompt"] not in seen][:120]
+    held_out = [e for e in demo_tasks.make_examples(600, seed=2) if e["task"] == "add" or e["prompt"] not in seen][:120]
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     # nibblora.data (Rust): ChatML rendered once per conversation, tokenized once, labels -100 everywhere but
     # the assistant's answer and its <|im_end|>.
     for name, examples in (("train", train_examples), ("task_eval", held_out)):
-        summary = prepare_dataset([demo_tasks.as_conversation(e) for e in examples], data_dir / name,
-                                  tokenizer=base_dir / "tokenizer.json", template="chatml", overwrite=True)
-        print(f"   prepared {name}: {summary.rows_out:,} rows, {summary.tokens:,} tokens, "
-              f"{summary.supervised_tokens / summary.tokens:.0%} supervised")
+        summary = prepare_dataset(
+            [demo_tasks.as_conversation(e) for e in examples],
+            data_dir / name,
+            tokenizer=base_dir / "tokenizer.json",
+            template="chatml",
+            overwrite=True,
+        )
+        print(
+            f"   prepared {name}: {summary.rows_out:,} rows, {summary.tokens:,} tokens, "
+            f"{summary.supervised_tokens / summary.tokens:.0%} supervised"
+        )
     general = general_rows(tokenizer)
     general.to_jsonl(data_dir / "general_eval.jsonl")
     print(f"   {len(train_examples)} training rows, {len(held_out)} held-out rows over {len(demo_tasks.TASKS)} tasks")
@@ -130,8 +135,8 @@ alpha = 32.0
 dropout = 0.05
 target_modules = "all-linear"
 [data]
-train = "{data_dir / 'train'}"
-eval = {{ task = "{data_dir / 'task_eval'}", general = "{data_dir / 'general_eval.jsonl'}" }}
+train = "{data_dir / "train"}"
+eval = {{ task = "{data_dir / "task_eval"}", general = "{data_dir / "general_eval.jsonl"}" }}
 batch_size = 16
 pad_token_id = {pad_id}
 [train]
@@ -160,39 +165,55 @@ resume = false
     load_adapter(tuned, run_dir / "adapter")
     acc_after, general_after = exact_match(tuned, tokenizer, held_out), mean_loss(tuned, general, pad_id)
     print(f"   exact match {acc_after:.1%}, general-text loss {general_after:.3f}")
-    per_task = {t: exact_match(tuned, tokenizer, [e for e in held_out if e["task"] == t]) if any(
-        e["task"] == t for e in held_out) else None for t in demo_tasks.TASKS}
+    per_task = {
+        t: exact_match(tuned, tokenizer, [e for e in held_out if e["task"] == t])
+        if any(e["task"] == t for e in held_out)
+        else None
+        for t in demo_tasks.TASKS
+    }
     print("   by task: " + ", ".join(f"{t} {a:.0%}" for t, a in per_task.items() if a is not None))
 
     print("== 6. merging the adapter: nibblora.quantize -> nibblora.merge (Rust) -> nibblora.verify")
     # QLoRA trained against the NF4 base, so merge into exactly that: quantize the base (the same bytes
     # load_model(quantize="nf4") made), then merge, which dequantizes to float32 and adds scaling * B @ A once.
-    quantize_checkpoint(base_dir, work / "base-nf4", quant_type="nf4", compute_dtype="float32", overwrite=True,
-                        progress=False)
-    merge_checkpoint(work / "base-nf4", [run_dir / "adapter"], work / "merged", dtype="float32", overwrite=True,
-                     progress=False)
+    quantize_checkpoint(
+        base_dir, work / "base-nf4", quant_type="nf4", compute_dtype="float32", overwrite=True, progress=False
+    )
+    merge_checkpoint(
+        work / "base-nf4", [run_dir / "adapter"], work / "merged", dtype="float32", overwrite=True, progress=False
+    )
     report = verify_merge(work / "base-nf4", run_dir / "adapter", work / "merged", dtype=torch.float32)
     merged = load_model(work / "merged", torch.float32)
     acc_merged = exact_match(merged, tokenizer, held_out)
-    assert report.max_abs_logit_diff < 1e-3 and acc_merged == acc_after, (report.max_abs_logit_diff, acc_merged, acc_after)
-    print(f"   merged logits within {report.max_abs_logit_diff:.1e} of base + adapter (max KL {report.max_kl:.1e}); "
-          f"merged exact match {acc_merged:.1%} (same)")
+    assert report.max_abs_logit_diff < 1e-3 and acc_merged == acc_after, (
+        report.max_abs_logit_diff,
+        acc_merged,
+        acc_after,
+    )
+    print(
+        f"   merged logits within {report.max_abs_logit_diff:.1e} of base + adapter (max KL {report.max_kl:.1e}); "
+        f"merged exact match {acc_merged:.1%} (same)"
+    )
 
     with open_run(run_dir) as store:
         last = store.metrics()[max(store.metrics())]
         info = store.run()
         speeds = [v for _, v in store.metric("tokens_per_s")]
     adapter_bytes = sum(p.stat().st_size for p in (run_dir / "adapter").iterdir())
-    trainable = sum(m.adapter.lora_A.numel() + m.adapter.lora_B.numel()
-                    for m in load_adapter(load_model(base_dir, torch.float32, quantize="nf4"),
-                                          run_dir / "adapter").values())
+    trainable = sum(
+        m.adapter.lora_A.numel() + m.adapter.lora_B.numel()
+        for m in load_adapter(load_model(base_dir, torch.float32, quantize="nf4"), run_dir / "adapter").values()
+    )
     rows = [
         ("exact-match accuracy (held out)", f"{acc_before:.1%}", f"{acc_after:.1%}"),
         ("general-text loss (held-out stdlib)", f"{general_before:.3f}", f"{general_after:.3f}"),
         ("trainable parameters", "", f"{trainable:,}"),
         ("adapter size on disk", "", f"{adapter_bytes / 1e6:.2f} MB"),
-        ("peak memory (measured) / estimate", "", f"{last['mem_peak_bytes'] / 1e6:.0f} MB / "
-                                             f"{last['mem_estimate_bytes'] / 1e6:.0f} MB"),
+        (
+            "peak memory (measured) / estimate",
+            "",
+            f"{last['mem_peak_bytes'] / 1e6:.0f} MB / {last['mem_estimate_bytes'] / 1e6:.0f} MB",
+        ),
         ("training tokens/s (median)", "", f"{sorted(speeds)[len(speeds) // 2]:.0f}"),
         ("run status", "", info.status),
     ]

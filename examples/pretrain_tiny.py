@@ -26,15 +26,25 @@ from nibblora.models import LlamaForCausalLM, ModelConfig
 
 SPECIAL_TOKENS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ~1.1 M parameters: pretrains in about a minute and a half on two CPU cores.
-MODEL_SHAPE = dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+MODEL_SHAPE = dict(
+    vocab_size=1024,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def stdlib_files() -> tuple[list[Path], list[Path]]:
     """(pretraining files, held-out files): the stdlib's .py files outside test folders, sorted by path."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
-                   if not any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in p.parts))
+    files = sorted(
+        p
+        for p in root.rglob("*.py")
+        if not any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in p.parts)
+    )
     return [p for i, p in enumerate(files) if i % 10], [p for i, p in enumerate(files) if i % 10 == 0]
 
 
@@ -56,23 +66,38 @@ def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     # Digits one by one (so arithmetic and dates are learnable), then GPT-2's byte-level split.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([text[i:i + 100_000] for i in range(0, len(text), 100_000)], trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator([text[i : i + 100_000] for i in range(0, len(text), 100_000)], trainer)
     return tokenizer
 
 
 def hf_config(config: ModelConfig) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
-        "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta, "tie_word_embeddings": False, "torch_dtype": "float32",
-        "bos_token_id": None, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "bos_token_id": None,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
     }
 
 
@@ -83,26 +108,40 @@ def save_checkpoint(model: LlamaForCausalLM, tokenizer: Tokenizer, out: Path) ->
     tokenizer.save(str(out / "tokenizer.json"))
 
 
-def pretrain(out: Path, steps: int = 300, seq_len: int = 64, batch_size: int = 16, lr: float = 3e-3,
-             text_chars: int = 600_000, seed: int = 0, log_every: int = 100) -> Path:
+def pretrain(
+    out: Path,
+    steps: int = 300,
+    seq_len: int = 64,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    text_chars: int = 600_000,
+    seed: int = 0,
+    log_every: int = 100,
+) -> Path:
     torch.manual_seed(seed)
     train_files, _ = stdlib_files()
     text = read_text(train_files, text_chars)
     tokenizer = train_tokenizer(text, MODEL_SHAPE["vocab_size"])
     ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
     print(f"pretraining on {len(text) / 1e6:.1f} M characters of stdlib source = {len(ids) / 1e6:.2f} M tokens")
-    config = ModelConfig(**MODEL_SHAPE, eos_token_id=tokenizer.token_to_id("<|im_end|>"),
-                         pad_token_id=tokenizer.token_to_id("<pad>"))
+    config = ModelConfig(
+        **MODEL_SHAPE, eos_token_id=tokenizer.token_to_id("<|im_end|>"), pad_token_id=tokenizer.token_to_id("<pad>")
+    )
     model = LlamaForCausalLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (
-        1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, steps - warmup)))) * 0.9 + 0.1))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(
+            (s + 1) / warmup,
+            0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, steps - warmup)))) * 0.9 + 0.1,
+        ),
+    )
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         offsets = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=generator)
-        batch = torch.stack([ids[o:o + seq_len + 1] for o in offsets.tolist()])
+        batch = torch.stack([ids[o : o + seq_len + 1] for o in offsets.tolist()])
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()

@@ -67,18 +67,24 @@ def compare_logits(original: Path, quantized: Path) -> None:
     ours = load(quantized, device_map="cpu")
     theirs = load(original, device_map="cpu", quantization_config=bnb)
     full = load(original, device_map="cpu", dtype=torch.bfloat16)
-    print(f"loaded {quantized.name}: {type(ours.model.layers[0].mlp.up_proj).__module__}."
-          f"{type(ours.model.layers[0].mlp.up_proj).__name__} layers")
+    print(
+        f"loaded {quantized.name}: {type(ours.model.layers[0].mlp.up_proj).__module__}."
+        f"{type(ours.model.layers[0].mlp.up_proj).__name__} layers"
+    )
     ids = torch.randint(0, LLAMA["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b, c = ours(ids).logits.float(), theirs(ids).logits.float(), full(ids).logits.float()
     same = torch.equal(a, b)
-    print(f"logits, nibblora's checkpoint vs bitsandbytes quantizing itself: "
-          f"{'identical' if same else 'DIFFERENT'} (max |diff| {(a - b).abs().max().item():.3g})")
+    print(
+        f"logits, nibblora's checkpoint vs bitsandbytes quantizing itself: "
+        f"{'identical' if same else 'DIFFERENT'} (max |diff| {(a - b).abs().max().item():.3g})"
+    )
     relative = ((a - c).norm() / c.norm()).item()
     agree = (a.argmax(-1) == c.argmax(-1)).float().mean().item()
-    print(f"logits, 4-bit vs bfloat16 original: relative error {relative:.3f}, "
-          f"top-1 token agreement {100 * agree:.1f}% (a random model's logits are nearly flat)")
+    print(
+        f"logits, 4-bit vs bfloat16 original: relative error {relative:.3f}, "
+        f"top-1 token agreement {100 * agree:.1f}% (a random model's logits are nearly flat)"
+    )
     if not same:
         raise SystemExit("nibblora's 4-bit checkpoint does not reproduce bitsandbytes' own quantization")
 
@@ -97,10 +103,14 @@ def load_with_nibblora(quantized: Path) -> None:
     ids = torch.randint(0, LLAMA["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a, b = ours(ids).float(), theirs(ids).logits.float()
-    print(f"nibblora.models.load_model: {type(layer).__name__} layers, "
-          f"{sum(b.numel() for b in ours.buffers()) / 1e6:.1f}M stored values")
-    print(f"logits, nibblora's model vs transformers' 4-bit model: max |diff| {(a - b).abs().max().item():.2e}, "
-          f"top-1 agreement {100 * (a.argmax(-1) == b.argmax(-1)).float().mean().item():.1f}%")
+    print(
+        f"nibblora.models.load_model: {type(layer).__name__} layers, "
+        f"{sum(b.numel() for b in ours.buffers()) / 1e6:.1f}M stored values"
+    )
+    print(
+        f"logits, nibblora's model vs transformers' 4-bit model: max |diff| {(a - b).abs().max().item():.2e}, "
+        f"top-1 agreement {100 * (a.argmax(-1) == b.argmax(-1)).float().mean().item():.1f}%"
+    )
 
 
 def report_real_weights() -> None:
@@ -133,8 +143,11 @@ def report_real_weights() -> None:
 def report_errors(original: Path) -> None:
     from safetensors import safe_open
 
-    wanted = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
-              "model.layers.7.mlp.down_proj.weight"]
+    wanted = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.7.mlp.down_proj.weight",
+    ]
     index = original / "model.safetensors.index.json"
     weight_map = json.loads(index.read_text())["weight_map"]
     tensors = {}

@@ -70,8 +70,17 @@ BAD_CONFIG_FILES: list[tuple[str, bytes | None]] = [
     ("missing", None),
 ]
 
-INT_DTYPES = {"I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16, "I32": np.int32, "U32": np.uint32,
-              "I64": np.int64, "U64": np.uint64, "BOOL": np.bool_}
+INT_DTYPES = {
+    "I8": np.int8,
+    "U8": np.uint8,
+    "I16": np.int16,
+    "U16": np.uint16,
+    "I32": np.int32,
+    "U32": np.uint32,
+    "I64": np.int64,
+    "U64": np.uint64,
+    "BOOL": np.bool_,
+}
 
 
 def hostile_adapters(good: Path, root: Path, seed: int, count: int) -> list[tuple[Path, Case]]:
@@ -96,8 +105,11 @@ def hostile_adapters(good: Path, root: Path, seed: int, count: int) -> list[tupl
         key = rng.choice(sorted(BAD_VALUES))
         value = rng.choice(BAD_VALUES[key])
         write(d, dict(config, **{key: value}), raw)
-        return Case(f"config {key}={value!r}"[:80], True, key if key != "target_modules" or value != [
-            "nothing_matches"] else "does not select")
+        return Case(
+            f"config {key}={value!r}"[:80],
+            True,
+            key if key != "target_modules" or value != ["nothing_matches"] else "does not select",
+        )
 
     def bad_config_file(i: int, d: Path) -> Case:
         name, content = rng.choice(BAD_CONFIG_FILES)
@@ -149,8 +161,9 @@ def hostile_adapters(good: Path, root: Path, seed: int, count: int) -> list[tupl
             h[key]["shape"] = rng.choice([[], [1], [-1, 4], [4.5, 2], ["4", 2], [2**40, 2**40], None])
         elif what == "offsets":
             b, e = h[key]["data_offsets"]
-            h[key]["data_offsets"] = rng.choice([[e, b], [b, e + 4], [b - 4, e], [0, len(data) + 8], [b, 2**64 - 1],
-                                                 [b + 0.5, e]])
+            h[key]["data_offsets"] = rng.choice(
+                [[e, b], [b, e + 4], [b - 4, e], [0, len(data) + 8], [b, 2**64 - 1], [b + 0.5, e]]
+            )
         elif what == "name_type":
             h[key] = rng.choice([None, [], "x", {"dtype": "F32"}])
         else:
@@ -189,8 +202,21 @@ def hostile_adapters(good: Path, root: Path, seed: int, count: int) -> list[tupl
 
         tensors = load_file(str(good / WEIGHTS))
         key = rng.choice(keys)
-        what = rng.choice(["transpose", "wider", "rank", "flat", "drop", "unknown", "no_prefix", "foreign_module",
-                           "lora_C", "zero_rank", "empty"])
+        what = rng.choice(
+            [
+                "transpose",
+                "wider",
+                "rank",
+                "flat",
+                "drop",
+                "unknown",
+                "no_prefix",
+                "foreign_module",
+                "lora_C",
+                "zero_rank",
+                "empty",
+            ]
+        )
         must, needle = True, key
         if what == "transpose":
             tensors[key] = np.ascontiguousarray(tensors[key].T)
@@ -198,8 +224,9 @@ def hostile_adapters(good: Path, root: Path, seed: int, count: int) -> list[tupl
             tensors[key] = np.zeros((tensors[key].shape[0], tensors[key].shape[1] + 1), np.float32)
         elif what == "rank":
             a = tensors[key]
-            tensors[key] = np.zeros((a.shape[0] + 1, a.shape[1]) if ".lora_A." in key else (a.shape[0], a.shape[1] + 1),
-                                    np.float32)
+            tensors[key] = np.zeros(
+                (a.shape[0] + 1, a.shape[1]) if ".lora_A." in key else (a.shape[0], a.shape[1] + 1), np.float32
+            )
         elif what == "flat":
             tensors[key] = tensors[key].reshape(-1)
         elif what == "drop":
@@ -220,8 +247,9 @@ def hostile_adapters(good: Path, root: Path, seed: int, count: int) -> list[tupl
             tensors[key.replace(".lora_A.", ".lora_C.").replace(".lora_B.", ".lora_C.")] = tensors[key]
             needle = "lora_C"
         elif what == "zero_rank":
-            tensors[key] = np.zeros((0, tensors[key].shape[1]) if ".lora_A." in key else (tensors[key].shape[0], 0),
-                                    np.float32)
+            tensors[key] = np.zeros(
+                (0, tensors[key].shape[1]) if ".lora_A." in key else (tensors[key].shape[0], 0), np.float32
+            )
         else:
             tensors = {}
             needle = "no LoRA tensors"
@@ -241,11 +269,32 @@ def hostile_adapters(good: Path, root: Path, seed: int, count: int) -> list[tupl
         (d / WEIGHTS).mkdir()
         return Case("adapter_model.safetensors is a folder", True, WEIGHTS)
 
-    makers = [bad_value] * 6 + [bad_config_file] * 2 + [missing_key, truncated, truncated, header_length,
-                                                          flip_header_byte, flip_header_byte, flip_data_byte, garbage,
-                                                          header_edit, header_edit, header_edit, non_finite,
-                                                          non_finite, int_dtype, int_dtype, tensor_edit, tensor_edit,
-                                                          tensor_edit, missing_weights, weights_is_folder]
+    makers = (
+        [bad_value] * 6
+        + [bad_config_file] * 2
+        + [
+            missing_key,
+            truncated,
+            truncated,
+            header_length,
+            flip_header_byte,
+            flip_header_byte,
+            flip_data_byte,
+            garbage,
+            header_edit,
+            header_edit,
+            header_edit,
+            non_finite,
+            non_finite,
+            int_dtype,
+            int_dtype,
+            tensor_edit,
+            tensor_edit,
+            tensor_edit,
+            missing_weights,
+            weights_is_folder,
+        ]
+    )
     out = []
     for i in range(count):
         directory = root / f"case{i:04d}"

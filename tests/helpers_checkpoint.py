@@ -27,8 +27,9 @@ def small_tensors(seed: int = 1, dtype: torch.dtype = torch.float32, layers: int
     return out
 
 
-def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor] | None = None, config: dict | None = None,
-                     shards: int = 1) -> Path:
+def write_checkpoint(
+    path: Path, tensors: dict[str, torch.Tensor] | None = None, config: dict | None = None, shards: int = 1
+) -> Path:
     """config.json + model.safetensors, or `shards` shard files with their index."""
     tensors = small_tensors() if tensors is None else tensors
     path.mkdir(parents=True, exist_ok=True)
@@ -51,9 +52,20 @@ def write_adapter(path: Path, scale: float = 1.0, seed: int = 2, layers: int = 1
     """A peft LoRA adapter (r=2) on q_proj of the small checkpoint with `layers` layers."""
     g = torch.Generator().manual_seed(seed)
     path.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "lora_dropout": 0.0,
-              "target_modules": ["q_proj"], "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-              "use_dora": False, "modules_to_save": None, "base_model_name_or_path": "tiny"}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 2,
+        "lora_alpha": 4,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "base_model_name_or_path": "tiny",
+    }
     (path / "adapter_config.json").write_text(json.dumps(config))
     tensors = {}
     for i in range(layers):
@@ -73,14 +85,18 @@ def leftovers(out: Path) -> list[str]:
 
 # ---------------------------------------------------------------- hostile variants
 
+
 def _split(raw: bytes) -> tuple[dict, bytes]:
     n = struct.unpack("<Q", raw[:8])[0]
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def _join(header: dict | str | bytes, data: bytes, pad: bool = True) -> bytes:
-    blob = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode(
-        "utf-8", "surrogatepass")
+    blob = (
+        header
+        if isinstance(header, bytes)
+        else (header if isinstance(header, str) else json.dumps(header)).encode("utf-8", "surrogatepass")
+    )
     if pad:
         blob += b" " * (-len(blob) % 8)
     return struct.pack("<Q", len(blob)) + blob + data
@@ -93,6 +109,7 @@ def _first(header: dict) -> str:
 def _entry_edit(field: str, value) -> Callable[[dict, random.Random], None]:
     def edit(h: dict, rng: random.Random) -> None:
         h[rng.choice([k for k in h if k != "__metadata__"])][field] = value
+
     return edit
 
 
@@ -111,8 +128,11 @@ HEADER_EDITS: dict[str, Callable[[dict, random.Random], None]] = {
     "metadata_list": lambda h, r: h.__setitem__("__metadata__", ["pt"]),
     "metadata_nested": lambda h, r: h.__setitem__("__metadata__", {"format": {"a": "b"}}),
     "wrong_width": lambda h, r: h[_first(h)].__setitem__("dtype", "F16" if h[_first(h)]["dtype"] != "F16" else "F32"),
-    "overlap": lambda h, r: [e.__setitem__("data_offsets", [0, e["data_offsets"][1] - e["data_offsets"][0]])
-                             for k, e in h.items() if k != "__metadata__"],
+    "overlap": lambda h, r: [
+        e.__setitem__("data_offsets", [0, e["data_offsets"][1] - e["data_offsets"][0]])
+        for k, e in h.items()
+        if k != "__metadata__"
+    ],
     "huge_shape": _entry_edit("shape", [2**62, 2**62]),
 }
 
@@ -169,10 +189,12 @@ FILE_EDITS: dict[str, Callable[[bytes, random.Random], bytes]] = {
     "not_utf8": _not_utf8,
 }
 for _name, _edit in HEADER_EDITS.items():
+
     def _apply(raw: bytes, rng: random.Random, _edit=_edit) -> bytes:
         h, data = _split(raw)
         _edit(h, rng)
         return _join(h, data)
+
     FILE_EDITS[_name] = _apply
 
 
@@ -188,8 +210,9 @@ CONFIG_TEXTS: dict[str, Callable[[random.Random], str]] = {
     "not_utf8": lambda r: '{"model_type": "ll\udcffama"}',
     "quant_config_string": lambda r: json.dumps({**LLAMA_JSON, "quantization_config": "bitsandbytes"}),
     "quant_config_list": lambda r: json.dumps({**LLAMA_JSON, "quantization_config": ["x"]}),
-    "quant_config_8bit": lambda r: json.dumps({**LLAMA_JSON, "quantization_config": {"quant_method": "bitsandbytes",
-                                                                                     "load_in_8bit": True}}),
+    "quant_config_8bit": lambda r: json.dumps(
+        {**LLAMA_JSON, "quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}
+    ),
     "quant_config_gptq": lambda r: json.dumps({**LLAMA_JSON, "quantization_config": {"quant_method": "gptq"}}),
     "architectures_huge": lambda r: json.dumps({"model_type": "llama", "architectures": ["BertModel"] * 10_000}),
     "lone_surrogate_values": lambda r: '{"model_type": "\\ud800", "architectures": ["\\udfffForCausalLM"]}',

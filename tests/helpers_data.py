@@ -7,8 +7,16 @@ import json
 from pathlib import Path
 
 SPECIAL_TOKENS = [
-    "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
 ]
 
 CORPUS = [
@@ -151,7 +159,10 @@ CONVERSATIONS = {
     ],
     "multi_turn": [
         {"role": "user", "content": "Write a haiku about the sea."},
-        {"role": "assistant", "content": "Waves fold into foam,\nsalt wind over the harbor,\ngulls stitch the grey sky."},
+        {
+            "role": "assistant",
+            "content": "Waves fold into foam,\nsalt wind over the harbor,\ngulls stitch the grey sky.",
+        },
         {"role": "user", "content": "Now one about the fox."},
         {"role": "assistant", "content": "The quick brown fox jumps."},
     ],

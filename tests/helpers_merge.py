@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from helpers_models import hf_tiny_model, save_hf
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -15,8 +14,9 @@ def save_base(directory: Path, family: str = "llama", dtype: torch.dtype = torch
     return save_hf(hf_tiny_model(family, **kw).to(dtype), directory)
 
 
-def peft_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 1, adapter_name="default",
-               **lora_kwargs):
+def peft_model(
+    family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 1, adapter_name="default", **lora_kwargs
+):
     """A peft model over the tiny base with random (non-zero) A and B, and random modules_to_save weights."""
     from peft import LoraConfig, get_peft_model
 

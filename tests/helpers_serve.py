@@ -14,10 +14,25 @@ from nibblora.lora import load_adapter
 from nibblora.models.config import ModelConfig
 from nibblora.models.llama import LlamaForCausalLM
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None)
-PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    eos_token_id=None,
+)
+PROJECTIONS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 def tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -35,10 +50,20 @@ def module_shapes(model: LlamaForCausalLM) -> dict[str, tuple[int, int]]:
     return out
 
 
-def write_adapter(folder: Path, shapes: dict[str, tuple[int, int]], r: int, targets: list[str], *, seed: int,
-                  alpha: float = 16.0, rslora: bool = False, rank_pattern: dict | None = None,
-                  alpha_pattern: dict | None = None, extra_config: dict | None = None,
-                  tensor_edit=None) -> Path:
+def write_adapter(
+    folder: Path,
+    shapes: dict[str, tuple[int, int]],
+    r: int,
+    targets: list[str],
+    *,
+    seed: int,
+    alpha: float = 16.0,
+    rslora: bool = False,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+    extra_config: dict | None = None,
+    tensor_edit=None,
+) -> Path:
     """A peft LoRA folder with random (non-zero) A and B for every module whose last name part is in targets."""
     gen = torch.Generator().manual_seed(seed)
     rank_pattern, alpha_pattern = rank_pattern or {}, alpha_pattern or {}
@@ -52,9 +77,20 @@ def write_adapter(folder: Path, shapes: dict[str, tuple[int, int]], r: int, targ
     if tensor_edit is not None:
         tensor_edit(tensors)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "use_rslora": rslora,
-              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none", "use_dora": False,
-              "task_type": "CAUSAL_LM", "base_model_name_or_path": None, **(extra_config or {})}
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": targets,
+        "use_rslora": rslora,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "use_dora": False,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        **(extra_config or {}),
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config, sort_keys=True))
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
@@ -75,8 +111,9 @@ def random_adapters(root: Path, shapes: dict[str, tuple[int, int]], count: int, 
         if i % 7 == 2:
             kwargs["rank_pattern"] = {targets[0]: max(1, r // 2)}
             kwargs["alpha_pattern"] = {targets[-1]: 3.0}
-        out[f"ad{i}"] = write_adapter(root / f"ad{i}", shapes, r, targets, seed=1000 + i,
-                                      alpha=float(rng.choice([1, 8, 16, 32])), **kwargs)
+        out[f"ad{i}"] = write_adapter(
+            root / f"ad{i}", shapes, r, targets, seed=1000 + i, alpha=float(rng.choice([1, 8, 16, 32])), **kwargs
+        )
     return out
 
 
@@ -88,8 +125,10 @@ def reference_model(base: LlamaForCausalLM, adapter_dir: Path | None) -> LlamaFo
     return model.eval()
 
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def save_served_model(folder: Path, seed: int = 0) -> tuple[LlamaForCausalLM, Path]:
@@ -107,10 +146,17 @@ def save_served_model(folder: Path, seed: int = 0) -> tuple[LlamaForCausalLM, Pa
     model = tiny_model(seed, vocab_size=640, eos_token_id=eos, max_position_embeddings=4096)
     with torch.no_grad():  # a larger output scale, so greedy choices are not near-ties
         model.lm_head.weight.mul_(20.0)
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
-              **{k: v for k, v in TINY.items() if k != "eos_token_id"}, "vocab_size": 640,
-              "max_position_embeddings": 4096, "eos_token_id": eos, "rms_norm_eps": model.config.rms_norm_eps,
-              "torch_dtype": "float32"}
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_act": "silu",
+        **{k: v for k, v in TINY.items() if k != "eos_token_id"},
+        "vocab_size": 640,
+        "max_position_embeddings": 4096,
+        "eos_token_id": eos,
+        "rms_norm_eps": model.config.rms_norm_eps,
+        "torch_dtype": "float32",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from helpers_models import hf_tiny_model, save_hf
+
 from nibblora.train import TokenizedRows, config_from_dict
 
 VOCAB = 128
@@ -36,8 +36,15 @@ def tiny_config(model_dir: Path, output_dir: Path, **sections) -> object:
         "model": {"path": str(model_dir), "dtype": "float32", "gradient_checkpointing": False},
         "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
         "data": {"batch_size": 4},
-        "train": {"mode": "lora", "max_steps": 4, "lr": 1e-2, "grad_accum": 1, "warmup_steps": 1,
-                  "device": "cpu", "max_grad_norm": 1.0},
+        "train": {
+            "mode": "lora",
+            "max_steps": 4,
+            "lr": 1e-2,
+            "grad_accum": 1,
+            "warmup_steps": 1,
+            "device": "cpu",
+            "max_grad_norm": 1.0,
+        },
         "checkpoint": {"every": 2},
     }
     for section, values in sections.items():

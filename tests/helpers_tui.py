@@ -75,8 +75,16 @@ class FakeNvml:
 
 
 def h200(**fields) -> dict:
-    gpu = dict(name="NVIDIA H200", used=40 * GIB, total=141 * GIB, util=87, temp=61, power_mw=512_000,
-               limit_mw=700_000, procs={})
+    gpu = dict(
+        name="NVIDIA H200",
+        used=40 * GIB,
+        total=141 * GIB,
+        util=87,
+        temp=61,
+        power_mw=512_000,
+        limit_mw=700_000,
+        procs={},
+    )
     gpu.update(fields)
     return gpu
 
@@ -92,8 +100,20 @@ def monitor(gpus: list[dict] | None = None, init_error: Exception | None = None)
     return HardwareMonitor(nvml=FakeNvml(gpus, init_error), cuda_fallback=None, system=fixed_system)
 
 
-def write_run(run_dir: Path, name: str, mode: str, steps: int, total: int, status: str, *, start: float = T0,
-              seconds_per_step: float = 2.0, loss0: float = 3.0, eval_every: int = 5, peak_gib: float = 6.0) -> Path:
+def write_run(
+    run_dir: Path,
+    name: str,
+    mode: str,
+    steps: int,
+    total: int,
+    status: str,
+    *,
+    start: float = T0,
+    seconds_per_step: float = 2.0,
+    loss0: float = 3.0,
+    eval_every: int = 5,
+    peak_gib: float = 6.0,
+) -> Path:
     """A run store with smooth synthetic curves and fixed times (for snapshots and sorting tests).
     status 'running' keeps this process's pid, so the run reads as alive while the test runs."""
     writer = RunWriter.open(run_dir, run_id=name, name=name, config={"train": {"mode": mode}}, total_steps=total)
@@ -124,8 +144,10 @@ def write_run(run_dir: Path, name: str, mode: str, steps: int, total: int, statu
         conn.execute("UPDATE metrics SET time = ? + step * ?", (start, seconds_per_step))
         conn.execute("UPDATE logs SET time = ? + id * ?", (start, seconds_per_step))
         end = start + steps * seconds_per_step
-        conn.execute("UPDATE runs SET created_at=?, updated_at=?, heartbeat_at=?, ended_at=?",
-                     (start, end, end, None if status == "running" else end))
+        conn.execute(
+            "UPDATE runs SET created_at=?, updated_at=?, heartbeat_at=?, ended_at=?",
+            (start, end, end, None if status == "running" else end),
+        )
     conn.close()
     return run_dir
 
@@ -200,8 +222,9 @@ def trained_runs(tmp_path_factory) -> Path:
         base = tmp_path_factory.mktemp("tui-real")
         model = tiny_checkpoint(base / "model")
         root = base / "runs"
-        config = tiny_config(model, root / "tiny-lora", train={"max_steps": 6}, eval={"every": 2},
-                             checkpoint={"every": 0})
+        config = tiny_config(
+            model, root / "tiny-lora", train={"max_steps": 6}, eval={"every": 2}, checkpoint={"every": 0}
+        )
         train(config, tiny_rows(32), {"val": tiny_rows(8, seed=1)}, quiet=True)
         _TRAINED["root"], _TRAINED["model"] = root, model
     return _TRAINED["root"]

@@ -85,8 +85,16 @@ def test_errors_are_input_errors_and_value_errors():
 
 
 def test_good_config_keeps_values_exactly_and_tolerates_unknown_keys():
-    config = parse(use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3.5}, future_key={"a": 1},
-                   layers_to_transform=1, lora_dropout=None, bias=None, use_dora=None)
+    config = parse(
+        use_rslora=True,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"q_proj": 3.5},
+        future_key={"a": 1},
+        layers_to_transform=1,
+        lora_dropout=None,
+        bias=None,
+        use_dora=None,
+    )
     assert (config.r, config.lora_alpha, config.use_rslora, config.use_dora) == (8, 16.0, True, False)
     assert config.target_modules == ("q_proj", "v_proj") and config.layers_to_transform == (1,)
     assert config.raw["future_key"] == {"a": 1} and config.narrowed

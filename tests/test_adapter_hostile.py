@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_adapters import hostile_adapters
 from helpers_merge import peft_model, save_adapter_dir, save_base
+
 from nibblora.errors import AdapterError, InputError
 from nibblora.lora import load_adapter
 from nibblora.merge import merge_checkpoint
@@ -65,7 +65,8 @@ def test_load_adapter_answers_every_hostile_adapter_with_success_or_a_one_line_a
             refused += 1
             _check_message(err, directory, case, problems)
             if set(model.state_dict()) != set(before) or any(
-                    not torch.equal(p, before[n]) for n, p in model.state_dict().items()):
+                not torch.equal(p, before[n]) for n, p in model.state_dict().items()
+            ):
                 problems.append(f"{case.name}: the model was changed before the error")
         except Exception as err:  # noqa: BLE001 - the test reports what escaped instead of stopping at the first
             problems.append(f"{case.name}: raw {type(err).__name__}: {err}")
@@ -113,8 +114,7 @@ def test_merge_cli_exits_2_with_one_line_for_a_sample(world, capsys):
     sample = [(d, c) for d, c in cases if c.must_fail][::10]
     assert len(sample) >= 15
     for directory, case in sample:
-        code = merge_main(["--base", str(base), "--adapter", str(directory), "--out", str(root / "cli-out"),
-                           "--quiet"])
+        code = merge_main(["--base", str(base), "--adapter", str(directory), "--out", str(root / "cli-out"), "--quiet"])
         err = capsys.readouterr().err.strip()
         assert code == 2, case.name
         assert err.startswith("nibblora.merge: error: ") and "\n" not in err, (case.name, err)
@@ -124,8 +124,18 @@ def test_merge_cli_exits_2_with_one_line_for_a_sample(world, capsys):
 def test_merge_cli_in_a_real_process_exits_2(world):
     root, base, _, cases, _ = world
     directory = next(d for d, c in cases if c.must_fail and c.name.startswith("config"))
-    command = [sys.executable, "-m", "nibblora.merge", "--base", str(base), "--adapter", str(directory), "--out",
-               str(root / "proc-out"), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "nibblora.merge",
+        "--base",
+        str(base),
+        "--adapter",
+        str(directory),
+        "--out",
+        str(root / "proc-out"),
+        "--quiet",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("nibblora.merge: error: ")]

@@ -91,7 +91,9 @@ def test_invalid_config_json_says_so(tmp_path):
 def test_checkpoint_without_weights_lists_what_is_there_and_hints_at_bin_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(CheckpointFileNotFoundError, match=r"no model.safetensors .*safe_serialization=True.*pytorch_model.bin"):
+    with pytest.raises(
+        CheckpointFileNotFoundError, match=r"no model.safetensors .*safe_serialization=True.*pytorch_model.bin"
+    ):
         open_checkpoint(tmp_path)
 
 
@@ -145,7 +147,9 @@ def test_index_placing_a_tensor_in_the_wrong_shard_is_an_error(tmp_path):
     index = json.loads(index_path.read_text())
     index["weight_map"]["lm_head.weight"] = "model-00001-of-00002.safetensors"
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="places 'lm_head.weight' in model-00001-of-00002.safetensors, which lacks it"):
+    with pytest.raises(
+        CheckpointError, match="places 'lm_head.weight' in model-00001-of-00002.safetensors, which lacks it"
+    ):
         open_checkpoint(tmp_path)
 
 
@@ -174,7 +178,13 @@ def _raw_safetensors(header: dict, data_len: int) -> bytes:
 @pytest.mark.parametrize(
     ("header", "data_len"),
     [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            12,
+        ),
         ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 4),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 16),
@@ -204,15 +214,28 @@ def test_every_safetensors_dtype_and_odd_shapes_come_back_exactly(tmp_path):
             got = ckpt.get_tensor(name)
             assert got.dtype == expected.dtype and got.shape == expected.shape, name
             assert bytes(got.reshape(-1).view(torch.uint8).numpy()) == bytes(
-                expected.reshape(-1).view(torch.uint8).numpy()), name
-            assert ckpt.entry(name).dtype == {"empty": "F32", "scalar": "F64", "bool": "BOOL", "f8": "F8_E4M3",
-                                              "i64": "I64", "u32": "U32", "bf16": "BF16"}[name]
+                expected.reshape(-1).view(torch.uint8).numpy()
+            ), name
+            assert (
+                ckpt.entry(name).dtype
+                == {
+                    "empty": "F32",
+                    "scalar": "F64",
+                    "bool": "BOOL",
+                    "f8": "F8_E4M3",
+                    "i64": "I64",
+                    "u32": "U32",
+                    "bf16": "BF16",
+                }[name]
+            )
 
 
 def test_a_tensor_in_two_shards_is_refused(tmp_path):
     write_sharded(tmp_path)
-    save_file({"lm_head.weight": TENSORS["lm_head.weight"], "model.norm.weight": TENSORS["model.norm.weight"]},
-              tmp_path / "model-00002-of-00002.safetensors")
+    save_file(
+        {"lm_head.weight": TENSORS["lm_head.weight"], "model.norm.weight": TENSORS["model.norm.weight"]},
+        tmp_path / "model-00002-of-00002.safetensors",
+    )
     with pytest.raises(CheckpointError, match="tensor 'model.norm.weight' also appears in"):
         open_checkpoint(tmp_path)
 

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from helpers_checkpoint import (
     CONFIG_TEXTS,
     FILE_EDITS,
@@ -24,6 +22,8 @@ from helpers_checkpoint import (
     write_adapter,
     write_checkpoint,
 )
+from safetensors.torch import load_file, save_file
+
 from nibblora.checkpoint import open_checkpoint
 from nibblora.errors import InputError, NibbloraError
 from nibblora.merge import merge_checkpoint
@@ -92,8 +92,11 @@ def test_hostile_config_json_is_refused_in_one_line(tool, case, tmp_path):
     text = CONFIG_TEXTS[case](random.Random(f"{SEED}-{case}"))
     (model / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
     # Odd but well-formed configs that a tool has no reason to refuse (merge takes any architecture).
-    acceptable = {("quantize", "lone_surrogate_values"), ("merge", "lone_surrogate_values"),
-                  ("merge", "architectures_huge")}
+    acceptable = {
+        ("quantize", "lone_surrogate_values"),
+        ("merge", "lone_surrogate_values"),
+        ("merge", "architectures_huge"),
+    }
     outcome = _outcome(tool, model, tmp_path / "out")
     assert outcome == "refused" or (tool, case) in acceptable
 
@@ -157,10 +160,16 @@ def test_cli_sample_exits_2_with_one_line_and_leaves_nothing(prog, edit, tmp_pat
     shard = model / "model.safetensors"
     shard.write_bytes(FILE_EDITS[edit](shard.read_bytes(), random.Random(SEED)))
     out = tmp_path / "out"
-    args = ["--model", str(model)] if prog.endswith("quantize") else ["--base", str(model), "--adapter",
-                                                                      str(_ADAPTER[0])]
-    result = subprocess.run([sys.executable, "-m", prog, *args, "--out", str(out), "--quiet"],
-                            capture_output=True, text=True, timeout=120, check=False)
+    args = (
+        ["--model", str(model)] if prog.endswith("quantize") else ["--base", str(model), "--adapter", str(_ADAPTER[0])]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", prog, *args, "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"{prog}: error: reading {shard}: ")
     assert result.stdout == ""

@@ -16,10 +16,9 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers_checkpoint import small_tensors, write_adapter, write_checkpoint
 
-_DRIVER = r'''
+_DRIVER = r"""
 import json, os, signal, sys, time
 from pathlib import Path
 
@@ -119,7 +118,7 @@ for i, (point, k, after, overwrite, no_exchange) in enumerate(scenarios):
     print(json.dumps({"scenario": [point, k, after, overwrite, no_exchange], "killed": killed,
                       "after_kill": after_kill, "out_present": out.name in after_kill, "old_kept": old_kept,
                       "rerun_ok": rerun_status == 0}), flush=True)
-'''
+"""
 
 
 def _scenarios(seed: int) -> list[list]:
@@ -150,7 +149,11 @@ def test_sigkill_anywhere_leaves_a_complete_output_or_a_recoverable_swap_and_the
     scenarios = _scenarios(seed=7 if tool == "quantize" else 11)
     run = subprocess.run(
         [sys.executable, "-c", _DRIVER, tool, str(model), str(adapter), str(tmp_path), json.dumps(scenarios)],
-        capture_output=True, text=True, timeout=300, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]

@@ -95,7 +95,9 @@ def test_stale_temp_folders_of_dead_writers_are_removed_and_live_ones_kept(tmp_p
     _folder(tmp_path / ".out.tmp-legacyname", "unknown writer")  # no pid: never guessed at
     _folder(tmp_path / f".other.tmp-{dead}-ef56", "another output's")
     check_out_dir(tmp_path / "out", overwrite=False)  # every tool's first step recovers
-    assert _names(tmp_path) == sorted([f".other.tmp-{dead}-ef56", ".out.tmp-legacyname", f".out.tmp-{os.getpid()}-cd34"])
+    assert _names(tmp_path) == sorted(
+        [f".other.tmp-{dead}-ef56", ".out.tmp-legacyname", f".out.tmp-{os.getpid()}-cd34"]
+    )
 
 
 def test_temp_folder_names_the_writer_pid(tmp_path):

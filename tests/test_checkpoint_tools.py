@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_checkpoint import leftovers, small_tensors, write_adapter, write_checkpoint
 from safetensors.torch import load_file, save_file
 
-from helpers_checkpoint import leftovers, small_tensors, write_adapter, write_checkpoint
 from nibblora.checkpoint import SafetensorsWriter, TensorSpec
 from nibblora.checkpoint.shards import verify_written_checkpoint
 from nibblora.errors import CheckpointError, ExportError
@@ -54,11 +54,14 @@ def test_write_failure_is_one_line_naming_the_full_folder_and_leaves_nothing(too
 def small_tmpfs(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)], capture_output=True,
-                            text=True, check=False)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)], capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'}); the simulated "
-                    "full-disk test covers the same path")
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'}); the simulated "
+            "full-disk test covers the same path"
+        )
     try:
         yield mount
     finally:

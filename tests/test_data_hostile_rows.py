@@ -38,23 +38,31 @@ def _hostile_line(rng: random.Random, kind: str) -> bytes:
     if kind == "empty_conversation":
         return b'{"messages": []}'
     if kind == "bad_role":
-        message = rng.choice([
-            {"content": "no role"},
-            {"role": rng.choice([None, 1, ["user"], {"r": 1}]), "content": "x"},
-            {"role": "".join(rng.choice("abcxyz") for _ in range(rng.randint(1, 8))) + "_", "content": "x"},
-        ])
+        message = rng.choice(
+            [
+                {"content": "no role"},
+                {"role": rng.choice([None, 1, ["user"], {"r": 1}]), "content": "x"},
+                {"role": "".join(rng.choice("abcxyz") for _ in range(rng.randint(1, 8))) + "_", "content": "x"},
+            ]
+        )
         return json.dumps({"messages": [message]}).encode()
     if kind == "reserved_character":
         field = rng.choice(["content", "name", "tool"])
         text = "a" + rng.choice(MARKERS) + "b"
         message = {"role": "user", "content": "hi"}
         if field == "tool":
-            message = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": text, "arguments": {}}}]}
+            message = {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": text, "arguments": {}}}],
+            }
         else:
             message[field] = text
         return json.dumps({"messages": [message]}, ensure_ascii=rng.random() < 0.5).encode()
     if kind == "prompt_completion_mismatch":
-        return json.dumps({"prompt": rng.choice(["q", ["q"], 1]), "completion": rng.choice([None, 2, {"a": 1}])}).encode()
+        return json.dumps(
+            {"prompt": rng.choice(["q", ["q"], 1]), "completion": rng.choice([None, 2, {"a": 1}])}
+        ).encode()
     if kind == "text_not_a_string":
         return json.dumps({"text": rng.choice([None, True, 0, 3.5, [], ["a"], {"k": "v"}])}).encode()
     if kind == "truncated_json":
@@ -63,7 +71,7 @@ def _hostile_line(rng: random.Random, kind: str) -> bytes:
         depth = rng.choice([129, 200, 1000])  # serde_json's recursion limit is 128; 100,000 deep: below
         return ('{"messages": ' + "[" * depth + "]" * depth + "}").encode()
     if kind == "not_json":
-        return rng.choice([b"NaN", b"{'single': 'quotes'}", b"{\"a\": 1,}", b"<xml/>", b"{\"a\": Infinity}"])
+        return rng.choice([b"NaN", b"{'single': 'quotes'}", b'{"a": 1,}', b"<xml/>", b'{"a": Infinity}'])
     if kind == "invalid_utf8":
         return b'{"text": "' + bytes([rng.choice([0xFF, 0xC3, 0xED, 0x80])]) + b'"}'
     if kind == "too_long":
@@ -71,9 +79,21 @@ def _hostile_line(rng: random.Random, kind: str) -> bytes:
     raise AssertionError(kind)
 
 
-KINDS = ["not_an_object", "no_known_keys", "messages_not_a_list", "empty_conversation", "bad_role",
-         "reserved_character", "prompt_completion_mismatch", "text_not_a_string", "truncated_json", "deep_nesting",
-         "not_json", "invalid_utf8", "too_long"]
+KINDS = [
+    "not_an_object",
+    "no_known_keys",
+    "messages_not_a_list",
+    "empty_conversation",
+    "bad_role",
+    "reserved_character",
+    "prompt_completion_mismatch",
+    "text_not_a_string",
+    "truncated_json",
+    "deep_nesting",
+    "not_json",
+    "invalid_utf8",
+    "too_long",
+]
 
 
 def _leftovers(folder: Path, name: str) -> list[str]:
@@ -101,8 +121,21 @@ def test_hostile_rows_through_the_cli_exit_2_with_one_line(tok_dir, tmp_path, ca
     for i, kind in enumerate(KINDS):
         src = tmp_path / f"c{i}.jsonl"
         src.write_bytes(GOOD.encode() + b"\n" + _hostile_line(rng, kind) + b"\n")
-        rc = prepare_main(["--tokenizer", str(tok_dir), "--template", "chatml", "--input", str(src), "--output",
-                           str(tmp_path / "out"), "--quiet", "--max-line-bytes", "2048"])
+        rc = prepare_main(
+            [
+                "--tokenizer",
+                str(tok_dir),
+                "--template",
+                "chatml",
+                "--input",
+                str(src),
+                "--output",
+                str(tmp_path / "out"),
+                "--quiet",
+                "--max-line-bytes",
+                "2048",
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2, (kind, err)
         lines = err.strip().splitlines()
@@ -114,8 +147,11 @@ def test_hostile_rows_through_the_cli_exit_2_with_one_line(tok_dir, tmp_path, ca
 def test_an_over_long_row_names_its_line_and_the_option_and_rows_get_the_same_cap(tok_dir, tmp_path):
     src = tmp_path / "big.jsonl"
     src.write_text(GOOD + "\n" + json.dumps({"text": "y" * 50_000}) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"big\.jsonl:2: the row is 50012 bytes, over the 4096-byte limit.*"
-                                        r"--max-line-bytes"):
+    with pytest.raises(
+        DataError,
+        match=r"big\.jsonl:2: the row is 50012 bytes, over the 4096-byte limit.*"
+        r"--max-line-bytes",
+    ):
         prepare_dataset([src], tmp_path / "out", tokenizer=tok_dir, template="chatml", max_line_bytes=4096)
     summary = prepare_dataset([src], tmp_path / "out", tokenizer=tok_dir, template="chatml")
     assert summary.rows_out == 2, "the default cap (8 MiB) lets a 50 kB row through"

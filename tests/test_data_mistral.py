@@ -17,10 +17,19 @@ pytest.importorskip("google.protobuf")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_sentencepiece.py"
 TEXTS = [
-    "Hello world", " leading space", "trailing space ", "double  space", "multi\nline\n\ntext\twith tabs",
-    "naïve café 日本語 🤖🎉 Ωμέγα", "numbers 3.14159 and 1,000,000", "[INST] What is 2+2? [/INST]",
-    "code: def f(x):\n    return {'a': [1, 2]}", "ALL CAPS and MiXeD case", "\u00a0non-breaking\u2009spaces",
-    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math", "",
+    "Hello world",
+    " leading space",
+    "trailing space ",
+    "double  space",
+    "multi\nline\n\ntext\twith tabs",
+    "naïve café 日本語 🤖🎉 Ωμέγα",
+    "numbers 3.14159 and 1,000,000",
+    "[INST] What is 2+2? [/INST]",
+    "code: def f(x):\n    return {'a': [1, 2]}",
+    "ALL CAPS and MiXeD case",
+    "\u00a0non-breaking\u2009spaces",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math",
+    "",
 ]
 
 
@@ -55,8 +64,12 @@ def test_mistral_conversations_match_transformers_and_sentencepiece(mistral):
     encoder = ConversationEncoder(folder, "mistral")
     for key in ("single_turn", "multi_turn", "unicode", "whitespace"):
         messages = CONVERSATIONS[key]
-        out = hf.apply_chat_template(messages, chat_template=FAMILY_TEMPLATES["mistral-v0.1"].replace(
-            "eos_token + ' '", "eos_token"), tokenize=True, return_dict=True)
+        out = hf.apply_chat_template(
+            messages,
+            chat_template=FAMILY_TEMPLATES["mistral-v0.1"].replace("eos_token + ' '", "eos_token"),
+            tokenize=True,
+            return_dict=True,
+        )
         ids, mask = encoder.encode_arrays({"messages": messages})
         assert ids.tolist() == list(out["input_ids"]), key
         assert ids[0] == 1 and mask.sum() > 0  # BOS from the template; something to learn
@@ -65,8 +78,7 @@ def test_mistral_conversations_match_transformers_and_sentencepiece(mistral):
 def test_prepare_with_mistral_vocabulary(mistral, tmp_path):
     _, folder = mistral
     rows = [{"messages": CONVERSATIONS[k]} for k in ("single_turn", "multi_turn", "unicode")]
-    summary = prepare_dataset(rows, tmp_path / "out", tokenizer=folder, template="mistral", max_length=512,
-                              pack=True)
+    summary = prepare_dataset(rows, tmp_path / "out", tokenizer=folder, template="mistral", max_length=512, pack=True)
     ds = PreparedDataset(tmp_path / "out")
     assert len(ds) == 1 and summary.documents == 3
     assert ds[0]["input_ids"].tolist().count(2) == 4  # one EOS per assistant turn, each trained

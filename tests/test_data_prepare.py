@@ -84,8 +84,7 @@ def test_rows_and_parquet_inputs_match_jsonl(tok_dir, tmp_path):
 def test_packing_best_fit_positions_and_first_labels(tok_dir, tmp_path):
     rows = _rows(80, seed=1)
     plain = prepare_dataset(rows, tmp_path / "plain", tokenizer=tok_dir, template="chatml", max_length=96)
-    packed = prepare_dataset(rows, tmp_path / "packed", tokenizer=tok_dir, template="chatml", max_length=96,
-                             pack=True)
+    packed = prepare_dataset(rows, tmp_path / "packed", tokenizer=tok_dir, template="chatml", max_length=96, pack=True)
     ds, flat = PreparedDataset(tmp_path / "packed"), PreparedDataset(tmp_path / "plain")
     assert packed.documents == plain.rows_out and packed.tokens == plain.tokens
     assert packed.rows_out == len(ds) < plain.rows_out
@@ -117,12 +116,12 @@ def test_truncation_policies_and_drops(tok_dir, tmp_path):
     keep = prepare_dataset(rows, tmp_path / "keep", tokenizer=tok_dir, template="chatml", max_length=40)
     assert keep.truncated == 1 and keep.dropped_no_supervised == 1 and keep.rows_out == 2
     assert max(PreparedDataset(tmp_path / "keep").row_length(i) for i in range(2)) == 40
-    drop = prepare_dataset(rows, tmp_path / "drop", tokenizer=tok_dir, template="chatml", max_length=40,
-                           truncation="drop")
+    drop = prepare_dataset(
+        rows, tmp_path / "drop", tokenizer=tok_dir, template="chatml", max_length=40, truncation="drop"
+    )
     assert drop.dropped_too_long == 1 and drop.rows_out == 1
     with pytest.raises(DataError, match="row 0: row has .* tokens, more than the max length 40"):
-        prepare_dataset(rows, tmp_path / "err", tokenizer=tok_dir, template="chatml", max_length=40,
-                        truncation="error")
+        prepare_dataset(rows, tmp_path / "err", tokenizer=tok_dir, template="chatml", max_length=40, truncation="error")
     assert not (tmp_path / "err").exists() and not list(tmp_path.glob(".err.*"))
 
 
@@ -138,8 +137,10 @@ def test_malformed_line_names_file_and_line_or_is_skipped(tok_dir, tmp_path):
 
 
 def test_bad_rows_are_reported_with_their_location(tok_dir, tmp_path):
-    src = _write_jsonl(tmp_path / "x.jsonl", [{"messages": CONVERSATIONS["single_turn"]},
-                                              {"messages": [{"role": "robot", "content": "beep"}]}])
+    src = _write_jsonl(
+        tmp_path / "x.jsonl",
+        [{"messages": CONVERSATIONS["single_turn"]}, {"messages": [{"role": "robot", "content": "beep"}]}],
+    )
     with pytest.raises(DataError, match=r'x\.jsonl:2: message 0 has unknown role "robot"'):
         prepare_dataset([src], tmp_path / "out", tokenizer=tok_dir, template="chatml")
     src2 = _write_jsonl(tmp_path / "y.jsonl", [{"messages": []}])
@@ -147,8 +148,12 @@ def test_bad_rows_are_reported_with_their_location(tok_dir, tmp_path):
         prepare_dataset([src2], tmp_path / "out", tokenizer=tok_dir, template="chatml")
     src3 = _write_jsonl(tmp_path / "z.jsonl", [{"messages": [{"role": "user", "content": "a"}]}] * 2)
     with pytest.raises(DataError, match=r"z\.jsonl:1: the chat template raised an exception: Conversation roles"):
-        prepare_dataset([src3], tmp_path / "out", tokenizer=tok_dir,
-                        template="{{ raise_exception('Conversation roles must alternate') }}")
+        prepare_dataset(
+            [src3],
+            tmp_path / "out",
+            tokenizer=tok_dir,
+            template="{{ raise_exception('Conversation roles must alternate') }}",
+        )
     with pytest.raises(DataError, match="no tokenizer.json"):
         prepare_dataset([src], tmp_path / "out", tokenizer=tmp_path / "nowhere", template="chatml")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
@@ -158,8 +163,10 @@ def test_shards_partition_the_rows_and_combine(tok_dir, tmp_path):
     rows = _rows(41, seed=2)
     src = _write_jsonl(tmp_path / "in.jsonl", rows)
     full = prepare_dataset([src], tmp_path / "full", tokenizer=tok_dir, template="chatml")
-    parts = [prepare_dataset([src], tmp_path / f"s{i}", tokenizer=tok_dir, template="chatml", shard=f"{i}/3")
-             for i in range(3)]
+    parts = [
+        prepare_dataset([src], tmp_path / f"s{i}", tokenizer=tok_dir, template="chatml", shard=f"{i}/3")
+        for i in range(3)
+    ]
     assert [p.rows_in for p in parts] == [14, 14, 13] and sum(p.rows_out for p in parts) == full.rows_out
     combined = combine_shards([tmp_path / f"s{i}" for i in range(3)], tmp_path / "all")
     whole = PreparedDataset(tmp_path / "full")
@@ -189,16 +196,52 @@ def test_collate_padded_and_packed(tok_dir, tmp_path):
 
 def test_cli_prints_table_and_exits_2_on_user_errors(tok_dir, tmp_path, capsys):
     src = _write_jsonl(tmp_path / "in.jsonl", _rows(10))
-    rc = prepare_main(["--tokenizer", str(tok_dir), "--template", "chatml", "--input", str(src),
-                       "--output", str(tmp_path / "out"), "--max-length", "64", "--pack", "--quiet"])
+    rc = prepare_main(
+        [
+            "--tokenizer",
+            str(tok_dir),
+            "--template",
+            "chatml",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "out"),
+            "--max-length",
+            "64",
+            "--pack",
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "rows in" in out and "supervised" in out and "truncated" in out and "dropped" in out
-    rc = prepare_main(["--tokenizer", str(tok_dir), "--template", "chatml", "--input", str(src),
-                       "--output", str(tmp_path / "out"), "--quiet"])
+    rc = prepare_main(
+        [
+            "--tokenizer",
+            str(tok_dir),
+            "--template",
+            "chatml",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "exists and is not empty" in err
-    rc = prepare_main(["--tokenizer", str(tok_dir), "--template", "chatml", "--input", str(tmp_path / "no.jsonl"),
-                       "--output", str(tmp_path / "o2"), "--quiet"])
+    rc = prepare_main(
+        [
+            "--tokenizer",
+            str(tok_dir),
+            "--template",
+            "chatml",
+            "--input",
+            str(tmp_path / "no.jsonl"),
+            "--output",
+            str(tmp_path / "o2"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "input file does not exist" in capsys.readouterr().err
     rc = prepare_main(["--combine", str(tmp_path / "out"), "--output", str(tmp_path / "comb")])
     assert rc == 0 and len(PreparedDataset(tmp_path / "comb")) == len(PreparedDataset(tmp_path / "out"))

@@ -136,8 +136,11 @@ def test_generated_rows_never_smuggle_a_special_token(tok_dir, hf_tok):
         for _ in range(40):
             messages = [
                 {"role": "user", "content": text(), "name": text()},
-                {"role": "assistant", "content": text(),
-                 "tool_calls": [{"function": {"name": text(), "arguments": {"a": text()}}}]},
+                {
+                    "role": "assistant",
+                    "content": text(),
+                    "tool_calls": [{"function": {"name": text(), "arguments": {"a": text()}}}],
+                },
             ]
             rendered = enc.render(messages)
             assert rendered == _reference(hf_tok, source, messages)

@@ -32,8 +32,19 @@ def test_named_template_over_a_different_own_template_says_so_in_one_line(tok_di
     assert "render conversations differently" in note and "\n" not in note
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"messages": CONVERSATIONS["single_turn"]}) + "\n", encoding="utf-8")
-    rc = prepare_main(["--tokenizer", str(own), "--template", "chatml", "--input", str(src), "--output",
-                       str(tmp_path / "out"), "--quiet"])
+    rc = prepare_main(
+        [
+            "--tokenizer",
+            str(own),
+            "--template",
+            "chatml",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 0 and err == [f"nibblora.prepare: {note}"]
 

@@ -61,10 +61,14 @@ def test_generation_prompt_matches_transformers(tok_dir, hf_tok, template_name):
 def test_qwen_tool_calls_render_with_python_tojson(tok_dir, hf_tok):
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}}
-        ]},
-        {"role": "tool", "content": "{\"temp\": 21.5}"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}}
+            ],
+        },
+        {"role": "tool", "content": '{"temp": 21.5}'},
         {"role": "assistant", "content": "21.5 °C"},
     ]
     expected = _reference_render(hf_tok, FAMILY_TEMPLATES["qwen2.5"], messages)

@@ -18,9 +18,15 @@ VOCAB = 64
 
 def tiny_llama(seed: int = 0, name: str | None = None):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                      max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     if name:
         model.config._name_or_path = name
@@ -76,8 +82,15 @@ def test_peft_rank_pattern_sets_nibblora_ranks(tmp_path):
 
 def nibblora_adapter(rslora=False, rank_pattern=None, alpha_pattern=None):
     model = tiny_llama(name="tiny/llama")
-    inject_lora(model, ["q_proj", "k_proj", "o_proj", "up_proj"], r=4, alpha=6, rslora=rslora,
-                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    inject_lora(
+        model,
+        ["q_proj", "k_proj", "o_proj", "up_proj"],
+        r=4,
+        alpha=6,
+        rslora=rslora,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
     torch.manual_seed(2)
     with torch.no_grad():
         for layer in lora_modules(model).values():
@@ -251,8 +264,10 @@ def _edit_config(directory, **changes):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"target_modules": ["nothing_here"]}, "which target_modules ['nothing_here'] in adapter_config.json does "
-                                               "not select"),
+        (
+            {"target_modules": ["nothing_here"]},
+            "which target_modules ['nothing_here'] in adapter_config.json does not select",
+        ),
         ({"target_modules": []}, "key 'target_modules' is an empty list"),
         ({"use_rslora": "false"}, "key 'use_rslora' must be true or false, got 'false'"),
         ({"r": 4.5}, "key 'r' must be a positive integer, got 4.5"),
@@ -289,8 +304,11 @@ def test_load_refuses_non_finite_values_naming_the_tensor_and_leaves_the_model_a
     tensors[key][5, 2] = value
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     model = tiny_llama(name="tiny/llama")
-    with pytest.raises(AdapterError, match=rf"tensor '{re.escape(key)}' holds 1 non-finite value\(s\) \(\w+ at index "
-                                           r"\[5, 2\]\)"):
+    with pytest.raises(
+        AdapterError,
+        match=rf"tensor '{re.escape(key)}' holds 1 non-finite value\(s\) \(\w+ at index "
+        r"\[5, 2\]\)",
+    ):
         load_adapter(model, tmp_path)
     assert not lora_modules(model)
 

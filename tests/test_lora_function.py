@@ -8,8 +8,11 @@ from nibblora.quant import quantize_4bit
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA device")]),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    ),
 ]
 IN, OUT, R = 40, 24, 4
 
@@ -50,8 +53,12 @@ def reference(x, weight, state, bias, lora_A, lora_B, scaling, mask=None):
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no_dropout", "dropout"])
 def test_matches_plain_composition_forward_and_grads(device, quantized, dropout_p):
     inputs = make_inputs(device, torch.float32, quantized)
-    ref_inputs = [t.detach().clone().requires_grad_(t.requires_grad)
-                  if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+    ref_inputs = [
+        t.detach().clone().requires_grad_(t.requires_grad)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+        else t
+        for t in inputs
+    ]
     x, weight, state, bias, lora_A, lora_B = inputs
     y = lora_linear(x, weight, state, bias, lora_A, lora_B, 0.5, dropout_p, 99)
     mask = None

@@ -38,7 +38,7 @@ def test_group_gradcheck_float64(quantized, dropout_p):
         flat = []
         for i, (args, _) in enumerate(specs):
             args = list(args)
-            args[2], args[3], args[4] = tensors[3 * i:3 * i + 3]
+            args[2], args[3], args[4] = tensors[3 * i : 3 * i + 3]
             flat += args
         return LoRAGroupFunction.apply(x, *flat)
 
@@ -49,8 +49,11 @@ def test_group_gradcheck_float64(quantized, dropout_p):
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no_dropout", "dropout"])
 def test_swiglu_gradcheck_float64(quantized, dropout_p):
     inter = 32
-    specs = [make_projection(IN, inter, quantized, 0, dropout_p), make_projection(IN, inter, quantized, 1, dropout_p),
-             make_projection(inter, IN, quantized, 2, dropout_p)]
+    specs = [
+        make_projection(IN, inter, quantized, 0, dropout_p),
+        make_projection(IN, inter, quantized, 1, dropout_p),
+        make_projection(inter, IN, quantized, 2, dropout_p),
+    ]
     x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
     trainable = [t for _, ts in specs for t in ts]
 
@@ -58,7 +61,7 @@ def test_swiglu_gradcheck_float64(quantized, dropout_p):
         flat = []
         for i, (args, _) in enumerate(specs):
             args = list(args)
-            args[2], args[3], args[4] = tensors[3 * i:3 * i + 3]
+            args[2], args[3], args[4] = tensors[3 * i : 3 * i + 3]
             flat += args
         return LoRASwiGLUFunction.apply(x, *flat)
 
@@ -66,9 +69,17 @@ def test_swiglu_gradcheck_float64(quantized, dropout_p):
 
 
 def tiny_model(quantize, dropout, targets="all-linear", seed=0):
-    config = ModelConfig.from_hf_dict(dict(model_type="llama", hidden_size=64, intermediate_size=160,
-                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                           vocab_size=96))
+    config = ModelConfig.from_hf_dict(
+        dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=96,
+        )
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     inject_lora(model, targets, r=4, alpha=8, dropout=dropout, quantize_base=quantize)

@@ -11,9 +11,15 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 def tiny_llama(dtype=torch.float32):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                                      max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(config).to(dtype)
 
 
@@ -40,8 +46,12 @@ def test_inject_freezes_everything_but_adapters_and_counts_them():
     total_before = sum(p.numel() for p in model.parameters())
     summary = inject_lora(model, ["q_proj", "v_proj"], r=8)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"model.layers.{i}.self_attn.{p}.adapters.default.lora_{ab}"
-                         for i in (0, 1) for p in ("q_proj", "v_proj") for ab in "AB"}
+    assert trainable == {
+        f"model.layers.{i}.self_attn.{p}.adapters.default.lora_{ab}"
+        for i in (0, 1)
+        for p in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
     # q: 8 * (64 + 64); v: 8 * (64 + 32) per layer
     assert [row.trainable for row in summary.rows] == [1024, 768, 1024, 768]
     assert summary.trainable_params == 3584

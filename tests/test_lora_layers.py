@@ -166,8 +166,13 @@ def test_nf4_from_quantized_holds_the_given_codes_without_a_dense_copy():
 def test_nf4_state_dict_uses_bitsandbytes_keys(quant_type):
     layer = NF4Linear.from_linear(linear(), quant_type=quant_type)
     assert list(layer.state_dict()) == [
-        "weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-        f"weight.quant_state.bitsandbytes__{quant_type}", "bias",
+        "weight",
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+        f"weight.quant_state.bitsandbytes__{quant_type}",
+        "bias",
     ]
 
 

@@ -4,8 +4,15 @@ import pytest
 
 from nibblora.lora import DecoderShape, param_table, projection_lora_params
 
-LLAMA_2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-              "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+LLAMA_2_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+}
 
 
 def test_one_4096_square_projection_at_r16_trains_131072():
@@ -38,7 +45,8 @@ def test_dict_and_object_configs_give_the_preset_numbers():
 def test_table_has_every_rank_for_both_target_sets_and_prints_both():
     table = param_table("llama-2-7b")
     assert [(r.targets, r.r) for r in table.rows] == [
-        (t, r) for t in ("attention q,k,v,o", "all linear (7)") for r in (4, 8, 16, 64)]
+        (t, r) for t in ("attention q,k,v,o", "all linear (7)") for r in (4, 8, 16, 64)
+    ]
     text = str(table)
     assert "attention q,k,v,o    16      16,777,216     0.25%" in text
     assert "all linear (7)       16      39,976,960     0.59%" in text

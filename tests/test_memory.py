@@ -124,8 +124,14 @@ def test_a_broken_config_json_is_refused_naming_the_file(tmp_path, capsys):
 
 CPU_AND_CUDA = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not __import__("torch").cuda.is_available(), reason="needs a CUDA device")]),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
 ]
 
 
@@ -142,8 +148,15 @@ def test_saved_activations_of_one_layer_are_counted_tensor_by_tensor(mode, dtype
     from nibblora.memory.estimate import layer_activation_bytes
     from nibblora.models import LlamaForCausalLM, ModelConfig
 
-    hf = dict(model_type="llama", hidden_size=96, intermediate_size=224, num_hidden_layers=1, num_attention_heads=6,
-              num_key_value_heads=2, vocab_size=100)
+    hf = dict(
+        model_type="llama",
+        hidden_size=96,
+        intermediate_size=224,
+        num_hidden_layers=1,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     torch_dtype = getattr(torch, dtype)
     model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).to(device, torch_dtype)
     r = 4
@@ -168,8 +181,14 @@ def test_saved_activations_of_one_layer_are_counted_tensor_by_tensor(mode, dtype
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.model.layers[0](x, cos, sin, None)
     e = torch.finfo(torch_dtype).bits // 8
-    expected = layer_activation_bytes(DecoderShape.from_config(hf), batch * seq, e, mode == "full",
-                                      0 if mode == "full" else 7 * r, fused_norm=device == "cuda")
+    expected = layer_activation_bytes(
+        DecoderShape.from_config(hf),
+        batch * seq,
+        e,
+        mode == "full",
+        0 if mode == "full" else 7 * r,
+        fused_norm=device == "cuda",
+    )
     if device == "cpu":
         assert sum(seen.values()) == expected
     else:  # CUDA attention kernels keep their own small statistics (padded log-sum-exp, RNG state)

@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
+from helpers_merge import peft_model, save_adapter_dir, save_base
 from safetensors.torch import load_file, save_file
 
-from helpers_merge import peft_model, save_adapter_dir, save_base
 from nibblora.errors import AdapterError
 from nibblora.merge import MergeError, merge_checkpoint
 from nibblora.merge.cli import main

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers_merge import peft_model, read_safetensors_dir, save_adapter_dir, save_base
+
 from nibblora.merge import merge_checkpoint
 
 CASES = {
     "plain": dict(r=4, lora_alpha=8),
     "patterns_rslora_modules_to_save": dict(
-        r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3}, use_rslora=True,
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+        use_rslora=True,
         modules_to_save=["lm_head"],
     ),
     "embedding_and_lm_head": dict(r=3, lora_alpha=5, target_modules=["embed_tokens", "lm_head", "up_proj"]),
@@ -43,7 +47,9 @@ def test_tied_lm_head_lora_updates_the_shared_embedding_as_peft_does(tmp_path):
     got = read_safetensors_dir(tmp_path / "out")
     assert "lm_head.weight" not in got
     assert torch.equal(got["model.embed_tokens.weight"], expected["lm_head.weight"])
-    assert torch.equal(got["model.layers.0.self_attn.q_proj.weight"], expected["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(
+        got["model.layers.0.self_attn.q_proj.weight"], expected["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_two_adapters_linear_equals_peft_merging_both_in_float32(tmp_path):
@@ -51,8 +57,9 @@ def test_two_adapters_linear_equals_peft_merging_both_in_float32(tmp_path):
     model = peft_model(r=4, lora_alpha=8, adapter_name="a")
     from peft import LoraConfig
 
-    model.add_adapter("b", LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "down_proj"],
-                                      init_lora_weights=False))
+    model.add_adapter(
+        "b", LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
     save_adapter_dir(model, tmp_path / "ads", "a")
     save_adapter_dir(model, tmp_path / "ads", "b")
     expected = model.merge_and_unload(adapter_names=["a", "b"]).state_dict()

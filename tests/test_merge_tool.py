@@ -7,9 +7,9 @@ import struct
 
 import pytest
 import torch
+from helpers_merge import peft_model, read_safetensors_dir, save_adapter_dir, save_base
 from safetensors.torch import load_file, save_file
 
-from helpers_merge import peft_model, read_safetensors_dir, save_adapter_dir, save_base
 from nibblora.merge import MergeError, main, merge_checkpoint
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -43,18 +43,34 @@ def _broken_adapter(src, dst, edit):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight": torch.zeros(1)}),
-         "unknown LoRA tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight'"),
-        (lambda t: t.pop("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"),
-         "'model.layers.1.mlp.up_proj' has 'base_model.model.model.layers.1.mlp.up_proj.lora_A.weight' but no lora_B"),
-        (lambda t: t.update({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 65)}),
-         "'base_model.model.model.layers.0.mlp.up_proj.lora_A.weight' [4, 65] and "
-         "'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight' [128, 4] do not fit 'model.layers.0.mlp.up_proj.weight'"),
-        (lambda t: [t.pop(k) for k in list(t) if ".layers.1.self_attn.k_proj." in k],
-         "missing base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"),
-        (lambda t: t.update({"base_model.model.model.layers.9.mlp.up_proj.lora_A.weight": torch.zeros(4, 64),
-                             "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight": torch.zeros(128, 4)}),
-         "targets model.layers.9.mlp.up_proj.weight, which the base checkpoint"),
+        (
+            lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight": torch.zeros(1)}),
+            "unknown LoRA tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight'",
+        ),
+        (
+            lambda t: t.pop("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"),
+            "'model.layers.1.mlp.up_proj' has 'base_model.model.model.layers.1.mlp.up_proj.lora_A.weight' "
+            "but no lora_B",
+        ),
+        (
+            lambda t: t.update({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 65)}),
+            "'base_model.model.model.layers.0.mlp.up_proj.lora_A.weight' [4, 65] and "
+            "'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight' [128, 4] do not fit "
+            "'model.layers.0.mlp.up_proj.weight'",
+        ),
+        (
+            lambda t: [t.pop(k) for k in list(t) if ".layers.1.self_attn.k_proj." in k],
+            "missing base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight",
+        ),
+        (
+            lambda t: t.update(
+                {
+                    "base_model.model.model.layers.9.mlp.up_proj.lora_A.weight": torch.zeros(4, 64),
+                    "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight": torch.zeros(128, 4),
+                }
+            ),
+            "targets model.layers.9.mlp.up_proj.weight, which the base checkpoint",
+        ),
     ],
     ids=["unknown_key", "missing_B", "shape_mismatch", "target_without_weights", "module_not_in_base"],
 )
@@ -159,7 +175,8 @@ def test_requantize_reports_update_against_error_and_keeps_untouched_4bit_bytes(
     quantize_checkpoint(base, q4, compute_dtype="float32", progress=False)
     summary = merge_checkpoint(q4, [b], tmp_path / "out", quantize="nf4", progress=False)
     assert sorted(r.name for r in summary.quant_report) == sorted(
-        f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in ("q", "v"))
+        f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in ("q", "v")
+    )
     assert all(r.update_norm > 0 and r.quant_error_norm > 0 for r in summary.quant_report)
     assert "||update|| vs ||quantization error||" in summary.format()
     before, after = read_safetensors_dir(q4), read_safetensors_dir(tmp_path / "out")

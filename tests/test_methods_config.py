@@ -20,16 +20,28 @@ from nibblora.methods import inject_ia3, load_adapter, save_adapter
 
 
 def test_each_peft_type_gets_its_config():
-    assert isinstance(parse_any_adapter_config({"peft_type": "IA3", "target_modules": ["k_proj"],
-                                                "feedforward_modules": []}), IA3AdapterConfig)
+    assert isinstance(
+        parse_any_adapter_config({"peft_type": "IA3", "target_modules": ["k_proj"], "feedforward_modules": []}),
+        IA3AdapterConfig,
+    )
     prompt = parse_any_adapter_config({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4, "token_dim": 8})
     assert isinstance(prompt, PromptLearningConfig) and prompt.token_dim == 8
-    prefix = parse_any_adapter_config({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2,
-                                       "prefix_projection": True})
+    prefix = parse_any_adapter_config(
+        {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2, "prefix_projection": True}
+    )
     assert prefix.prefix_projection and prefix.num_layers is None
-    assert isinstance(parse_any_adapter_config({"peft_type": "BOTTLENECK", "variant": "pfeiffer",
-                                                "bottleneck_size": 4, "non_linearity": "relu",
-                                                "target_modules": ["model.layers.0.mlp"]}), BottleneckAdapterConfig)
+    assert isinstance(
+        parse_any_adapter_config(
+            {
+                "peft_type": "BOTTLENECK",
+                "variant": "pfeiffer",
+                "bottleneck_size": 4,
+                "non_linearity": "relu",
+                "target_modules": ["model.layers.0.mlp"],
+            }
+        ),
+        BottleneckAdapterConfig,
+    )
 
 
 @pytest.mark.parametrize(
@@ -37,15 +49,24 @@ def test_each_peft_type_gets_its_config():
     [
         ({"peft_type": "PROMPT_TUNING"}, "key 'num_virtual_tokens' is missing"),
         ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 0}, "'num_virtual_tokens' must be a positive integer"),
-        ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2, "prompt_tuning_init": "MAGIC"},
-         "'prompt_tuning_init' must be one of"),
-        ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2, "num_transformer_submodules": 2},
-         "decoder-only"),
+        (
+            {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2, "prompt_tuning_init": "MAGIC"},
+            "'prompt_tuning_init' must be one of",
+        ),
+        ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2, "num_transformer_submodules": 2}, "decoder-only"),
         ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2, "token_dim": 4.5}, "'token_dim' must be a positive"),
         ({"peft_type": "IA3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}, "subset"),
         ({"peft_type": "IA3", "target_modules": "(("}, "not a valid regular expression"),
-        ({"peft_type": "BOTTLENECK", "variant": "houlsby", "bottleneck_size": 4, "non_linearity": "tanh",
-          "target_modules": ["x"]}, "'non_linearity' must be one of"),
+        (
+            {
+                "peft_type": "BOTTLENECK",
+                "variant": "houlsby",
+                "bottleneck_size": 4,
+                "non_linearity": "tanh",
+                "target_modules": ["x"],
+            },
+            "'non_linearity' must be one of",
+        ),
         ({"peft_type": "ADALORA"}, "key 'peft_type' is 'ADALORA'"),
     ],
 )

@@ -36,8 +36,9 @@ def test_starts_at_base_trains_its_parameters_and_merges(tmp_path):
     before = logits(model)
     layers = inject_dora(model, TARGETS, r=4, alpha=8)
     assert torch.equal(logits(model), before)
-    assert set(trainable_parameters(model)) == {f"{n}.{p}" for n in layers
-                                                 for p in ("lora.lora_A", "lora.lora_B", "magnitude")}
+    assert set(trainable_parameters(model)) == {
+        f"{n}.{p}" for n in layers for p in ("lora.lora_A", "lora.lora_B", "magnitude")
+    }
     losses = train_steps(model, list(trainable_parameters(model).values()), IDS, steps=20, lr=0.02)
     assert losses[-1] < losses[0] - 0.2, losses
     for name, p in model.named_parameters():
@@ -63,8 +64,9 @@ def test_save_load_identical_logits(tmp_path):
 def test_peft_saves_nibblora_loads(tmp_path):
     hf, model = twins(tmp_path)
     torch.manual_seed(0)
-    config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
-                             init_lora_weights=False)
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, init_lora_weights=False
+    )
     pm = peft.get_peft_model(hf, config).eval()
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -93,6 +95,7 @@ def test_nibblora_saves_peft_loads(tmp_path):
 def test_plain_lora_folder_is_refused(tmp_path):
     hf, model = twins(tmp_path)
     peft.get_peft_model(hf, peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"])).save_pretrained(
-        tmp_path / "lora")
+        tmp_path / "lora"
+    )
     with pytest.raises(AdapterError, match="use_dora is false"):
         load_dora(model, tmp_path / "lora")

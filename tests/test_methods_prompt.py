@@ -93,8 +93,12 @@ def test_peft_saves_nibblora_loads(tmp_path):
     load_prompt_tuning(model, tmp_path / "peft_prompt")
     for mask in (None, MASK):
         expected = pm(input_ids=IDS, attention_mask=mask).logits[:, N:]
-        torch.testing.assert_close(logits(model, attention_mask=mask)[mask.bool() if mask is not None else ...],
-                                   expected.detach()[mask.bool() if mask is not None else ...], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            logits(model, attention_mask=mask)[mask.bool() if mask is not None else ...],
+            expected.detach()[mask.bool() if mask is not None else ...],
+            rtol=1e-5,
+            atol=1e-5,
+        )
     with torch.no_grad():
         loss_sum, n = model(IDS, labels=IDS)
     torch.testing.assert_close(loss_sum / n, pm(input_ids=IDS, labels=IDS).loss.detach(), rtol=1e-5, atol=1e-5)

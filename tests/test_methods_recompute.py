@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers_methods import IDS, nib_model
+
 from nibblora.methods import (
     inject_bottleneck,
     inject_dora,

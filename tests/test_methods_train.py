@@ -41,8 +41,7 @@ def model_dir(tmp_path_factory):
 def test_trains_exports_and_resumes(model_dir, tmp_path, mode):
     rows = tiny_rows(16)
     lr = {"ia3": 0.1, "prompt": 0.1, "prefix": 0.05}.get(mode, 2e-2)
-    config = tiny_config(model_dir, tmp_path / "run", train={"mode": mode, "lr": lr, "max_steps": 4},
-                         **SECTIONS[mode])
+    config = tiny_config(model_dir, tmp_path / "run", train={"mode": mode, "lr": lr, "max_steps": 4}, **SECTIONS[mode])
     result = train(config, train_dataset=rows)
     assert result.step == 4
     model = load_model(model_dir)
@@ -50,8 +49,7 @@ def test_trains_exports_and_resumes(model_dir, tmp_path, mode):
     load_adapter(model, result.weights_dir)
     assert method_of(model) == KIND[mode]
     assert _rows_loss(model, rows) < before  # the exported adapter learned something
-    more = tiny_config(model_dir, tmp_path / "run", train={"mode": mode, "lr": lr, "max_steps": 6},
-                       **SECTIONS[mode])
+    more = tiny_config(model_dir, tmp_path / "run", train={"mode": mode, "lr": lr, "max_steps": 6}, **SECTIONS[mode])
     resumed = train(more, train_dataset=rows)
     assert resumed.step == 6 and set(resumed.losses) == {5, 6}
 

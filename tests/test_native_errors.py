@@ -38,7 +38,9 @@ def test_checkpoint_files_raise_checkpoint_errors_that_builtin_handlers_still_ca
         _native.SafetensorsFile(tmp_path / "missing.safetensors")
     with pytest.raises(FileNotFoundError):
         _native.SafetensorsFile(tmp_path / "missing.safetensors")
-    bad = _safetensors(tmp_path / "bad.safetensors", '{"a":{"dtype":"BF16","shape":[4],"data_offsets":[0,4]}}', b"\0" * 4)
+    bad = _safetensors(
+        tmp_path / "bad.safetensors", '{"a":{"dtype":"BF16","shape":[4],"data_offsets":[0,4]}}', b"\0" * 4
+    )
     with pytest.raises(CheckpointError, match=r'bad\.safetensors: tensor "a": BF16 \[4\] needs 8 bytes'):
         _native.SafetensorsFile(bad)
     with pytest.raises(ValueError):
@@ -51,7 +53,9 @@ def test_a_header_nested_100000_deep_is_a_checkpoint_error(tmp_path):
     deep = _safetensors(tmp_path / "deep.safetensors", '{"t":' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(CheckpointError, match="recursion limit exceeded"):
         _native.SafetensorsFile(deep)
-    sub_byte = _safetensors(tmp_path / "f4.safetensors", '{"a":{"dtype":"F4","shape":[4],"data_offsets":[0,2]}}', b"\0\0")
+    sub_byte = _safetensors(
+        tmp_path / "f4.safetensors", '{"a":{"dtype":"F4","shape":[4],"data_offsets":[0,2]}}', b"\0\0"
+    )
     with pytest.raises(CheckpointError, match='tensor "a": dtype F4 packs elements below a byte'):
         _native.SafetensorsFile(sub_byte)
 

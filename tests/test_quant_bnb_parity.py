@@ -171,7 +171,9 @@ def test_blocks_wider_than_a_row_dequantize_like_bitsandbytes_reference_not_its_
     torch.manual_seed(6)
     x = torch.randn(16, 64)
     packed, state = bnb_quantize(x, "nf4", 128, False)
-    expected = reference._dequantize_4bit_compute(packed.reshape(-1), state.absmax, state.code, 128, x.shape, torch.float32)
+    expected = reference._dequantize_4bit_compute(
+        packed.reshape(-1), state.absmax, state.code, 128, x.shape, torch.float32
+    )
     ours = quantize_4bit(x, "nf4", 128, False)
     assert torch.equal(ours.packed, packed)
     assert torch.equal(dequantize_4bit(ours), expected)

@@ -13,8 +13,8 @@ from nibblora.quant import (
     from_bnb_state_dict,
     quantize_4bit,
     to_bnb_state_dict,
+    torch_ops,
 )
-from nibblora.quant import torch_ops
 from nibblora.quant.api import dynamic_map
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -46,7 +46,9 @@ def test_torch_ops_path_produces_the_rust_bytes(dtype, quant_type, blocksize):
     scales = torch_ops.dequantize_absmax(codes, nested, offset, dynamic_map(), 256)
     assert torch.equal(scales, ours.state.absmax_float32())
     for out_dtype in DTYPES:
-        expected = torch_ops.dequantize_4bit_flat(packed, scales, code_table(quant_type), blocksize, x.numel(), out_dtype)
+        expected = torch_ops.dequantize_4bit_flat(
+            packed, scales, code_table(quant_type), blocksize, x.numel(), out_dtype
+        )
         assert torch.equal(dequantize_4bit(ours, out_dtype), expected)
 
 
@@ -86,7 +88,9 @@ def test_cuda_tensors_quantize_to_the_cpu_bytes_and_dequantize_on_device(dtype):
     scale=st.floats(1e-3, 1e3),
     seed=st.integers(0, 2**16),
 )
-def test_round_trip_keeps_shape_and_stays_within_half_a_code_step(rows, cols, blocksize, quant_type, double_quant, scale, seed):
+def test_round_trip_keeps_shape_and_stays_within_half_a_code_step(
+    rows, cols, blocksize, quant_type, double_quant, scale, seed
+):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=gen) * scale
     q = quantize_4bit(x, quant_type, blocksize, double_quant)

@@ -88,9 +88,7 @@ def test_output_equals_what_transformers_saves_after_quantizing_itself(
     quantize_checkpoint(
         llama_dir, ours, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, progress=False
     )
-    theirs = _transformers_own_save(
-        llama_dir, tmp_path / "theirs", quant_type=quant_type, double_quant=double_quant
-    )
+    theirs = _transformers_own_save(llama_dir, tmp_path / "theirs", quant_type=quant_type, double_quant=double_quant)
     assert (ours / "config.json").read_text() == (theirs / "config.json").read_text()
     a, b = _all_tensors(ours), _all_tensors(theirs)
     assert sorted(a) == sorted(b)
@@ -109,9 +107,17 @@ def test_loaded_output_dequantizes_exactly_like_bitsandbytes_and_gives_the_same_
     original = _all_tensors(llama_dir)
     linear4bit = {n: m for n, m in ours.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert sorted(linear4bit) == sorted(
-        f"model.layers.{i}.{p}" for i in range(2) for p in
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        f"model.layers.{i}.{p}"
+        for i in range(2)
+        for p in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
     )
     for name, module in linear4bit.items():
         loaded = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
@@ -171,7 +177,11 @@ def test_side_files_are_copied_and_stale_weights_are_not(llama_dir, tmp_path):
     out = tmp_path / "out"
     quantize_checkpoint(llama_dir, out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [
-        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
     ]
     assert (out / "generation_config.json").read_bytes() == (llama_dir / "generation_config.json").read_bytes()
     assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
@@ -200,8 +210,15 @@ def test_moe_experts_and_router_stay_unquantized_and_the_model_loads_like_transf
     """transformers 5 fuses per-expert weights into 3-D parameters at load (not nn.Linear, so bitsandbytes leaves
     them), and its router is a bare Parameter: both stay as they are, named in llm_int8_skip_modules."""
     config = transformers.MixtralConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     transformers.MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "moe")
@@ -234,9 +251,7 @@ def test_summary_counts_parameters_bytes_and_bits(llama_dir, tmp_path):
     assert summary.bytes_before == sum(t.nbytes for t in original.values())
     assert summary.bytes_after == sum(t.nbytes for t in _all_tensors(tmp_path / "out").values())
     # Per weight: n/2 packed bytes, one uint8 code per 64 values, a float32 per 256 codes, a float32 offset.
-    scale_bytes = sum(
-        (blocks := math.ceil(original[k].numel() / 64)) + 4 * math.ceil(blocks / 256) + 4 for k in linear
-    )
+    scale_bytes = sum((blocks := math.ceil(original[k].numel() / 64)) + 4 * math.ceil(blocks / 256) + 4 for k in linear)
     assert summary.bits_per_param == pytest.approx(8 * (n_quantized / 2 + scale_bytes) / n_quantized, rel=1e-12)
     assert "bits/parameter" in summary.format()
 
@@ -331,7 +346,9 @@ def test_truncated_shard_is_named(tmp_path, capsys):
     model = _write_checkpoint(tmp_path / "m", _small_tensors())
     shard = model / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])
-    _assert_user_error(capsys, model, tmp_path / "out", f"reading {shard}: not a valid safetensors file, truncated or corrupt (")
+    _assert_user_error(
+        capsys, model, tmp_path / "out", f"reading {shard}: not a valid safetensors file, truncated or corrupt ("
+    )
 
 
 def test_corrupt_header_is_named(tmp_path, capsys):
@@ -340,13 +357,17 @@ def test_corrupt_header_is_named(tmp_path, capsys):
     raw = bytearray(shard.read_bytes())
     raw[10:14] = b"@@@@"
     shard.write_bytes(bytes(raw))
-    _assert_user_error(capsys, model, tmp_path / "out", f"reading {shard}: not a valid safetensors file, truncated or corrupt (")
+    _assert_user_error(
+        capsys, model, tmp_path / "out", f"reading {shard}: not a valid safetensors file, truncated or corrupt ("
+    )
 
 
 def test_garbage_file_is_named(tmp_path, capsys):
     model = _write_checkpoint(tmp_path / "m", _small_tensors())
     (model / "model.safetensors").write_bytes(b"\xff" * 100)
-    _assert_user_error(capsys, model, tmp_path / "out", "model.safetensors: not a valid safetensors file, truncated or corrupt (")
+    _assert_user_error(
+        capsys, model, tmp_path / "out", "model.safetensors: not a valid safetensors file, truncated or corrupt ("
+    )
 
 
 def test_shard_missing_from_index_is_named(llama_dir, tmp_path, capsys):
@@ -436,7 +457,9 @@ def test_cli_reports_user_error_in_one_line_with_exit_code_2_and_no_traceback(tm
     (model / "model.safetensors").write_bytes(b"")
     result = subprocess.run(
         [sys.executable, "-m", "nibblora.quantize", "--model", str(model), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     shard = model / "model.safetensors"
@@ -491,13 +514,28 @@ def test_peak_memory_stays_under_twice_the_largest_tensor_plus_256_mb(tmp_path):
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident size")
     run = subprocess.run(
-        [sys.executable, "-c", _MEASURE, "--model", str(model), "--out", str(tmp_path / "out"), "--quiet",
-         "--max-shard-size", "200MB"],
-        capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        [
+            sys.executable,
+            "-c",
+            _MEASURE,
+            "--model",
+            str(model),
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+            "--max-shard-size",
+            "200MB",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     settled_kib, peak_kib = (int(x) for x in run.stdout.split()[-2:])
     extra = (peak_kib - settled_kib) * 1024
-    print(f"peak RSS above the settled imports: {extra / 2**20:.0f} MiB (checkpoint {total / 2**20:.0f} MiB, "
-          "largest tensor 64 MiB)")
+    print(
+        f"peak RSS above the settled imports: {extra / 2**20:.0f} MiB (checkpoint {total / 2**20:.0f} MiB, "
+        "largest tensor 64 MiB)"
+    )
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == 2
     assert extra < 2 * (64 << 20) + (256 << 20), f"peak {extra / 2**20:.0f} MiB above the imports"

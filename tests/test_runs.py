@@ -9,8 +9,9 @@ import sys
 import time
 
 import pytest
-from nibblora.runs import RunWriter, effective_status, list_runs, open_run, request_stop
+
 from nibblora.errors import RunStoreError
+from nibblora.runs import RunWriter, effective_status, list_runs, open_run, request_stop
 
 
 def test_writer_and_reader_round_trip_metrics_events_logs(tmp_path):
@@ -51,8 +52,10 @@ def test_a_reader_holding_a_transaction_never_blocks_the_writer(tmp_path):
 
 
 def test_a_run_whose_process_died_reads_as_failed(tmp_path):
-    code = ("import sys, os; sys.path.insert(0, sys.argv[2]); from nibblora.runs import RunWriter; "
-            "RunWriter.open(sys.argv[1], 'dead', 'dead', {}); os._exit(0)")
+    code = (
+        "import sys, os; sys.path.insert(0, sys.argv[2]); from nibblora.runs import RunWriter; "
+        "RunWriter.open(sys.argv[1], 'dead', 'dead', {}); os._exit(0)"
+    )
     python_dir = str(__import__("nibblora").__path__[0].rsplit("/", 1)[0])
     subprocess.run([sys.executable, "-c", code, str(tmp_path), python_dir], check=True)
     with open_run(tmp_path) as store:
@@ -144,8 +147,10 @@ def test_the_trainer_over_a_damaged_store_exits_2_with_one_line(tmp_path, capsys
 
     (tmp_path / "runs.sqlite").write_bytes(random.Random(3).randbytes(4096))
     config = tmp_path / "c.toml"
-    config.write_text(f'output_dir = "{tmp_path}"\n[model]\npath = "{tmp_path / "no-model"}"\n'
-                      f'[data]\ntrain = "{tmp_path / "rows.jsonl"}"\n[train]\ndevice = "cpu"\n')
+    config.write_text(
+        f'output_dir = "{tmp_path}"\n[model]\npath = "{tmp_path / "no-model"}"\n'
+        f'[data]\ntrain = "{tmp_path / "rows.jsonl"}"\n[train]\ndevice = "cpu"\n'
+    )
     before = (tmp_path / "runs.sqlite").read_bytes()
     assert main([str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from helpers_serve import module_shapes, tiny_model, write_adapter
 from safetensors.torch import save_file
 
-from helpers_serve import module_shapes, tiny_model, write_adapter
 from nibblora.errors import AdapterError
 from nibblora.serve import Engine, EngineConfig, read_lora_folder
 
@@ -20,11 +20,21 @@ def shapes():
 
 
 def test_reads_ranks_scaling_and_patterns(tmp_path, shapes):
-    folder = write_adapter(tmp_path / "a", shapes, 8, ["q_proj", "down_proj"], seed=0, alpha=16, rslora=True,
-                           rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 4.0})
+    folder = write_adapter(
+        tmp_path / "a",
+        shapes,
+        8,
+        ["q_proj", "down_proj"],
+        seed=0,
+        alpha=16,
+        rslora=True,
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"down_proj": 4.0},
+    )
     weights = read_lora_folder(folder, shapes)
-    assert set(weights.modules) == {f"model.layers.{i}.{p}" for i in range(2)
-                                    for p in ("self_attn.q_proj", "mlp.down_proj")}
+    assert set(weights.modules) == {
+        f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "mlp.down_proj")
+    }
     q = weights.modules["model.layers.0.self_attn.q_proj"]
     down = weights.modules["model.layers.1.mlp.down_proj"]
     assert (q.rank, down.rank) == (8, 2)
@@ -36,25 +46,34 @@ def _edit_config(folder, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("dora_config", "use_dora"),
-    ("dora_tensor", "lora_magnitude_vector"),
-    ("shape", "model.layers.1.self_attn.q_proj.lora_B.weight"),
-    ("unknown_target", "lm_head"),
-    ("missing_pair", "model.layers.0.self_attn.q_proj.lora_B.weight"),
-    ("not_lora", "prompt_embeddings"),
-    ("broken_file", "not a readable safetensors"),
-    ("missing_folder", "is not a directory"),
-    ("bad_json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("dora_config", "use_dora"),
+        ("dora_tensor", "lora_magnitude_vector"),
+        ("shape", "model.layers.1.self_attn.q_proj.lora_B.weight"),
+        ("unknown_target", "lm_head"),
+        ("missing_pair", "model.layers.0.self_attn.q_proj.lora_B.weight"),
+        ("not_lora", "prompt_embeddings"),
+        ("broken_file", "not a readable safetensors"),
+        ("missing_folder", "is not a directory"),
+        ("bad_json", "not valid JSON"),
+    ],
+)
 def test_refused_adapters_name_the_problem(tmp_path, shapes, case, needle):
     edits = {
-        "dora_tensor": lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
-                                                 torch.ones(64)),
-        "shape": lambda t: t.__setitem__("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight",
-                                           torch.zeros(63, 4)),
-        "unknown_target": lambda t: t.update({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
-                                                "base_model.model.lm_head.lora_B.weight": torch.zeros(128, 4)}),
+        "dora_tensor": lambda t: t.__setitem__(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", torch.ones(64)
+        ),
+        "shape": lambda t: t.__setitem__(
+            "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight", torch.zeros(63, 4)
+        ),
+        "unknown_target": lambda t: t.update(
+            {
+                "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
+                "base_model.model.lm_head.lora_B.weight": torch.zeros(128, 4),
+            }
+        ),
         "missing_pair": lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"),
         "not_lora": lambda t: t.__setitem__("prompt_embeddings", torch.zeros(4, 64)),
     }
@@ -74,8 +93,9 @@ def test_refused_adapters_name_the_problem(tmp_path, shapes, case, needle):
 
 def test_rank_above_the_slot_size_is_refused(tmp_path):
     base = tiny_model()
-    engine = Engine(copy.deepcopy(base), EngineConfig(max_loras=2, max_cpu_loras=2, max_lora_rank=8,
-                                                      kv_cache_tokens=512))
+    engine = Engine(
+        copy.deepcopy(base), EngineConfig(max_loras=2, max_cpu_loras=2, max_lora_rank=8, kv_cache_tokens=512)
+    )
     folder = write_adapter(tmp_path / "a", module_shapes(base), 16, ["v_proj"], seed=0)
     with pytest.raises(AdapterError, match="rank 16.*--max-lora-rank 8"):
         engine.add_adapter("big", folder)

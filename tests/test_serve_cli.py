@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers_serve import save_served_model
+
 from nibblora.serve.cli import main
 
 
@@ -13,12 +13,15 @@ def model_dir(tmp_path_factory):
     return save_served_model(tmp_path_factory.mktemp("cli") / "m")[1]
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--adapter", "no-equals-sign"], "--adapter 'no-equals-sign': write NAME=DIR"),
-    (["--adapter", "x=/does/not/exist"], "reading adapter: /does/not/exist is not a directory"),
-    (["--adapter-dir", "/does/not/exist"], "--adapter-dir /does/not/exist: not a directory"),
-    (["--max-loras", "8", "--max-cpu-loras", "2"], "max_cpu_loras (2) must be at least max_loras (8)"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--adapter", "no-equals-sign"], "--adapter 'no-equals-sign': write NAME=DIR"),
+        (["--adapter", "x=/does/not/exist"], "reading adapter: /does/not/exist is not a directory"),
+        (["--adapter-dir", "/does/not/exist"], "--adapter-dir /does/not/exist: not a directory"),
+        (["--max-loras", "8", "--max-cpu-loras", "2"], "max_cpu_loras (2) must be at least max_loras (8)"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(model_dir, capsys, extra, needle):
     assert main(["--model", str(model_dir), *extra]) == 2
     err = capsys.readouterr().err.strip()

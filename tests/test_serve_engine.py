@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-
 from helpers_serve import module_shapes, random_adapters, reference_model, tiny_model
+
 from nibblora.serve import Engine, EngineConfig, SamplingParams
 
 
@@ -31,10 +31,19 @@ def test_mixed_batches_equal_each_adapter_alone(tmp_path, kernel, kv_tokens):
     torch.set_num_threads(1)
     base = tiny_model(seed=3)
     adapters = random_adapters(tmp_path, module_shapes(base), 50, seed=7)
-    engine = Engine(copy.deepcopy(base), EngineConfig(max_loras=8, max_cpu_loras=16, max_num_seqs=12,
-                                                      max_num_batched_tokens=48, block_size=4,
-                                                      kv_cache_tokens=kv_tokens, max_model_len=64,
-                                                      lora_kernel=kernel))
+    engine = Engine(
+        copy.deepcopy(base),
+        EngineConfig(
+            max_loras=8,
+            max_cpu_loras=16,
+            max_num_seqs=12,
+            max_num_batched_tokens=48,
+            block_size=4,
+            kv_cache_tokens=kv_tokens,
+            max_model_len=64,
+            lora_kernel=kernel,
+        ),
+    )
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     rng = random.Random(11)
@@ -74,6 +83,7 @@ def _engine(base, **kw):
 
 def test_4bit_base_equals_load_adapter_on_the_same_4bit_model(tmp_path):
     from helpers_serve import save_served_model
+
     from nibblora.lora import load_adapter
     from nibblora.models import load_model
 
@@ -94,8 +104,9 @@ def test_4bit_base_equals_load_adapter_on_the_same_4bit_model(tmp_path):
         if name is not None:
             load_adapter(ref, adapters[name], check_base_model=False)
         # save_served_model scales lm_head by 20, so float32 rounding in the logits is 20x that of the decoder
-        torch.testing.assert_close(torch.stack(result.logits), _reference_logits(ref, prompt, result.token_ids),
-                                   rtol=0, atol=20 * 1e-5)
+        torch.testing.assert_close(
+            torch.stack(result.logits), _reference_logits(ref, prompt, result.token_ids), rtol=0, atol=20 * 1e-5
+        )
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch():
@@ -112,9 +123,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
 
 
 def test_stop_tokens_and_stop_strings(tmp_path):
-    from tokenizers import Tokenizer
-
     from helpers_serve import save_served_model
+    from tokenizers import Tokenizer
 
     model, folder = save_served_model(tmp_path / "m")
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -123,14 +133,14 @@ def test_stop_tokens_and_stop_strings(tmp_path):
     [free] = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     assert free.finish_reason == "length" and free.text == tok.decode(free.token_ids, skip_special_tokens=True)
     stop_id = free.token_ids[4]
-    [by_token] = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
-                                                          stop_token_ids=[stop_id]))
+    [by_token] = engine.generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_id])
+    )
     assert by_token.finish_reason == "stop"
     assert by_token.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
     stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 2]
     assert stop.strip(), free.text
-    [by_text] = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
-                                                         stop=[stop]))
+    [by_text] = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop]))
     assert by_text.finish_reason == "stop"
     assert by_text.text == free.text[: free.text.index(stop)]
 
@@ -138,8 +148,7 @@ def test_stop_tokens_and_stop_strings(tmp_path):
 def test_logprobs_are_log_softmax_of_the_logits():
     base = tiny_model(seed=4)
     engine = _engine(base)
-    rid = engine.add_request([3, 4, 5], SamplingParams(max_tokens=3, temperature=0.0, logprobs=2,
-                                                       return_logits=True))
+    rid = engine.add_request([3, 4, 5], SamplingParams(max_tokens=3, temperature=0.0, logprobs=2, return_logits=True))
     outs = []
     while engine.has_work():
         outs += [o for o in engine.step() if o.request_id == rid]

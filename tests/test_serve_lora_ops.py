@@ -12,8 +12,10 @@ def _setup(seed=0):
     slots = LoRASlots.empty(4, 16, 24, 40, torch.float64, torch.device("cpu"))
     adapters = {}
     for slot, rank in ((0, 3), (1, 16), (3, 7)):  # slot 2 stays empty (adapter without this module)
-        a, b = torch.randn(rank, 24, generator=gen, dtype=torch.float64), torch.randn(40, rank, generator=gen,
-                                                                                       dtype=torch.float64)
+        a, b = (
+            torch.randn(rank, 24, generator=gen, dtype=torch.float64),
+            torch.randn(40, rank, generator=gen, dtype=torch.float64),
+        )
         slots.write(slot, a, b, 0.5 + slot)
         adapters[slot] = (a, b, 0.5 + slot)
     # tokens: 2 base-only, 3 of slot 0, 1 of slot 1, 2 of slot 2 (no weights here), 4 of slot 3

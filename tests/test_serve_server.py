@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
 from helpers_serve import module_shapes, reference_model, save_served_model, write_adapter
 
 openai = pytest.importorskip("openai")
@@ -43,19 +42,44 @@ def server(tmp_path_factory):
     shapes = module_shapes(base)
     adapters = {
         "alpha": write_adapter(root / "alpha", shapes, 8, ["q_proj", "v_proj", "down_proj"], seed=1, alpha=16),
-        "beta": write_adapter(root / "beta", shapes, 32, ["o_proj", "gate_proj", "up_proj"], seed=2, alpha=8,
-                              rslora=True),
+        "beta": write_adapter(
+            root / "beta", shapes, 32, ["o_proj", "gate_proj", "up_proj"], seed=2, alpha=8, rslora=True
+        ),
     }
     extra = write_adapter(root / "gamma", shapes, 4, ["k_proj"], seed=3)
     dora = write_adapter(root / "dora", shapes, 4, ["q_proj"], seed=4, extra_config={"use_dora": True})
     runs = root / "runs"
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'python'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "nibblora.serve", "--model", str(model_dir), "--port", str(port),
-           "--api-key", API_KEY, "--adapter", f"alpha={adapters['alpha']}", "--adapter", f"beta={adapters['beta']}",
-           "--max-loras", "2", "--max-cpu-loras", "4", "--max-num-seqs", "4", "--max-queue", "3",
-           "--runs-dir", str(runs)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'python'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "nibblora.serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--adapter",
+        f"alpha={adapters['alpha']}",
+        "--adapter",
+        f"beta={adapters['beta']}",
+        "--max-loras",
+        "2",
+        "--max-cpu-loras",
+        "4",
+        "--max-num-seqs",
+        "4",
+        "--max-queue",
+        "3",
+        "--runs-dir",
+        str(runs),
+    ]
     log = open(root / "server.log", "w")  # noqa: SIM115 -- the server writes to it until the fixture ends
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -70,8 +94,16 @@ def server(tmp_path_factory):
             proc.kill()
             raise RuntimeError("server did not start:\n" + (root / "server.log").read_text())
         time.sleep(0.2)
-    info = dict(url=url, base=base, model_dir=model_dir, adapters=adapters, gamma=extra, dora=dora, runs=runs,
-                name=model_dir.name)
+    info = dict(
+        url=url,
+        base=base,
+        model_dir=model_dir,
+        adapters=adapters,
+        gamma=extra,
+        dora=dora,
+        runs=runs,
+        name=model_dir.name,
+    )
     yield info
     proc.terminate()
     proc.wait(timeout=20)
@@ -90,7 +122,7 @@ def _reference_text(server, adapter: str | None, prompt_ids: list[int], n: int) 
     from tokenizers import Tokenizer
 
     model = reference_model(server["base"], None if adapter is None else server["adapters"][adapter])
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, eos_token_id=[])[0, len(prompt_ids):]
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, eos_token_id=[])[0, len(prompt_ids) :]
     tok = Tokenizer.from_file(str(server["model_dir"] / "tokenizer.json"))
     return out.tolist(), tok.decode(out.tolist(), skip_special_tokens=True)
 
@@ -107,8 +139,9 @@ def test_models_lists_base_and_adapters_and_registry(server):
 def test_completion_equals_adapter_alone(server, adapter):
     prompt = [5, 17, 300, 42, 99, 7]
     model = adapter or server["name"]
-    res = _client(server).completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
-                                             extra_body={"ignore_eos": True})
+    res = _client(server).completions.create(
+        model=model, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     _, want_text = _reference_text(server, adapter, prompt, 6)
     assert res.choices[0].text == want_text
     assert res.choices[0].finish_reason == "length"
@@ -117,8 +150,9 @@ def test_completion_equals_adapter_alone(server, adapter):
 
 def test_streaming_completion_matches_non_streaming(server):
     client = _client(server)
-    kwargs = dict(model="beta", prompt="Hello! How can I help", max_tokens=8, temperature=0,
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model="beta", prompt="Hello! How can I help", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     full = client.completions.create(**kwargs)
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -131,13 +165,13 @@ def test_streaming_completion_matches_non_streaming(server):
 def test_chat_completion_streaming_and_not(server):
     client = _client(server)
     messages = [{"role": "user", "content": "What is 2+2?"}]
-    full = client.chat.completions.create(model="alpha", messages=messages, max_tokens=5, temperature=0,
-                                          logprobs=True, top_logprobs=2)
+    full = client.chat.completions.create(
+        model="alpha", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
     assert full.choices[0].message.role == "assistant"
     assert full.usage.completion_tokens == len(full.choices[0].logprobs.content)
     assert all(len(t.top_logprobs) == 2 for t in full.choices[0].logprobs.content)
-    stream = client.chat.completions.create(model="alpha", messages=messages, max_tokens=5, temperature=0,
-                                            stream=True)
+    stream = client.chat.completions.create(model="alpha", messages=messages, max_tokens=5, temperature=0, stream=True)
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
@@ -149,8 +183,9 @@ def test_concurrent_requests_to_different_adapters(server):
     prompts = {("alpha", 0): [3, 4, 5], ("beta", 1): [9, 8, 7, 6], (server["name"], 2): [11, 12]}
 
     async def one(model, prompt):
-        res = await client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0,
-                                              extra_body={"ignore_eos": True})
+        res = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+        )
         return res.choices[0].text
 
     async def run_all():
@@ -164,15 +199,27 @@ def test_concurrent_requests_to_different_adapters(server):
 
 def test_seeded_sampling_is_reproducible(server):
     client = _client(server)
-    kwargs = dict(model="alpha", prompt=[1, 2, 3], max_tokens=8, temperature=1.0, top_p=0.9, seed=123,
-                  extra_body={"top_k": 50, "ignore_eos": True})
+    kwargs = dict(
+        model="alpha",
+        prompt=[1, 2, 3],
+        max_tokens=8,
+        temperature=1.0,
+        top_p=0.9,
+        seed=123,
+        extra_body={"top_k": 50, "ignore_eos": True},
+    )
     assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
 
 
 def _post(server, path: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return httpx.post(server["url"] + path, content=content, headers={**_headers(), "Content-Type": "application/json"},
-                      timeout=30, **kw)
+    return httpx.post(
+        server["url"] + path,
+        content=content,
+        headers={**_headers(), "Content-Type": "application/json"},
+        timeout=30,
+        **kw,
+    )
 
 
 def test_errors_name_the_field(server):
@@ -207,8 +254,10 @@ def test_load_use_replace_unload_adapter(server):
     r = _post(server, "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": str(server["adapters"]["alpha"])})
     assert r.status_code == 200
     kwargs = dict(prompt=[4, 5, 6], max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
-    assert (_client(server).completions.create(model="gamma", **kwargs).choices[0].text
-            == _client(server).completions.create(model="alpha", **kwargs).choices[0].text)
+    assert (
+        _client(server).completions.create(model="gamma", **kwargs).choices[0].text
+        == _client(server).completions.create(model="alpha", **kwargs).choices[0].text
+    )
     assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "gamma"}).status_code == 200
     r = _post(server, "/v1/completions", {"model": "gamma", "prompt": "hi"})
     assert r.status_code == 404
@@ -219,8 +268,11 @@ def _wait_idle(server) -> str:
     deadline = time.monotonic() + 20
     while True:
         text = httpx.get(server["url"] + "/metrics").text
-        if (_metric(text, "nibblora_requests_running") == 0 and _metric(text, "nibblora_requests_waiting") == 0
-                and _metric(text, "nibblora_kv_blocks_free") == _metric(text, "nibblora_kv_blocks_total")):
+        if (
+            _metric(text, "nibblora_requests_running") == 0
+            and _metric(text, "nibblora_requests_waiting") == 0
+            and _metric(text, "nibblora_kv_blocks_free") == _metric(text, "nibblora_kv_blocks_total")
+        ):
             return text
         assert time.monotonic() < deadline, text
         time.sleep(0.1)
@@ -228,8 +280,14 @@ def _wait_idle(server) -> str:
 
 def test_disconnect_frees_blocks_and_overload_answers_429(server):
     async def scenario():
-        body = {"model": "alpha", "prompt": [1, 2, 3], "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
-                "stream": True}
+        body = {
+            "model": "alpha",
+            "prompt": [1, 2, 3],
+            "max_tokens": 4000,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
         async with httpx.AsyncClient(base_url=server["url"], headers=_headers(), timeout=30) as client:
             streams, lines = [], []
             # 4 running (--max-num-seqs 4) + 3 waiting (--max-queue 3): the next one is refused.
@@ -275,9 +333,15 @@ def test_disconnect_frees_blocks_and_overload_answers_429(server):
 
 def test_metrics_is_prometheus_text(server):
     text = httpx.get(server["url"] + "/metrics").text
-    for name in ("nibblora_prompt_tokens_total", "nibblora_generation_tokens_total", "nibblora_adapters_device",
-                 "nibblora_adapter_device_hits_total", "nibblora_time_to_first_token_seconds_count",
-                 "nibblora_time_per_output_token_seconds_count", "nibblora_batch_sequences_count"):
+    for name in (
+        "nibblora_prompt_tokens_total",
+        "nibblora_generation_tokens_total",
+        "nibblora_adapters_device",
+        "nibblora_adapter_device_hits_total",
+        "nibblora_time_to_first_token_seconds_count",
+        "nibblora_time_per_output_token_seconds_count",
+        "nibblora_batch_sequences_count",
+    ):
         assert _metric(text, name) >= 0
     assert "# TYPE nibblora_time_to_first_token_seconds histogram" in text
     assert _metric(text, "nibblora_generation_tokens_total") > 0

@@ -15,8 +15,12 @@ def _page(tokens: int) -> str:
     metrics.generation_tokens = tokens
     for latency in (0.2, 0.3, 0.4, 3.0):
         metrics.finished("stop", 5, 0.1, latency, 4)
-    gauges = {"nibblora_requests_running": 2, "nibblora_requests_waiting": 1, "nibblora_adapters_known": 7,
-              "nibblora_adapters_device": 3}
+    gauges = {
+        "nibblora_requests_running": 2,
+        "nibblora_requests_waiting": 1,
+        "nibblora_adapters_known": 7,
+        "nibblora_adapters_device": 3,
+    }
     return metrics.render(gauges, {})
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_train import tiny_checkpoint, tiny_config, tiny_rows
+
 from nibblora.errors import CheckpointError
 from nibblora.runs import open_run
 from nibblora.train import train
@@ -39,8 +40,13 @@ class RunsCode:
 
 def config(model_dir: Path, out: Path, max_steps: int, lora: dict | None = None, mode: str = "lora"):
     # A constant schedule: a 4-step run resumed to 6 steps uses the learning rates of a 6-step run.
-    return tiny_config(model_dir, out, train={"max_steps": max_steps, "schedule": "constant", "mode": mode},
-                       checkpoint={"every": 2, "keep_last": 2}, lora={"dropout": 0.1, **(lora or {})})
+    return tiny_config(
+        model_dir,
+        out,
+        train={"max_steps": max_steps, "schedule": "constant", "mode": mode},
+        checkpoint={"every": 2, "keep_last": 2},
+        lora={"dropout": 0.1, **(lora or {})},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +67,16 @@ def four_steps(model_dir: Path, out: Path) -> Path:
 
 
 def test_trainer_state_round_trips_without_pickle(tmp_path):
-    state = {"step": 7, "groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "flag": None}],
-             "state": {0: {"exp_avg": torch.randn(3, 2), "step": torch.tensor(4.0)}, 1: {}},
-             "odd": {"$tensor": "not a tag"}, "scale": float("inf"), "nan": float("nan"),
-             "rng": torch.get_rng_state(), "bf16": torch.randn(4).to(torch.bfloat16)}
+    state = {
+        "step": 7,
+        "groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "flag": None}],
+        "state": {0: {"exp_avg": torch.randn(3, 2), "step": torch.tensor(4.0)}, 1: {}},
+        "odd": {"$tensor": "not a tag"},
+        "scale": float("inf"),
+        "nan": float("nan"),
+        "rng": torch.get_rng_state(),
+        "bf16": torch.randn(4).to(torch.bfloat16),
+    }
     save_state(state, tmp_path / "s")
     loaded = load_state(tmp_path / "s")
     assert set(os.listdir(tmp_path)) == {"s.json", "s.safetensors"}
@@ -96,9 +108,11 @@ def test_a_planted_pickle_is_refused_and_never_executed(model_dir, tmp_path, cap
     with pytest.raises(LegacyCheckpointError, match="trainer_state.pt is a pickle"):
         train(config(model_dir, out, 8), tiny_rows(16), quiet=True)
     toml = tmp_path / "c.toml"
-    toml.write_text(f'output_dir = "{out}"\n[model]\npath = "{model_dir}"\ndtype = "float32"\n'
-                    f'[data]\ntrain = "{tiny_rows(16).to_jsonl(tmp_path / "rows.jsonl")}"\n'
-                    '[train]\nmode = "lora"\nmax_steps = 8\ndevice = "cpu"\n[lora]\nr = 4\n')
+    toml.write_text(
+        f'output_dir = "{out}"\n[model]\npath = "{model_dir}"\ndtype = "float32"\n'
+        f'[data]\ntrain = "{tiny_rows(16).to_jsonl(tmp_path / "rows.jsonl")}"\n'
+        '[train]\nmode = "lora"\nmax_steps = 8\ndevice = "cpu"\n[lora]\nr = 4\n'
+    )
     capsys.readouterr()
     assert main([str(toml), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
@@ -126,14 +140,15 @@ DAMAGE = {
     "flipped byte in the adapter": (lambda d: flip_byte(d / "adapter" / "adapter_model.safetensors"), "sha256"),
     "missing random state": (lambda d: (d / "rng-rank0.json").unlink(), "rng-rank0.json is missing"),
     "missing manifest": (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
-    "garbage manifest": (lambda d: (d / "manifest.json").write_text("{\"files\": ["), "unreadable"),
+    "garbage manifest": (lambda d: (d / "manifest.json").write_text('{"files": ['), "unreadable"),
     "emptied adapter config": (lambda d: (d / "adapter" / "adapter_config.json").write_bytes(b""), "truncated"),
 }
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_resume_skips_a_damaged_checkpoint_and_matches_the_uninterrupted_run(model_dir, reference, tmp_path,
-                                                                             capsys, damage):
+def test_resume_skips_a_damaged_checkpoint_and_matches_the_uninterrupted_run(
+    model_dir, reference, tmp_path, capsys, damage
+):
     out = tmp_path / "run"
     newest = four_steps(model_dir, out)
     verify_checkpoint(newest, "lora")

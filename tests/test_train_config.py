@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from nibblora.train import ConfigError, TrainConfig, config_from_dict, load_config
 from nibblora.train.cli import main
 
@@ -20,26 +21,41 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 def test_defaults_are_the_qlora_recipe():
     config = config_from_dict({"model": {"path": "m"}})
     assert (config.train.mode, config.lora.r, config.lora.alpha, config.lora.target_modules) == (
-        "qlora", 64, 16.0, "all-linear")
+        "qlora",
+        64,
+        16.0,
+        "all-linear",
+    )
     assert config.model.quant_type == "nf4" and config.model.double_quant
 
 
 def test_overrides_parse_values_as_toml(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[model]\npath = "m"\n[train]\nlr = 1e-3\n')
-    config = load_config(path, ["train.lr=5e-5", "lora.target_modules=[\"q_proj\", \"v_proj\"]", "lora.r=8",
-                                "train.device=cpu", "data.eval.general=g.jsonl"])
+    config = load_config(
+        path,
+        [
+            "train.lr=5e-5",
+            'lora.target_modules=["q_proj", "v_proj"]',
+            "lora.r=8",
+            "train.device=cpu",
+            "data.eval.general=g.jsonl",
+        ],
+    )
     assert config.train.lr == 5e-5 and config.lora.r == 8 and config.train.device == "cpu"
     assert config.lora.target_modules == ["q_proj", "v_proj"]
     assert config.data.eval == {"general": "g.jsonl"}
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"model": {"path": "m"}, "train": {"lrr": 1}}, "train.lrr: unknown key"),
-    ({"model": {"path": "m"}, "train": {"max_steps": "ten"}}, "train.max_steps: expected an integer"),
-    ({"model": {"path": "m"}, "train": {"mode": "adalora"}}, "train.mode must be one of"),
-    ({}, "model.path is required"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": {"path": "m"}, "train": {"lrr": 1}}, "train.lrr: unknown key"),
+        ({"model": {"path": "m"}, "train": {"max_steps": "ten"}}, "train.max_steps: expected an integer"),
+        ({"model": {"path": "m"}, "train": {"mode": "adalora"}}, "train.mode must be one of"),
+        ({}, "model.path is required"),
+    ],
+)
 def test_bad_configs_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(data)
@@ -68,10 +84,47 @@ def test_docs_describe_every_config_field():
 
 BASE = {"output_dir": "out", "model": {"path": "m"}, "data": {"train": "rows.jsonl"}}
 HOSTILE_VALUES = [
-    None, True, False, 0, -1, 1, 7, 2**31, 2**63, -(2**63), 10**40, 0.0, -0.0, 0.5, -1.5, 1e-320, 1e308,
-    float("nan"), float("inf"), float("-inf"), "", "\x00", "x" * 5000, "all-linear", "auto", "cuda:999999", "(",
-    "cosine", "skip", "\ud800", [], [1], [0.5, 0.5], ["a"], [[[]]], [0.9, 0.999, 0.1], {}, {"a": 1}, {"a": "b"},
-    {"": ""}, datetime.date(1979, 5, 27),
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    7,
+    2**31,
+    2**63,
+    -(2**63),
+    10**40,
+    0.0,
+    -0.0,
+    0.5,
+    -1.5,
+    1e-320,
+    1e308,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    "",
+    "\x00",
+    "x" * 5000,
+    "all-linear",
+    "auto",
+    "cuda:999999",
+    "(",
+    "cosine",
+    "skip",
+    "\ud800",
+    [],
+    [1],
+    [0.5, 0.5],
+    ["a"],
+    [[[]]],
+    [0.9, 0.999, 0.1],
+    {},
+    {"a": 1},
+    {"a": "b"},
+    {"": ""},
+    datetime.date(1979, 5, 27),
 ]
 
 
@@ -134,8 +187,9 @@ def _assert_sane(config: TrainConfig) -> None:
     assert config.train.mode in ("full", "lora", "qlora") and config.train.nan_policy in ("stop", "skip")
     assert config.data.batch_size >= 1 and config.train.grad_accum >= 1 and config.train.max_steps >= 1
     assert config.train.log_every >= 1 and config.checkpoint.keep_last >= 0 and config.output_dir
-    assert config.lora.target_modules and (isinstance(config.lora.target_modules, str)
-                                           or all(isinstance(t, str) for t in config.lora.target_modules))
+    assert config.lora.target_modules and (
+        isinstance(config.lora.target_modules, str) or all(isinstance(t, str) for t in config.lora.target_modules)
+    )
     assert all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in config.data.eval.items())
 
 
@@ -159,10 +213,27 @@ def test_hostile_configs_are_one_line_errors_naming_the_key_or_sane(seed):
 def test_hostile_overrides_on_the_command_line_exit_2_with_one_line(tmp_path, capsys, seed):
     rng = random.Random(1000 + seed)
     section, key = rng.choice([f for f in _fields() if f[1] is not None])
-    literal = rng.choice(["nan", "-inf", "99999999999999999999999", '"\\u0000"', "[[[[1]]]]", "{a = 1}",
-                          "1979-05-27", "-3", '""', "[]", "true", '"cuda:x"', "[" * 3000 + "]" * 3000, "0"])
-    (tmp_path / "c.toml").write_text(f'output_dir = "{tmp_path / "out"}"\n[model]\npath = "m"\n'
-                                     f'[data]\ntrain = "rows.jsonl"\n')
+    literal = rng.choice(
+        [
+            "nan",
+            "-inf",
+            "99999999999999999999999",
+            '"\\u0000"',
+            "[[[[1]]]]",
+            "{a = 1}",
+            "1979-05-27",
+            "-3",
+            '""',
+            "[]",
+            "true",
+            '"cuda:x"',
+            "[" * 3000 + "]" * 3000,
+            "0",
+        ]
+    )
+    (tmp_path / "c.toml").write_text(
+        f'output_dir = "{tmp_path / "out"}"\n[model]\npath = "m"\n[data]\ntrain = "rows.jsonl"\n'
+    )
     override = f"{section}.{key}={literal}"
     try:
         load_config(tmp_path / "c.toml", [override])
@@ -184,6 +255,7 @@ def test_a_config_nested_100000_deep_is_one_config_error(tmp_path):
 
 def test_apply_threads_sets_torch_threads_and_auto_follows_omp_num_threads(monkeypatch):
     import torch
+
     from nibblora.threads import apply_threads, default_threads
 
     before = torch.get_num_threads()

@@ -48,12 +48,32 @@ def test_two_process_ddp_matches_single_process_on_the_same_global_batch(tmp_pat
     (tmp_path / "single.toml").write_text(config_text(model_dir, data, tmp_path / "single", batch_size=4))
     (tmp_path / "ddp.toml").write_text(config_text(model_dir, data, tmp_path / "ddp", batch_size=2))
     env = dict(os.environ, PYTHONPATH=PYTHON_PATH, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, "-m", "nibblora.train", str(tmp_path / "single.toml"), "--quiet"],
-                            env=env, capture_output=True, text=True, timeout=120)
+    single = subprocess.run(
+        [sys.executable, "-m", "nibblora.train", str(tmp_path / "single.toml"), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "nibblora.train", str(tmp_path / "ddp.toml"), "--quiet"],
-                         env=env, capture_output=True, text=True, timeout=120)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "nibblora.train",
+            str(tmp_path / "ddp.toml"),
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ddp.returncode == 0, ddp.stderr
     with open_run(tmp_path / "single") as a, open_run(tmp_path / "ddp") as b:
         la, lb = a.metric("loss"), b.metric("loss")

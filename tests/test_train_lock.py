@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers_train import tiny_checkpoint, tiny_rows
+
 from nibblora.runs import open_run, request_stop
 from nibblora.train.lock import OutputDirInUseError, lock_run_folder
 
@@ -31,10 +32,12 @@ def test_a_second_trainer_on_the_same_output_dir_refuses_with_the_first_ones_pid
     model_dir = tiny_checkpoint(tmp_path / "model")
     data = tiny_rows(16).to_jsonl(tmp_path / "rows.jsonl")
     config = tmp_path / "c.toml"
-    config.write_text(f'output_dir = "{tmp_path / "run"}"\n[model]\npath = "{model_dir}"\ndtype = "float32"\n'
-                      f'gradient_checkpointing = false\n[data]\ntrain = "{data}"\n[lora]\nr = 4\n'
-                      '[train]\nmode = "lora"\nmax_steps = 100000\ngrad_accum = 1\ndevice = "cpu"\n'
-                      '[checkpoint]\nevery = 0\n')
+    config.write_text(
+        f'output_dir = "{tmp_path / "run"}"\n[model]\npath = "{model_dir}"\ndtype = "float32"\n'
+        f'gradient_checkpointing = false\n[data]\ntrain = "{data}"\n[lora]\nr = 4\n'
+        '[train]\nmode = "lora"\nmax_steps = 100000\ngrad_accum = 1\ndevice = "cpu"\n'
+        "[checkpoint]\nevery = 0\n"
+    )
     env = dict(os.environ, PYTHONPATH=PYTHON_PATH, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "nibblora.train", str(config), "--quiet"]
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -63,9 +63,13 @@ def test_grad_accumulation_averages_over_tokens_not_micro_batches(model_dir, tmp
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_each_mode_lowers_the_training_loss(model_dir, tmp_path, mode):
     rows = tiny_rows(8)
-    config = tiny_config(model_dir, tmp_path / mode, train={"mode": mode, "max_steps": 12, "lr": 1e-2,
-                                                              "schedule": "constant"},
-                         data={"batch_size": 8}, eval={"every": 6})
+    config = tiny_config(
+        model_dir,
+        tmp_path / mode,
+        train={"mode": mode, "max_steps": 12, "lr": 1e-2, "schedule": "constant"},
+        data={"batch_size": 8},
+        eval={"every": 6},
+    )
     result = train(config, rows, {"task": rows}, quiet=True)
     assert result.losses[12] < result.losses[1] - 0.1
     assert set(result.eval) == {"eval_task_loss"}
@@ -112,19 +116,22 @@ def test_paged_optimizer_on_cpu_says_it_does_nothing(model_dir, tmp_path):
         assert any("no effect on a CPU" in line["message"] for line in store.logs())
 
 
-@pytest.mark.parametrize("line, message", [
-    ("[1, 2, 3]", "a row must be an object"),
-    ('{"labels": [1]}', "the row has no input_ids"),
-    ('{"input_ids": "abc"}', "input_ids must be a list of integers"),
-    ('{"input_ids": [1.5, 2]}', "input_ids must be a list of integers"),
-    ('{"input_ids": [[1, 2]]}', "input_ids must be a list of integers"),
-    ('{"input_ids": [true]}', "input_ids must be a list of integers"),
-    ('{"input_ids": [99999999999999999999999]}', "outside int64"),
-    ('{"input_ids": [1, 2], "labels": [1]}', "labels and input_ids differ in length"),
-    ('{"input_ids": [1, 2], "position_ids": [0, 1, 2]}', "position_ids and input_ids differ in length"),
-    ("{not json", "not JSON"),
-    ("[" * 100_000, "not JSON"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("[1, 2, 3]", "a row must be an object"),
+        ('{"labels": [1]}', "the row has no input_ids"),
+        ('{"input_ids": "abc"}', "input_ids must be a list of integers"),
+        ('{"input_ids": [1.5, 2]}', "input_ids must be a list of integers"),
+        ('{"input_ids": [[1, 2]]}', "input_ids must be a list of integers"),
+        ('{"input_ids": [true]}', "input_ids must be a list of integers"),
+        ('{"input_ids": [99999999999999999999999]}', "outside int64"),
+        ('{"input_ids": [1, 2], "labels": [1]}', "labels and input_ids differ in length"),
+        ('{"input_ids": [1, 2], "position_ids": [0, 1, 2]}', "position_ids and input_ids differ in length"),
+        ("{not json", "not JSON"),
+        ("[" * 100_000, "not JSON"),
+    ],
+)
 def test_bad_jsonl_rows_are_data_errors_naming_file_and_line(tmp_path, line, message):
     from nibblora.errors import DataError
     from nibblora.train import open_dataset
@@ -141,14 +148,18 @@ def test_a_token_id_outside_the_vocabulary_is_a_data_error_naming_the_row(model_
     rows = tiny_rows(8)
     rows.rows[3]["input_ids"][2] = 10_000
     config = tiny_config(model_dir, tmp_path / "run", data={"batch_size": 8}, train={"max_steps": 1})
-    with pytest.raises(DataError, match="^training row 3: input_ids holds 10000 at position 2, outside the model's "
-                                        "vocabulary \\(vocab_size 128\\)"):
+    with pytest.raises(
+        DataError,
+        match="^training row 3: input_ids holds 10000 at position 2, outside the model's "
+        "vocabulary \\(vocab_size 128\\)",
+    ):
         train(config, rows, quiet=True)
     rows = tiny_rows(8)
     rows.rows[5]["labels"][-1] = -7
     with pytest.raises(DataError, match="^eval row 5: labels holds -7"):
-        train(tiny_config(model_dir, tmp_path / "run2", train={"max_steps": 1}), tiny_rows(8), {"task": rows},
-              quiet=True)
+        train(
+            tiny_config(model_dir, tmp_path / "run2", train={"max_steps": 1}), tiny_rows(8), {"task": rows}, quiet=True
+        )
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

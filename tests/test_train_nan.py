@@ -10,13 +10,14 @@ import pytest
 import torch
 from helpers_models import hf_tiny_model, save_hf
 from helpers_train import tiny_config, tiny_rows
+from safetensors.torch import load_file
+
 from nibblora.runs import open_run
 from nibblora.train import TokenizedRows, train
 from nibblora.train.checkpointing import checkpoint_dirs
 from nibblora.train.cli import main
 from nibblora.train.data import step_micro_batches
 from nibblora.train.loop import NonFiniteLossError
-from safetensors.torch import load_file
 
 POISON = 2  # a token id whose embedding is NaN: any row holding it gives a NaN loss
 BATCH = 2
@@ -39,13 +40,17 @@ def rows_with_poison(poisoned_rows: set[int]) -> TokenizedRows:
 
 def poisoned_steps(rows: TokenizedRows, poisoned_rows: set[int], steps: int) -> list[int]:
     """1-based steps whose batch holds a poisoned row."""
-    return [s + 1 for s in range(steps)
-            if poisoned_rows & set(step_micro_batches(rows, s, BATCH, 1, 1, 0, seed=42)[0])]
+    return [s + 1 for s in range(steps) if poisoned_rows & set(step_micro_batches(rows, s, BATCH, 1, 1, 0, seed=42)[0])]
 
 
 def run_config(model_dir: Path, out: Path, policy: str):
-    return tiny_config(model_dir, out, data={"batch_size": BATCH}, checkpoint={"every": 1, "keep_last": 2},
-                       train={"max_steps": 8, "nan_policy": policy})
+    return tiny_config(
+        model_dir,
+        out,
+        data={"batch_size": BATCH},
+        checkpoint={"every": 1, "keep_last": 2},
+        train={"max_steps": 8, "nan_policy": policy},
+    )
 
 
 def test_stop_policy_ends_the_run_as_failed_and_keeps_the_last_good_checkpoint(poisoned_model, tmp_path):
@@ -88,9 +93,11 @@ def test_skip_policy_skips_exactly_the_bad_steps_and_finishes(poisoned_model, tm
 def test_cli_reports_a_nan_stop_in_one_line_with_exit_code_1(poisoned_model, tmp_path, capsys):
     data = rows_with_poison(set(range(8))).to_jsonl(tmp_path / "rows.jsonl")
     toml = tmp_path / "c.toml"
-    toml.write_text(f'output_dir = "{tmp_path / "run"}"\n[model]\npath = "{poisoned_model}"\ndtype = "float32"\n'
-                    f'[data]\ntrain = "{data}"\nbatch_size = 2\n[lora]\nr = 4\n'
-                    '[train]\nmode = "lora"\nmax_steps = 3\ndevice = "cpu"\n')
+    toml.write_text(
+        f'output_dir = "{tmp_path / "run"}"\n[model]\npath = "{poisoned_model}"\ndtype = "float32"\n'
+        f'[data]\ntrain = "{data}"\nbatch_size = 2\n[lora]\nr = 4\n'
+        '[train]\nmode = "lora"\nmax_steps = 3\ndevice = "cpu"\n'
+    )
     capsys.readouterr()
     assert main([str(toml), "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -50,8 +50,13 @@ keep_last = 2
 
 def launch(config: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=PYTHON_PATH, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "nibblora.train", str(config), "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "nibblora.train", str(config), "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def last_step(run_dir: Path) -> int:

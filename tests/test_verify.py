@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from helpers_merge import peft_model, save_adapter_dir, save_base
 from safetensors.torch import load_file, save_file
 
-from helpers_merge import peft_model, save_adapter_dir, save_base
 from nibblora.merge import merge_checkpoint
 from nibblora.verify import main, verify_merge
 
@@ -43,7 +43,9 @@ def test_tampered_layer_is_caught(merged, tmp_path):
     tampered.mkdir()
     (tampered / "config.json").write_text((out / "config.json").read_text())
     tensors = load_file(out / "model.safetensors")
-    tensors["model.layers.1.mlp.down_proj.weight"] += 0.05 * torch.randn_like(tensors["model.layers.1.mlp.down_proj.weight"])
+    tensors["model.layers.1.mlp.down_proj.weight"] += 0.05 * torch.randn_like(
+        tensors["model.layers.1.mlp.down_proj.weight"]
+    )
     save_file(tensors, tampered / "model.safetensors")
     assert not verify_merge(base, adapter, tampered).passed
 
@@ -108,8 +110,9 @@ def _adapter_copy(adapter, dst, config_edit=None, weights_bytes=None):
     ],
     ids=["alpha_nan", "r_zero", "truncated_data", "truncated_header"],
 )
-def test_unreadable_adapter_is_exit_code_2_with_one_line_naming_the_file(merged, tmp_path, capsys, config_edit,
-                                                                          weights_bytes, message):
+def test_unreadable_adapter_is_exit_code_2_with_one_line_naming_the_file(
+    merged, tmp_path, capsys, config_edit, weights_bytes, message
+):
     root, base, adapter, out = merged
     bad = _adapter_copy(adapter, tmp_path / "bad", config_edit, weights_bytes)
     assert main(["--base", str(base), "--adapter", str(bad), "--merged", str(out)]) == 2
@@ -135,9 +138,8 @@ def _save_state(state, directory, config_from):
 def wide(request, tmp_path_factory):
     """A base whose logits are large enough that bf16 rounding moves them by more than 0.01, a peft adapter, and
     merges: peft's own (bit for bit), nibblora's, one without the alpha / r scaling, one with a layer left out."""
-    from peft import LoraConfig, get_peft_model
-
     from helpers_models import hf_tiny_model
+    from peft import LoraConfig, get_peft_model
 
     dtype = request.param
     root = tmp_path_factory.mktemp(f"wide-{str(dtype)[6:]}")
@@ -145,23 +147,30 @@ def wide(request, tmp_path_factory):
     base = root / "base"
     base_model.save_pretrained(base)
     torch.manual_seed(1)
-    model = get_peft_model(hf_tiny_model("llama", **WIDE).to(dtype),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      init_lora_weights=False))
+    model = get_peft_model(
+        hf_tiny_model("llama", **WIDE).to(dtype),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
     adapter = root / "adapter"
     model.save_pretrained(adapter)
     peft_state = model.merge_and_unload().state_dict()
     base_state = base_model.state_dict()
-    unscaled = {k: (base_state[k].float() + (v.float() - base_state[k].float()) / 2).to(dtype)
-                for k, v in peft_state.items()}  # scaling alpha / r = 2 left out
+    unscaled = {
+        k: (base_state[k].float() + (v.float() - base_state[k].float()) / 2).to(dtype) for k, v in peft_state.items()
+    }  # scaling alpha / r = 2 left out
     dropped = dict(peft_state, **{DROPPED: base_state[DROPPED]})
     merge_checkpoint(base, [adapter], root / "ours", progress=False)
-    return dtype, base, adapter, {
-        "peft": _save_state(peft_state, root / "peft", base),
-        "ours": root / "ours",
-        "unscaled": _save_state(unscaled, root / "unscaled", base),
-        "dropped": _save_state(dropped, root / "dropped", base),
-    }
+    return (
+        dtype,
+        base,
+        adapter,
+        {
+            "peft": _save_state(peft_state, root / "peft", base),
+            "ours": root / "ours",
+            "unscaled": _save_state(unscaled, root / "unscaled", base),
+            "dropped": _save_state(dropped, root / "dropped", base),
+        },
+    )
 
 
 @pytest.mark.parametrize("which", ["peft", "ours"])

@@ -16,8 +16,25 @@ import numpy.typing as npt
 _QuantType: TypeAlias = Literal["nf4", "fp4", "int4"]
 _FloatDtype: TypeAlias = Literal["float32", "bfloat16", "float16"]
 _SafetensorsDtype: TypeAlias = Literal[
-    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16",
-    "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+    "BOOL",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "C64",
+    "F64",
+    "I64",
+    "U64",
 ]
 _TrainOn: TypeAlias = Literal["assistant", "all", "last"]
 _Truncation: TypeAlias = Literal["keep-start", "keep_start", "drop", "error"]

@@ -1,6 +1,6 @@
 """How every nibblora CLI ends: the summary and exit 0, or one line on stderr and exit 2 for bad input.
 
-    return run_tool("nibblora.quantize", lambda: quantize_checkpoint(...))
+return run_tool("nibblora.quantize", lambda: quantize_checkpoint(...))
 """
 
 from __future__ import annotations

@@ -49,9 +49,14 @@ def apply_threads(threads: int = 0) -> int:
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """`--threads N` for a tool that runs torch on the CPU (0, the default: as `default_threads`)."""
-    parser.add_argument("--threads", type=_thread_count, default=0, metavar="N",
-                        help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else the idle CPUs); "
-                        "on a shared machine fewer threads are often faster")
+    parser.add_argument(
+        "--threads",
+        type=_thread_count,
+        default=0,
+        metavar="N",
+        help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else the idle CPUs); "
+        "on a shared machine fewer threads are often faster",
+    )
 
 
 def _thread_count(text: str) -> int:

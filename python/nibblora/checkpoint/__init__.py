@@ -41,6 +41,7 @@ def __getattr__(name: str) -> object:
         return getattr(writer, name)
     raise AttributeError(f"module 'nibblora.checkpoint' has no attribute {name!r}")
 
+
 __all__ = [
     "CONFIG_FILE",
     "INDEX_FILE",

@@ -159,8 +159,7 @@ def open_safetensors(path: Path) -> SafetensorsFile:
         # The Rust reader's message is "<phase>: <path>: <what is wrong>"; keep what is wrong.
         detail = str(err).split(f"{path}: ", 1)[-1]
         raise CheckpointError(
-            f"reading {path}: not a valid safetensors file, truncated or corrupt ({detail}); "
-            "re-download or re-save it"
+            f"reading {path}: not a valid safetensors file, truncated or corrupt ({detail}); re-download or re-save it"
         ) from None
 
 

@@ -1,4 +1,5 @@
-"""A streaming safetensors writer (part of nibblora.checkpoint): the layout is planned up front, then each tensor's bytes go straight to disk.
+"""A streaming safetensors writer (part of nibblora.checkpoint): the layout is planned up front, then each
+tensor's bytes go straight to disk.
 
     specs = [TensorSpec("a", "BF16", (4096, 4096)), TensorSpec("b", "U8", (8388608, 1))]
     with SafetensorsWriter(path, specs, deferred=[DeferredSpec("meta", "U8", max_numel=256)]) as out:
@@ -187,9 +188,7 @@ class SafetensorsWriter:
         spec = self._claim(name)
         dtype = safetensors_dtype(tensor.dtype)
         if dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
-            raise ValueError(
-                f"{name}: planned {spec.dtype} {list(spec.shape)}, got {dtype} {list(tensor.shape)}"
-            )
+            raise ValueError(f"{name}: planned {spec.dtype} {list(spec.shape)}, got {dtype} {list(tensor.shape)}")
         assert self._file is not None
         self._file.seek(self._data_start + self._offsets[name][0])
         if spec.nbytes:

@@ -10,9 +10,9 @@ Chat templates (named formats or any Hugging Face Jinja template) are rendered, 
 pass per conversation, on all cores. `python -m nibblora.prepare` is the command line. See docs/data.md.
 """
 
-from nibblora.errors import DataError, DataFileNotFoundError
-from nibblora.data.sources import TEMPLATE_NAMES
 from nibblora._lazy import lazy_exports
+from nibblora.data.sources import TEMPLATE_NAMES
+from nibblora.errors import DataError, DataFileNotFoundError
 
 # torch loads with the first heavy name used (tests/test_startup.py holds it).
 __getattr__, __dir__ = lazy_exports(

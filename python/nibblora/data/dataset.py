@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nibblora.data.encoder import IGNORE_INDEX
-from nibblora.errors import DataError, DataFileNotFoundError
-from nibblora.data.prepare import FORMAT_NAME, METADATA
 from nibblora.checkpoint.outdir import check_out_dir, move_into_place, temp_sibling
+from nibblora.data.encoder import IGNORE_INDEX
+from nibblora.data.prepare import FORMAT_NAME, METADATA
+from nibblora.errors import DataError, DataFileNotFoundError
 
 _ARRAYS = ("input_ids", "loss_mask", "row_offsets")
 _CHUNK = 1 << 24
@@ -104,9 +104,7 @@ def position_ids_for(document_lengths: torch.Tensor) -> torch.Tensor:
     return torch.arange(total, dtype=torch.int64) - starts
 
 
-def combine_shards(
-    shards: Sequence[str | Path], output: str | Path, *, overwrite: bool = False
-) -> PreparedDataset:
+def combine_shards(shards: Sequence[str | Path], output: str | Path, *, overwrite: bool = False) -> PreparedDataset:
     """Concatenate prepared shards (same tokenizer, template and policies) into one dataset, in the order
     given. Arrays are streamed in chunks; the output is written atomically."""
     if not shards:

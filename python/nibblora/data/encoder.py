@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nibblora import _native
-from nibblora.errors import DataError
 from nibblora.data.sources import TEMPLATE_NAMES, TemplateChoice, TokenizerFiles, choose_template, find_tokenizer
+from nibblora.errors import DataError
 
 if TYPE_CHECKING:
     import torch
@@ -20,9 +20,13 @@ IGNORE_INDEX = -100
 # Conversations on which a named template is compared with the tokenizer's own (template_note).
 _PROBE_CONVERSATIONS = (
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-     {"role": "assistant", "content": "Bye!"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye!"},
+    ],
 )
 
 
@@ -89,10 +93,16 @@ class ConversationEncoder:
         own = choose_template(None, self.tokenizer_files)
         if own.source is None:
             return None
-        head = f"using the named template {self.template.origin!r}, not the tokenizer's own chat template ({own.origin})"
+        head = (
+            f"using the named template {self.template.origin!r}, not the tokenizer's own chat template ({own.origin})"
+        )
         try:
-            theirs = ConversationEncoder(self.tokenizer_files.tokenizer_json, own.source, train_on=self.train_on,
-                                         special_tokens_in_content=self.special_tokens_in_content)
+            theirs = ConversationEncoder(
+                self.tokenizer_files.tokenizer_json,
+                own.source,
+                train_on=self.train_on,
+                special_tokens_in_content=self.special_tokens_in_content,
+            )
             differs = [
                 (self.render(m), self._trained_text(m)) != (theirs.render(m), theirs._trained_text(m))
                 for m in _PROBE_CONVERSATIONS
@@ -100,8 +110,10 @@ class ConversationEncoder:
         except DataError as err:
             return f"{head}; the tokenizer's own template could not be compared ({err})"
         if any(differs):
-            return (f"{head}; the two render conversations differently, so different tokens are trained "
-                    "(omit --template to use the tokenizer's own)")
+            return (
+                f"{head}; the two render conversations differently, so different tokens are trained "
+                "(omit --template to use the tokenizer's own)"
+            )
         return f"{head}; both render the same text"
 
     def _trained_text(self, messages: list[dict[str, Any]]) -> list[str]:

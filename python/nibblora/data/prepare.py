@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from nibblora import __version__
+from nibblora.checkpoint.outdir import check_out_dir, move_into_place, temp_sibling
 from nibblora.data.encoder import ConversationEncoder
 from nibblora.errors import DataError, DataFileNotFoundError
-from nibblora.checkpoint.outdir import check_out_dir, move_into_place, temp_sibling
 
 TRUNCATION = ("keep-start", "drop", "error")
 FORMAT_NAME = "nibblora.prepared"
@@ -58,12 +58,18 @@ class PrepareSummary:
     def format(self) -> str:
         rows = [
             ("rows in", f"{self.rows_in:,}"),
-            ("rows out", f"{self.rows_out:,}" + (f" (packed from {self.documents:,} documents)" if self.packed else "")),
+            (
+                "rows out",
+                f"{self.rows_out:,}" + (f" (packed from {self.documents:,} documents)" if self.packed else ""),
+            ),
             ("tokens", f"{self.tokens:,}"),
             ("supervised", f"{self.supervised_tokens:,} ({100 * self.supervised_fraction:.1f}%)"),
             ("truncated", f"{self.truncated:,}"),
-            ("dropped", f"{self.dropped_too_long + self.dropped_no_supervised:,} "
-             f"({self.dropped_too_long:,} too long, {self.dropped_no_supervised:,} with nothing to learn)"),
+            (
+                "dropped",
+                f"{self.dropped_too_long + self.dropped_no_supervised:,} "
+                f"({self.dropped_too_long:,} too long, {self.dropped_no_supervised:,} with nothing to learn)",
+            ),
             ("bad lines skipped", f"{self.skipped_bad_lines:,}"),
         ]
         if self.shard != (0, 1):
@@ -181,8 +187,9 @@ def prepare_dataset(
     tmp = temp_sibling(out_dir)
     try:
         sources = _sources(inputs, tmp)
-        stats = _run(encoder, sources, tmp, max_length, truncation, pack, shard, skip_bad_lines, progress,
-                     max_line_bytes)
+        stats = _run(
+            encoder, sources, tmp, max_length, truncation, pack, shard, skip_bad_lines, progress, max_line_bytes
+        )
         for scratch in tmp.glob("_input_*.jsonl"):
             scratch.unlink()
         summary = PrepareSummary(
@@ -190,10 +197,20 @@ def prepare_dataset(
             packed=pack,
             seconds=time.perf_counter() - started,
             shard=shard,
-            **{k: stats[k] for k in (
-                "rows_in", "documents", "rows_out", "tokens", "supervised_tokens", "truncated",
-                "dropped_too_long", "dropped_no_supervised", "skipped_bad_lines",
-            )},
+            **{
+                k: stats[k]
+                for k in (
+                    "rows_in",
+                    "documents",
+                    "rows_out",
+                    "tokens",
+                    "supervised_tokens",
+                    "truncated",
+                    "dropped_too_long",
+                    "dropped_no_supervised",
+                    "skipped_bad_lines",
+                )
+            },
         )
         metadata = {
             "format": FORMAT_NAME,
@@ -205,11 +222,20 @@ def prepare_dataset(
             "documents": summary.documents,
             "tokens": summary.tokens,
             "supervised_tokens": summary.supervised_tokens,
-            "tokenizer": {"path": str(encoder.tokenizer_files.tokenizer_json), "sha256": encoder.tokenizer_files.sha256},
-            "template": {"origin": encoder.template.origin, "sha256": encoder.template.sha256,
-                         "source": encoder.template.source},
-            "policies": {"train_on": train_on, "truncation": truncation,
-                         "special_tokens_in_content": special_tokens_in_content},
+            "tokenizer": {
+                "path": str(encoder.tokenizer_files.tokenizer_json),
+                "sha256": encoder.tokenizer_files.sha256,
+            },
+            "template": {
+                "origin": encoder.template.origin,
+                "sha256": encoder.template.sha256,
+                "source": encoder.template.source,
+            },
+            "policies": {
+                "train_on": train_on,
+                "truncation": truncation,
+                "special_tokens_in_content": special_tokens_in_content,
+            },
             "shard": list(shard),
             "counts": {k: v for k, v in stats.items() if k != "bytes_read"},
             "inputs": [str(p) for p in input_paths] or ["<rows>"],
@@ -228,8 +254,14 @@ def _run(encoder, sources, tmp, max_length, truncation, pack, shard, skip_bad_li
 
     by_bytes = all(s[0] == "jsonl" for s in sources)
     total = sum(Path(s[1]).stat().st_size for s in sources) if by_bytes else sum(len(s[2]) for s in sources)
-    bar = tqdm(total=total, desc="preparing", unit="B" if by_bytes else "row", unit_scale=True,
-               unit_divisor=1024 if by_bytes else 1000, disable=not progress)
+    bar = tqdm(
+        total=total,
+        desc="preparing",
+        unit="B" if by_bytes else "row",
+        unit_scale=True,
+        unit_divisor=1024 if by_bytes else 1000,
+        disable=not progress,
+    )
 
     def report(stats: dict) -> None:
         bar.update((stats["bytes_read"] if by_bytes else stats["rows_in"]) - bar.n)
@@ -237,8 +269,15 @@ def _run(encoder, sources, tmp, max_length, truncation, pack, shard, skip_bad_li
 
     try:
         return encoder._native.prepare(
-            sources, str(tmp), max_length=max_length, truncation=truncation, pack=pack, shard=tuple(shard),
-            skip_bad_lines=skip_bad_lines, progress=report, max_line_bytes=max_line_bytes,
+            sources,
+            str(tmp),
+            max_length=max_length,
+            truncation=truncation,
+            pack=pack,
+            shard=tuple(shard),
+            skip_bad_lines=skip_bad_lines,
+            progress=report,
+            max_line_bytes=max_line_bytes,
         )
     finally:
         bar.close()

@@ -104,7 +104,9 @@ def choose_template(spec: str | None, tokenizer: TokenizerFiles) -> TemplateChoi
         return TemplateChoice(source, "tokenizer_config.json" if source else "none", variables)
     named = _native.named_template_source(spec)
     if named is not None:
-        name = spec.lower().replace("_", "-").replace(".", "-").replace("llama2", "llama-2").replace("llama3", "llama-3")
+        name = (
+            spec.lower().replace("_", "-").replace(".", "-").replace("llama2", "llama-2").replace("llama3", "llama-3")
+        )
         bos, eos = _NAMED_DEFAULTS.get(name, (None, None))
         if bos and "bos_token" not in variables:
             variables["bos_token"] = bos

@@ -40,8 +40,9 @@ __getattr__, __dir__ = lazy_exports(
     {
         **dict.fromkeys(("load_adapter", "read_adapter_config", "save_adapter"), "nibblora.lora.adapters"),
         **dict.fromkeys(("LoRALinearFunction", "lora_linear"), "nibblora.lora.function"),
-        **dict.fromkeys(("LoRAGroupFunction", "LoRASwiGLUFunction", "project_group", "swiglu_mlp"),
-                        "nibblora.lora.group"),
+        **dict.fromkeys(
+            ("LoRAGroupFunction", "LoRASwiGLUFunction", "project_group", "swiglu_mlp"), "nibblora.lora.group"
+        ),
         **dict.fromkeys(
             ("LoRASummary", "find_target_modules", "inject_lora", "lora_modules", "lora_summary", "set_adapter"),
             "nibblora.lora.inject",

@@ -81,12 +81,23 @@ class AdapterConfig:
     def lora_config(self) -> LoRAConfig:
         """The LoRAConfig that builds these adapters' layers (target_modules must be given)."""
         if self.target_modules is None:
-            raise AdapterError(_where(self.path, "target_modules", "is missing; an adapter config to load needs "
-                                      "r, lora_alpha and target_modules"))
+            raise AdapterError(
+                _where(
+                    self.path,
+                    "target_modules",
+                    "is missing; an adapter config to load needs r, lora_alpha and target_modules",
+                )
+            )
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
-        return LoRAConfig(r=self.r, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=targets,
-                          rslora=self.use_rslora, rank_pattern=dict(self.rank_pattern),
-                          alpha_pattern=dict(self.alpha_pattern))
+        return LoRAConfig(
+            r=self.r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=targets,
+            rslora=self.use_rslora,
+            rank_pattern=dict(self.rank_pattern),
+            alpha_pattern=dict(self.alpha_pattern),
+        )
 
 
 def _finite(value: int | float) -> bool:
@@ -162,8 +173,9 @@ class _Fields:
         try:
             re.compile(pattern)
         except (re.error, RecursionError) as err:
-            raise self.fail(key, f"holds {_describe(pattern)}{what}, which is not a valid regular expression "
-                                 f"({err})") from None
+            raise self.fail(
+                key, f"holds {_describe(pattern)}{what}, which is not a valid regular expression ({err})"
+            ) from None
 
     def pattern(self, key: str, check: Callable[[str, object, str], Any]) -> dict:
         value = self.raw.get(key)
@@ -193,10 +205,13 @@ def _parse_lora(raw: Mapping[str, Any], path: Path | None) -> AdapterConfig:
     if layers is not None and not isinstance(layers, bool) and isinstance(layers, int):
         layers = (layers,)
     if layers is not None:
-        if (not isinstance(layers, (list, tuple))
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers)):
-            raise f.fail("layers_to_transform", f"must be a layer index or a list of them, got "
-                         f"{_describe(raw.get('layers_to_transform'))}")
+        if not isinstance(layers, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers
+        ):
+            raise f.fail(
+                "layers_to_transform",
+                f"must be a layer index or a list of them, got {_describe(raw.get('layers_to_transform'))}",
+            )
         layers = tuple(layers) or None
     targets = f.names("target_modules", allow_str=True)
     if isinstance(targets, str) and targets != ALL_LINEAR:
@@ -284,8 +299,11 @@ def _parse_ia3(raw: Mapping[str, Any], path: Path | None) -> IA3AdapterConfig:
         if isinstance(value, str) and value != ALL_LINEAR:
             f.regex(key, value)
     if isinstance(targets, tuple) and isinstance(feedforward, tuple) and not set(feedforward) <= set(targets):
-        raise f.fail("feedforward_modules", f"names {sorted(set(feedforward) - set(targets))}, which target_modules "
-                     "does not select; peft requires feedforward_modules to be a subset of target_modules")
+        raise f.fail(
+            "feedforward_modules",
+            f"names {sorted(set(feedforward) - set(targets))}, which target_modules "
+            "does not select; peft requires feedforward_modules to be a subset of target_modules",
+        )
     return IA3AdapterConfig(
         path=path,
         target_modules=targets,
@@ -306,15 +324,18 @@ def _optional_positive(f: _Fields, key: str) -> int | None:
 def _parse_prompt_learning(raw: Mapping[str, Any], path: Path | None) -> PromptLearningConfig:
     f = _Fields(raw, path)
     peft_type = raw["peft_type"]
-    n = f.positive_int("num_virtual_tokens", f.required("num_virtual_tokens", "a prompt-learning adapter config "
-                                                        "needs num_virtual_tokens"))
+    n = f.positive_int(
+        "num_virtual_tokens",
+        f.required("num_virtual_tokens", "a prompt-learning adapter config needs num_virtual_tokens"),
+    )
     submodules = _optional_positive(f, "num_transformer_submodules")
     if submodules not in (None, 1):
         raise f.fail("num_transformer_submodules", f"is {submodules}: nibblora's models are decoder-only (1)")
     init = raw.get("prompt_tuning_init") or "RANDOM"
     if peft_type == "PROMPT_TUNING" and init not in PROMPT_TUNING_INITS:
-        raise f.fail("prompt_tuning_init", f"must be one of {', '.join(map(repr, PROMPT_TUNING_INITS))}, got "
-                     f"{_describe(init)}")
+        raise f.fail(
+            "prompt_tuning_init", f"must be one of {', '.join(map(repr, PROMPT_TUNING_INITS))}, got {_describe(init)}"
+        )
     return PromptLearningConfig(
         path=path,
         peft_type=peft_type,
@@ -359,8 +380,9 @@ def _parse_bottleneck(raw: Mapping[str, Any], path: Path | None) -> BottleneckAd
         raise f.fail("variant", f"must be one of {', '.join(map(repr, BOTTLENECK_VARIANTS))}, got {_describe(variant)}")
     act = f.required("non_linearity", needs)
     if act not in BOTTLENECK_ACTIVATIONS:
-        raise f.fail("non_linearity", f"must be one of {', '.join(map(repr, BOTTLENECK_ACTIVATIONS))}, got "
-                     f"{_describe(act)}")
+        raise f.fail(
+            "non_linearity", f"must be one of {', '.join(map(repr, BOTTLENECK_ACTIVATIONS))}, got {_describe(act)}"
+        )
     f.required("target_modules", needs)
     targets = f.names("target_modules", allow_str=False)
     return BottleneckAdapterConfig(
@@ -384,12 +406,18 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any], Path | None], Any]] = {
     "PREFIX_TUNING": _parse_prompt_learning,
     "BOTTLENECK": _parse_bottleneck,  # nibblora's own format: peft has no bottleneck adapters
 }
-METHOD_NAMES = {"LORA": "a LoRA", "IA3": "an IA3", "PROMPT_TUNING": "a prompt-tuning",
-                "PREFIX_TUNING": "a prefix-tuning", "BOTTLENECK": "a bottleneck"}
+METHOD_NAMES = {
+    "LORA": "a LoRA",
+    "IA3": "an IA3",
+    "PROMPT_TUNING": "a prompt-tuning",
+    "PREFIX_TUNING": "a prefix-tuning",
+    "BOTTLENECK": "a bottleneck",
+}
 
 
-def parse_adapter_config(raw: object, path: str | Path | None = None, *,
-                         peft_types: tuple[str, ...] | None = ("LORA",)) -> Any:
+def parse_adapter_config(
+    raw: object, path: str | Path | None = None, *, peft_types: tuple[str, ...] | None = ("LORA",)
+) -> Any:
     """Validate a parsed adapter_config.json (`path` only names the file in errors). Raises AdapterError naming
     the file and the key for a wrong type or value, a missing r / lora_alpha, or a peft_type outside
     `peft_types` (default: LoRA only, an AdapterConfig; None: every type in `_PARSERS`)."""
@@ -403,10 +431,18 @@ def parse_adapter_config(raw: object, path: str | Path | None = None, *,
     if parser is None:
         hint = "load this one with peft"
         if isinstance(peft_type, str) and peft_type in _PARSERS:
-            hint = (f"this is {METHOD_NAMES[peft_type]} adapter: load it with nibblora.methods.load_adapter, "
-                    "which dispatches on peft_type")
-        raise AdapterError(_where(path, "peft_type", f"is {_describe(peft_type)}: nibblora reads "
-                                  f"{', '.join(map(repr, accepted))} adapters only here; {hint}"))
+            hint = (
+                f"this is {METHOD_NAMES[peft_type]} adapter: load it with nibblora.methods.load_adapter, "
+                "which dispatches on peft_type"
+            )
+        raise AdapterError(
+            _where(
+                path,
+                "peft_type",
+                f"is {_describe(peft_type)}: nibblora reads "
+                f"{', '.join(map(repr, accepted))} adapters only here; {hint}",
+            )
+        )
     return parser(raw, path)
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from nibblora._native import SafetensorsFile
+from nibblora.dtypes import torch_dtype
 from nibblora.errors import AdapterError, CheckpointError, CheckpointFileNotFoundError
 from nibblora.lora.adapter_config import AdapterConfig, AnyAdapterConfig, parse_adapter_config, parse_any_adapter_config
-from nibblora.dtypes import torch_dtype
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -163,16 +163,20 @@ def read_adapter_files(directory: str | Path, *, check_values: bool = True) -> A
     where = f"reading adapter weights: {weights_path}"
     for key, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
-            raise AdapterError(f"{where}: tensor {key!r} is {t.dtype}; adapter weights are floating point "
-                               f"({', '.join(FLOAT_DTYPES)}), so the file was not written by peft or is damaged")
+            raise AdapterError(
+                f"{where}: tensor {key!r} is {t.dtype}; adapter weights are floating point "
+                f"({', '.join(FLOAT_DTYPES)}), so the file was not written by peft or is damaged"
+            )
         if not key.startswith(KEY_PREFIX):
             raise AdapterError(f"{where}: unknown tensor {key!r} (peft's keys start with {KEY_PREFIX!r})")
-        inner = key[len(KEY_PREFIX):]
+        inner = key[len(KEY_PREFIX) :]
         match = _LORA_KEY.match(inner)
         if match is None:
             if "lora_" in inner:
-                raise AdapterError(f"{where}: unknown LoRA tensor {key!r}; nibblora reads lora_A / lora_B, "
-                                   "lora_embedding_A / _B and lora_magnitude_vector keys")
+                raise AdapterError(
+                    f"{where}: unknown LoRA tensor {key!r}; nibblora reads lora_A / lora_B, "
+                    "lora_embedding_A / _B and lora_magnitude_vector keys"
+                )
             if inner.endswith(".base_layer.weight"):
                 files.saved_base_layers[inner.removesuffix(".base_layer.weight") + ".weight"] = key
             else:
@@ -190,9 +194,11 @@ def read_adapter_files(directory: str | Path, *, check_values: bool = True) -> A
         which = (match["linear"] or match["embedding"])[-1]
         setattr(entry, f"{which.lower()}_key", key)
     if not files.modules:
-        raise AdapterError(f"{where}: the file holds no LoRA tensors (lora_A / lora_B), so there is nothing to "
-                           "apply; check that this is the adapter folder")
-    for name, entry in sorted(files.modules.items()):
+        raise AdapterError(
+            f"{where}: the file holds no LoRA tensors (lora_A / lora_B), so there is nothing to "
+            "apply; check that this is the adapter folder"
+        )
+    for _name, entry in sorted(files.modules.items()):
         _check_module(files, entry, where)
     if check_values:
         files.check_values()
@@ -214,9 +220,11 @@ def read_method_files(directory: str | Path, *, check_values: bool = True) -> tu
     tensors = {name: AdapterTensor(name, dtype, tuple(shape)) for name, dtype, shape, _, _ in file.tensors()}
     for key, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
-            raise AdapterError(f"reading adapter weights: {weights_path}: tensor {key!r} is {t.dtype}; adapter "
-                               f"weights are floating point ({', '.join(FLOAT_DTYPES)}), so the file was not written "
-                               "by peft or is damaged")
+            raise AdapterError(
+                f"reading adapter weights: {weights_path}: tensor {key!r} is {t.dtype}; adapter "
+                f"weights are floating point ({', '.join(FLOAT_DTYPES)}), so the file was not written "
+                "by peft or is damaged"
+            )
     files = AdapterFiles(directory, config, file, tensors)  # type: ignore[arg-type]
     if check_values:
         files.check_values()
@@ -228,25 +236,36 @@ def _check_module(files: AdapterFiles, entry: AdapterModule, where: str) -> None
     if entry.a_key is None or entry.b_key is None:
         present = entry.a_key or entry.b_key or entry.magnitude_key
         missing = "lora_B" if entry.a_key else "lora_A"
-        key = f"{KEY_PREFIX}{name}.lora_embedding_{missing[-1]}" if entry.embedding else f"{KEY_PREFIX}{name}.{missing}.weight"
-        raise AdapterError(f"{where}: {name!r} has {present!r} but no {missing} (missing {key}); the adapter file "
-                           "is incomplete")
+        key = (
+            f"{KEY_PREFIX}{name}.lora_embedding_{missing[-1]}"
+            if entry.embedding
+            else f"{KEY_PREFIX}{name}.{missing}.weight"
+        )
+        raise AdapterError(
+            f"{where}: {name!r} has {present!r} but no {missing} (missing {key}); the adapter file is incomplete"
+        )
     if not config.selects(name):
-        raise AdapterError(f"{where}: {entry.a_key!r} adapts {name!r}, which target_modules "
-                           f"{_show(config.target_modules)} in {CONFIG_NAME} does not select; the config and the "
-                           "weights disagree (was the config edited or copied from another adapter?)")
+        raise AdapterError(
+            f"{where}: {entry.a_key!r} adapts {name!r}, which target_modules "
+            f"{_show(config.target_modules)} in {CONFIG_NAME} does not select; the config and the "
+            "weights disagree (was the config edited or copied from another adapter?)"
+        )
     entry.rank = config.rank_for(name)
     a_shape, b_shape = files.tensors[entry.a_key].shape, files.tensors[entry.b_key].shape
     if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != entry.rank or b_shape[1] != entry.rank:
-        raise AdapterError(f"{where}: {entry.a_key!r} {list(a_shape)} and {entry.b_key!r} {list(b_shape)} do not "
-                           f"have rank {entry.rank} (r / rank_pattern in {CONFIG_NAME})")
+        raise AdapterError(
+            f"{where}: {entry.a_key!r} {list(a_shape)} and {entry.b_key!r} {list(b_shape)} do not "
+            f"have rank {entry.rank} (r / rank_pattern in {CONFIG_NAME})"
+        )
     entry.scale = config.scaling_for(name)
     if entry.magnitude_key is not None:
         m_shape = files.tensors[entry.magnitude_key].shape
         out = b_shape[0]  # lora_B is [out, r] whatever the base weight's layout
         if m_shape != (out,):
-            raise AdapterError(f"{where}: {entry.magnitude_key!r} has shape {list(m_shape)}, expected [{out}] (the "
-                               f"output size of {name!r})")
+            raise AdapterError(
+                f"{where}: {entry.magnitude_key!r} has shape {list(m_shape)}, expected [{out}] (the "
+                f"output size of {name!r})"
+            )
 
 
 def _show(targets: str | tuple[str, ...] | None) -> str:

@@ -108,8 +108,9 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None,
-                 adapter_name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None, adapter_name: str = "default"
+) -> Path:
     """Write adapter `adapter_name` of every LoRALinear in `model` to `directory` in peft's format.
 
     The most common rank / alpha become r / lora_alpha; modules that differ go to rank_pattern / alpha_pattern
@@ -117,19 +118,25 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     """
     layers = {name: m for name, m in lora_modules(model).items() if adapter_name in m.adapters}
     if not layers:
-        raise ValueError(f"no LoRALinear in {type(model).__name__} holds an adapter named {adapter_name!r}; "
-                         "call inject_lora first or pass the right adapter_name")
+        raise ValueError(
+            f"no LoRALinear in {type(model).__name__} holds an adapter named {adapter_name!r}; "
+            "call inject_lora first or pass the right adapter_name"
+        )
     adapters = {name: m.adapters[adapter_name] for name, m in layers.items()}
     for name, m in layers.items():
         bias = getattr(m.base, "bias", None)
         if bias is not None and bias.requires_grad:
-            raise ValueError(f"{name} trains its bias, which peft's LoRA format does not carry; save the bias "
-                             "separately (torch.save) or train with train_bias=False")
+            raise ValueError(
+                f"{name} trains its bias, which peft's LoRA format does not carry; save the bias "
+                "separately (torch.save) or train with train_bias=False"
+            )
     for field_name in ("rslora", "dropout"):
         values = {getattr(a, field_name) for a in adapters.values()}
         if len(values) > 1:
-            raise ValueError(f"adapter {adapter_name!r} mixes {field_name} values {sorted(values)} across layers; "
-                             "peft's format holds one value for the whole adapter")
+            raise ValueError(
+                f"adapter {adapter_name!r} mixes {field_name} values {sorted(values)} across layers; "
+                "peft's format holds one value for the whole adapter"
+            )
     r = Counter(a.r for a in adapters.values()).most_common(1)[0][0]
     alpha = Counter(a.alpha for a in adapters.values()).most_common(1)[0][0]
     first = next(iter(adapters.values()))
@@ -172,36 +179,54 @@ def _check_supported(files: AdapterFiles) -> None:
     """What load_adapter cannot build (merge can: python -m nibblora.merge handles all of these)."""
     config, path = files.config, files.config_path
     if config.use_dora or any(m.magnitude_key for m in files.modules.values()):
-        raise AdapterError(f"loading adapter: {path}: this is a DoRA adapter (use_dora=true), which nibblora cannot "
-                           "load yet; merge it with python -m nibblora.merge instead")
+        raise AdapterError(
+            f"loading adapter: {path}: this is a DoRA adapter (use_dora=true), which nibblora cannot "
+            "load yet; merge it with python -m nibblora.merge instead"
+        )
     if config.modules_to_save or files.replacements:
         what = config.modules_to_save or sorted(files.replacements)
-        raise AdapterError(f"loading adapter: {path}: modules_to_save={list(what)} (fully trained modules) is not "
-                           "supported; load this adapter with peft, or merge it first")
+        raise AdapterError(
+            f"loading adapter: {path}: modules_to_save={list(what)} (fully trained modules) is not "
+            "supported; load this adapter with peft, or merge it first"
+        )
     if config.lora_bias or config.bias != "none":
-        raise AdapterError(f"loading adapter: {path}: adapters with trained biases (bias={config.bias!r}, "
-                           f"lora_bias={config.lora_bias!r}) are not supported; only bias='none' is")
+        raise AdapterError(
+            f"loading adapter: {path}: adapters with trained biases (bias={config.bias!r}, "
+            f"lora_bias={config.lora_bias!r}) are not supported; only bias='none' is"
+        )
     embeddings = sorted(name for name, m in files.modules.items() if m.embedding)
     if embeddings or files.saved_base_layers:
         which = embeddings[:3] or sorted(files.saved_base_layers)[:3]
-        raise AdapterError(f"loading adapter: {files.weights_path}: LoRA on embeddings ({which}) is not supported "
-                           "by load_adapter; merge it with python -m nibblora.merge instead")
+        raise AdapterError(
+            f"loading adapter: {files.weights_path}: LoRA on embeddings ({which}) is not supported "
+            "by load_adapter; merge it with python -m nibblora.merge instead"
+        )
     if config.target_modules is None:
-        raise AdapterError(f"loading adapter: {path}: missing 'target_modules'; an adapter config needs r, "
-                           "lora_alpha and target_modules")
+        raise AdapterError(
+            f"loading adapter: {path}: missing 'target_modules'; an adapter config needs r, "
+            "lora_alpha and target_modules"
+        )
 
 
 def _check_base_model(config: AdapterConfig, model: nn.Module, path: Path) -> None:
     expected, actual = config.base_model_name_or_path, _model_name_or_path(model)
     if expected and actual and expected != actual and Path(expected).name != Path(actual).name:
-        raise AdapterError(f"loading adapter: {path}: adapter was trained on base model {expected!r} but this model "
-                           f"is {actual!r}; load the matching base model, or pass check_base_model=False if they are "
-                           "the same weights")
+        raise AdapterError(
+            f"loading adapter: {path}: adapter was trained on base model {expected!r} but this model "
+            f"is {actual!r}; load the matching base model, or pass check_base_model=False if they are "
+            "the same weights"
+        )
 
 
-def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default", *,
-                 trainable: bool = False, check_base_model: bool = True,
-                 adapter_dtype: torch.dtype = torch.float32) -> dict[str, LoRALinear]:
+def load_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str = "default",
+    *,
+    trainable: bool = False,
+    check_base_model: bool = True,
+    adapter_dtype: torch.dtype = torch.float32,
+) -> dict[str, LoRALinear]:
     """Load a peft LoRA adapter from `directory` into `model` (in place), injecting LoRALinear where needed.
 
     Honours r, lora_alpha, rank_pattern, alpha_pattern, use_rslora, lora_dropout and fan_in_fan_out (Conv1D
@@ -220,16 +245,20 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     module_names = dict(model.named_modules())
     for name, entry in sorted(files.modules.items()):
         if name not in module_names:
-            raise AdapterError(f"{where}: {entry.a_key!r} targets module {name!r}, which this "
-                               f"{type(model).__name__} does not have; the adapter was made for a different base model")
+            raise AdapterError(
+                f"{where}: {entry.a_key!r} targets module {name!r}, which this "
+                f"{type(model).__name__} does not have; the adapter was made for a different base model"
+            )
     # Modules the config targets must all have weights (unless peft's layer filters narrow the targets).
     if not config.narrowed:
         targets = config.target_modules
         assert targets is not None  # _check_supported
         for name in find_target_modules(model, targets if isinstance(targets, str) else list(targets)):
             if name not in files.modules:
-                raise AdapterError(f"{where}: missing {KEY_PREFIX}{name}.lora_A.weight: target_modules "
-                                   f"{_show_targets(targets)} selects {name!r} but the file has no weights for it")
+                raise AdapterError(
+                    f"{where}: missing {KEY_PREFIX}{name}.lora_A.weight: target_modules "
+                    f"{_show_targets(targets)} selects {name!r} but the file has no weights for it"
+                )
 
     names = sorted(files.modules)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -240,13 +269,14 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         for key, want in ((entry.a_key, (entry.rank, in_features)), (entry.b_key, (out_features, entry.rank))):
             shape = files.tensors[key].shape
             if shape != want:
-                raise AdapterError(f"{where}: {key!r} has shape {list(shape)} but module {name!r} with rank "
-                                   f"{entry.rank} needs {list(want)}; the adapter does not fit this base model")
+                raise AdapterError(
+                    f"{where}: {key!r} has shape {list(shape)} but module {name!r} with rank "
+                    f"{entry.rank} needs {list(want)}; the adapter does not fit this base model"
+                )
     for name in names:  # all read (NaN / infinity refused) before the model changes
         entry = files.modules[name]
         weights[name] = (files.read(entry.a_key), files.read(entry.b_key))  # type: ignore[arg-type]
-    inject_lora_config(model, config.lora_config(), adapter_name=adapter_name, adapter_dtype=adapter_dtype,
-                       names=names)
+    inject_lora_config(model, config.lora_config(), adapter_name=adapter_name, adapter_dtype=adapter_dtype, names=names)
     layers = {name: model.get_submodule(name) for name in names}
     with torch.no_grad():
         for name, layer in layers.items():
@@ -269,6 +299,8 @@ def _in_out(module: nn.Module, name: str) -> tuple[int, int]:
     try:
         in_features, out_features, _ = _base_shape(module)
     except TypeError:
-        raise AdapterError(f"loading adapter: it targets {name!r}, a {type(module).__name__}; nibblora adapts "
-                           "linear layers (nn.Linear, NF4Linear, Conv1D) only") from None
+        raise AdapterError(
+            f"loading adapter: it targets {name!r}, a {type(module).__name__}; nibblora adapts "
+            "linear layers (nn.Linear, NF4Linear, Conv1D) only"
+        ) from None
     return in_features, out_features

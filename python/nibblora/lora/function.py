@@ -22,8 +22,8 @@ from functools import cache
 import torch
 
 from nibblora.quant import QuantizedTensor, QuantState, dequantize_4bit, torch_ops
-from nibblora.quant.state import SUPPORTED_DTYPES
 from nibblora.quant.names import BNB_QUANT_TYPES
+from nibblora.quant.state import SUPPORTED_DTYPES
 
 
 def dequantize_base(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
@@ -100,8 +100,9 @@ def dropout_keep(like: torch.Tensor, p: float, seed: int, method: str | None = N
     if method != "uniform16":
         raise ValueError(f"dropout method must be 'uniform16' or 'bernoulli', got {method!r}")
     n = like.numel()
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64,
-                          device=like.device)
+    words = torch.randint(
+        -(2**63), 2**63 - 1, ((n + 3) // 4,), generator=generator, dtype=torch.int64, device=like.device
+    )
     uniform16 = words.view(torch.int16)[:n].view(like.shape)  # uniform over [-32768, 32767]
     dropped = round(p * 65536)
     return uniform16 >= dropped - 32768, 65536 / (65536 - dropped)

@@ -51,8 +51,17 @@ class ProjectionArgs:
     plain: bool = False
 
     def flat(self) -> tuple:
-        return (self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling, self.dropout_p,
-                self.dropout_seed, self.plain)
+        return (
+            self.weight,
+            self.quant_state,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.dropout_p,
+            self.dropout_seed,
+            self.plain,
+        )
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -75,12 +84,21 @@ def projection_args(module: nn.Module) -> ProjectionArgs | None:
         compute_dtype = module.base.compute_dtype if state is not None else weight.dtype
         p = adapter.dropout if adapter is not None and module.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,))) if p > 0 else 0
-        return ProjectionArgs(weight, state, bias, None if adapter is None else adapter.lora_A,
-                              None if adapter is None else adapter.lora_B,
-                              1.0 if adapter is None else adapter.scaling, p, seed, compute_dtype)
+        return ProjectionArgs(
+            weight,
+            state,
+            bias,
+            None if adapter is None else adapter.lora_A,
+            None if adapter is None else adapter.lora_B,
+            1.0 if adapter is None else adapter.scaling,
+            p,
+            seed,
+            compute_dtype,
+        )
     if isinstance(module, NF4Linear):
-        return ProjectionArgs(module.weight, module.quant_state, module.bias, None, None, 1.0, 0.0, 0,
-                              module.compute_dtype)
+        return ProjectionArgs(
+            module.weight, module.quant_state, module.bias, None, None, 1.0, 0.0, 0, module.compute_dtype
+        )
     if type(module) is nn.Linear and not module.weight.requires_grad:
         return ProjectionArgs(module.weight, None, module.bias, None, None, 1.0, 0.0, 0, module.weight.dtype, True)
     return None
@@ -110,8 +128,24 @@ def _forward_one(x2, weight, state, bias, lora_A, lora_B, scaling, dropout_p, dr
     return y, xa
 
 
-def _backward_one(g, x2, grad_x, need_x, need_bias, need_A, need_B, weight, state, bias, lora_A, lora_B, scaling,
-                  dropout_p, dropout_seed, xa):
+def _backward_one(
+    g,
+    x2,
+    grad_x,
+    need_x,
+    need_bias,
+    need_A,
+    need_B,
+    weight,
+    state,
+    bias,
+    lora_A,
+    lora_B,
+    scaling,
+    dropout_p,
+    dropout_seed,
+    xa,
+):
     """(grad_x, grad_bias, grad_A, grad_B): LoRALinearFunction.backward's ops. grad_x: a buffer to add the input
     gradient into, or None to start one."""
     dtype = x2.dtype
@@ -143,7 +177,7 @@ def _backward_one(g, x2, grad_x, need_x, need_bias, need_A, need_B, weight, stat
 
 
 def _split(flat: Sequence, count: int) -> list[tuple]:
-    return [tuple(flat[i * _PER_PROJECTION:(i + 1) * _PER_PROJECTION]) for i in range(count)]
+    return [tuple(flat[i * _PER_PROJECTION : (i + 1) * _PER_PROJECTION]) for i in range(count)]
 
 
 def _grads_out(per_projection: list[tuple]) -> list:
@@ -181,7 +215,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_x, grads = None, []
         for i, (state, scaling, p, seed) in enumerate(ctx.meta):
-            weight, bias, lora_A, lora_B, xa = saved[5 * i:5 * i + 5]
+            weight, bias, lora_A, lora_B, xa = saved[5 * i : 5 * i + 5]
             base = 1 + i * _PER_PROJECTION
             go = grad_outputs[i]
             if go is None:
@@ -189,8 +223,23 @@ class LoRAGroupFunction(torch.autograd.Function):
                 continue
             g = go.reshape(-1, go.shape[-1]).to(x.dtype)
             grad_x, grad_bias, grad_A, grad_B = _backward_one(
-                g, x2, grad_x, need[0], need[base + 2], need[base + 3], need[base + 4], weight, state, bias,
-                lora_A, lora_B, scaling, p, seed, xa)
+                g,
+                x2,
+                grad_x,
+                need[0],
+                need[base + 2],
+                need[base + 3],
+                need[base + 4],
+                weight,
+                state,
+                bias,
+                lora_A,
+                lora_B,
+                scaling,
+                p,
+                seed,
+                xa,
+            )
             grads.append((grad_bias, grad_A, grad_B))
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
@@ -229,24 +278,27 @@ class LoRASwiGLUFunction(torch.autograd.Function):
         h = silu_g * u  # the down projection's input, recomputed (the same ops as forward: same bits)
 
         def unpack(i):
-            weight, bias, lora_A, lora_B, xa = saved[5 * i:5 * i + 5]
+            weight, bias, lora_A, lora_B, xa = saved[5 * i : 5 * i + 5]
             state, scaling, p, seed = ctx.meta[i]
             return weight, state, bias, lora_A, lora_B, scaling, p, seed, xa
 
         base = [1 + i * _PER_PROJECTION for i in range(3)]
-        grad_h, *down_grads = _backward_one(go, h, None, True, need[base[2] + 2], need[base[2] + 3],
-                                            need[base[2] + 4], *unpack(2))
+        grad_h, *down_grads = _backward_one(
+            go, h, None, True, need[base[2] + 2], need[base[2] + 3], need[base[2] + 4], *unpack(2)
+        )
         del h
         # The autograd path's ops: mul's backward, then silu's.
         grad_u = grad_h * silu_g
         del silu_g
         grad_g = torch.ops.aten.silu_backward(grad_h * u, g)
         del grad_h
-        grad_x, *up_grads = _backward_one(grad_u, x2, None, need[0], need[base[1] + 2], need[base[1] + 3],
-                                          need[base[1] + 4], *unpack(1))
+        grad_x, *up_grads = _backward_one(
+            grad_u, x2, None, need[0], need[base[1] + 2], need[base[1] + 3], need[base[1] + 4], *unpack(1)
+        )
         del grad_u
-        grad_x, *gate_grads = _backward_one(grad_g, x2, grad_x, need[0], need[base[0] + 2], need[base[0] + 3],
-                                            need[base[0] + 4], *unpack(0))
+        grad_x, *gate_grads = _backward_one(
+            grad_g, x2, grad_x, need[0], need[base[0] + 2], need[base[0] + 3], need[base[0] + 4], *unpack(0)
+        )
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         return (grad_x, *_grads_out([tuple(gate_grads), tuple(up_grads), tuple(down_grads)]))

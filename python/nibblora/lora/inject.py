@@ -130,18 +130,39 @@ def inject_lora(
     Returns the trainable-parameter summary (print it for a table).
     """
     config = LoRAConfig(
-        r=r, alpha=alpha, dropout=dropout, target_modules=list(target_modules) if not isinstance(target_modules, str)
-        else target_modules, rslora=rslora, init=init, train_bias=train_bias, rank_pattern=dict(rank_pattern or {}),
-        alpha_pattern=dict(alpha_pattern or {}), quantize_base=quantize_base, blocksize=blocksize,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
+        rslora=rslora,
+        init=init,
+        train_bias=train_bias,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+        quantize_base=quantize_base,
+        blocksize=blocksize,
         double_quant=double_quant,
     )
-    return inject_lora_config(model, config, compute_dtype=compute_dtype, adapter_name=adapter_name,
-                              adapter_dtype=adapter_dtype, freeze=freeze)
+    return inject_lora_config(
+        model,
+        config,
+        compute_dtype=compute_dtype,
+        adapter_name=adapter_name,
+        adapter_dtype=adapter_dtype,
+        freeze=freeze,
+    )
 
 
-def inject_lora_config(model: nn.Module, config: LoRAConfig, *, compute_dtype: torch.dtype | None = None,
-                       adapter_name: str = "default", adapter_dtype: torch.dtype = torch.float32,
-                       freeze: bool = True, names: list[str] | None = None) -> LoRASummary:
+def inject_lora_config(
+    model: nn.Module,
+    config: LoRAConfig,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    adapter_name: str = "default",
+    adapter_dtype: torch.dtype = torch.float32,
+    freeze: bool = True,
+    names: list[str] | None = None,
+) -> LoRASummary:
     """inject_lora with a LoRAConfig; `names` (full module names) overrides the target_modules search."""
     if names is None:
         names = find_target_modules(model, config.target_modules)
@@ -161,10 +182,24 @@ def inject_lora_config(model: nn.Module, config: LoRAConfig, *, compute_dtype: t
             module.train(module.training)  # the new adapter takes the layer's mode
             continue
         if config.quantize_base is not None and isinstance(module, nn.Linear):
-            module = NF4Linear.from_linear(module, config.quantize_base, config.blocksize, config.double_quant,
-                                           compute_dtype)
-        _set_submodule(model, name, LoRALinear(module, r, alpha, config.dropout, config.rslora, config.init,
-                                               config.train_bias, adapter_name, adapter_dtype))
+            module = NF4Linear.from_linear(
+                module, config.quantize_base, config.blocksize, config.double_quant, compute_dtype
+            )
+        _set_submodule(
+            model,
+            name,
+            LoRALinear(
+                module,
+                r,
+                alpha,
+                config.dropout,
+                config.rslora,
+                config.init,
+                config.train_bias,
+                adapter_name,
+                adapter_dtype,
+            ),
+        )
     return lora_summary(model)
 
 
@@ -185,8 +220,16 @@ def lora_summary(model: nn.Module) -> LoRASummary:
     for name, module in lora_modules(model).items():
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         adapter = module.adapter
-        summary.rows.append(TrainableRow(name, module.out_features, module.in_features,
-                                         0 if adapter is None else adapter.r, trainable, module.is_quantized))
+        summary.rows.append(
+            TrainableRow(
+                name,
+                module.out_features,
+                module.in_features,
+                0 if adapter is None else adapter.r,
+                trainable,
+                module.is_quantized,
+            )
+        )
     seen: set[int] = set()
     for p in model.parameters():
         if id(p) not in seen:

@@ -11,8 +11,8 @@ from nibblora.lora.config import INIT_CHOICES, lora_scaling
 from nibblora.lora.function import LoRALinearFunction, dequantize_base
 from nibblora.quant import QuantizedTensor, QuantState, from_bnb_state_dict, quantize_4bit, to_bnb_state_dict
 from nibblora.quant.bnb_format import find_quant_state_key
-from nibblora.quant.state import SUPPORTED_DTYPES, dtype_name
 from nibblora.quant.names import BNB_QUANT_TYPES
+from nibblora.quant.state import SUPPORTED_DTYPES, dtype_name
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _QUANT_BUFFERS = ("weight", "absmax", "quant_map", "offset", "nested_absmax", "nested_quant_map")
@@ -64,16 +64,21 @@ class NF4Linear(nn.Module):
         if not isinstance(qweight, QuantizedTensor):
             raise TypeError(f"from_quantized expects a nibblora.quant.QuantizedTensor, got {type(qweight).__name__}")
         if len(qweight.shape) != 2:
-            raise ValueError(f"a linear weight must be 2-D [out, in]; this QuantizedTensor has shape "
-                             f"{list(qweight.shape)}")
+            raise ValueError(
+                f"a linear weight must be 2-D [out, in]; this QuantizedTensor has shape {list(qweight.shape)}"
+            )
         if qweight.quant_type not in BNB_QUANT_TYPES:
-            raise ValueError(f"NF4Linear holds nf4 or fp4 weights, got {qweight.quant_type!r}; "
-                             "quantize with quant_type='nf4' or 'fp4'")
+            raise ValueError(
+                f"NF4Linear holds nf4 or fp4 weights, got {qweight.quant_type!r}; "
+                "quantize with quant_type='nf4' or 'fp4'"
+            )
         _check_compute_dtype(compute_dtype)
         out_features, in_features = qweight.shape
         if bias is not None and tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias has shape {list(bias.shape)}, expected [{out_features}] for a weight of shape "
-                             f"{list(qweight.shape)}")
+            raise ValueError(
+                f"bias has shape {list(bias.shape)}, expected [{out_features}] for a weight of shape "
+                f"{list(qweight.shape)}"
+            )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = in_features, out_features
@@ -165,15 +170,18 @@ class NF4Linear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         weight_key = prefix + "weight"
         ours = [k for k in state_dict if k == weight_key or k.startswith(weight_key + ".")]
         if find_quant_state_key(state_dict, weight_key) is None:
             if weight_key in state_dict:
-                error_msgs.append(f"{weight_key}: found a weight but no bitsandbytes quant state "
-                                  f"({weight_key}.quant_state.bitsandbytes__nf4); a dense checkpoint must be "
-                                  "quantized first (nibblora.quantize or NF4Linear.from_linear)")
+                error_msgs.append(
+                    f"{weight_key}: found a weight but no bitsandbytes quant state "
+                    f"({weight_key}.quant_state.bitsandbytes__nf4); a dense checkpoint must be "
+                    "quantized first (nibblora.quantize or NF4Linear.from_linear)"
+                )
             else:
                 missing_keys.append(weight_key)
         else:
@@ -183,8 +191,10 @@ class NF4Linear(nn.Module):
                 error_msgs.append(f"loading {weight_key}: {err}")
             else:
                 if tuple(q.shape) != (self.out_features, self.in_features):
-                    error_msgs.append(f"{weight_key}: checkpoint weight has shape {list(q.shape)}, this layer is "
-                                      f"[{self.out_features}, {self.in_features}]")
+                    error_msgs.append(
+                        f"{weight_key}: checkpoint weight has shape {list(q.shape)}, this layer is "
+                        f"[{self.out_features}, {self.in_features}]"
+                    )
                 else:
                     self._set_quantized(q.to(self.weight.device))
         bias_key = prefix + "bias"
@@ -199,8 +209,10 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.nested_absmax is not None else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{self.quant_type}, blocksize={self.blocksize}{dq}, compute_dtype={dtype_name(self.compute_dtype)}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{self.quant_type}, blocksize={self.blocksize}{dq}, compute_dtype={dtype_name(self.compute_dtype)}"
+        )
 
 
 def _check_compute_dtype(dtype: torch.dtype) -> None:
@@ -211,9 +223,18 @@ def _check_compute_dtype(dtype: torch.dtype) -> None:
 class LoRAAdapter(nn.Module):
     """One adapter: lora_A [r, in], lora_B [out, r] (zero at init), its scaling and its dropout probability."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False, init: str = "kaiming", dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "kaiming",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if init not in INIT_CHOICES:
             raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
@@ -241,9 +262,18 @@ class LoRALinear(nn.Module):
     (None: base only). With `merged`, the active adapter has been folded into a dense base weight.
     """
 
-    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
-                 adapter_name: str = "default", adapter_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "kaiming",
+        train_bias: bool = False,
+        adapter_name: str = "default",
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.fan_in_fan_out = _base_shape(base)
         self.base = base
@@ -259,8 +289,16 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.add_adapter(adapter_name, r, alpha, dropout, rslora, init, adapter_dtype)
 
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                    init: str = "kaiming", dtype: torch.dtype = torch.float32) -> LoRAAdapter:
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "kaiming",
+        dtype: torch.dtype = torch.float32,
+    ) -> LoRAAdapter:
         """Add an adapter and make it active."""
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}; pick another name")
@@ -303,10 +341,15 @@ class LoRALinear(nn.Module):
         p = adapter.dropout if adapter is not None and self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,))) if p > 0 else 0
         y = LoRALinearFunction.apply(
-            x.to(compute_dtype), weight, state, bias,
+            x.to(compute_dtype),
+            weight,
+            state,
+            bias,
             None if adapter is None else adapter.lora_A,
             None if adapter is None else adapter.lora_B,
-            1.0 if adapter is None else adapter.scaling, p, seed,
+            1.0 if adapter is None else adapter.scaling,
+            p,
+            seed,
         )
         return y.to(x.dtype)
 
@@ -333,8 +376,10 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("this layer is already merged; unmerge() first")
         if self.is_quantized:
-            raise TypeError("cannot merge into a 4-bit base in place (re-quantizing would lose the adapter); "
-                            "merge into the dense checkpoint with nibblora.merge instead")
+            raise TypeError(
+                "cannot merge into a 4-bit base in place (re-quantizing would lose the adapter); "
+                "merge into the dense checkpoint with nibblora.merge instead"
+            )
         if self.active_adapter is None:
             raise ValueError("no active adapter to merge: call set_adapter(name) first")
         self._add_to_weight(self.delta_weight())
@@ -354,8 +399,9 @@ class LoRALinear(nn.Module):
         weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"active_adapter={self.active_adapter!r}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, active_adapter={self.active_adapter!r}"
+        )
 
 
 def _base_shape(base: nn.Module) -> tuple[int, int, bool]:

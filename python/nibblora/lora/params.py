@@ -15,18 +15,60 @@ DEFAULT_TARGETS = {"attention q,k,v,o": ATTENTION, "all linear (7)": ALL_SEVEN}
 
 # Shapes of released models (config.json values), for param_table("llama-2-7b").
 PRESETS: dict[str, dict[str, int | bool]] = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    "llama-2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "llama-2-13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "llama-2-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "tinyllama-1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
 }
 _FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -59,8 +101,10 @@ class DecoderShape:
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
         missing = [k for k in _FIELDS if get(k) is None]
         if missing:
-            raise ValueError(f"config lacks {missing}; param_table needs {list(_FIELDS)} (num_key_value_heads and "
-                             "tie_word_embeddings are optional)")
+            raise ValueError(
+                f"config lacks {missing}; param_table needs {list(_FIELDS)} (num_key_value_heads and "
+                "tie_word_embeddings are optional)"
+            )
         heads = int(get("num_attention_heads"))
         return cls(
             hidden_size=int(get("hidden_size")),
@@ -78,8 +122,15 @@ class DecoderShape:
         d, i = self.hidden_size, self.intermediate_size
         head_dim = self.head_dim or d // self.num_attention_heads
         q, kv = self.num_attention_heads * head_dim, self.num_key_value_heads * head_dim
-        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-                "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+        return {
+            "q_proj": (d, q),
+            "k_proj": (d, kv),
+            "v_proj": (d, kv),
+            "o_proj": (q, d),
+            "gate_proj": (d, i),
+            "up_proj": (d, i),
+            "down_proj": (i, d),
+        }
 
     def total_params(self) -> int:
         """Base-model parameters: embeddings, projections, RMSNorm weights, final norm and (untied) lm_head."""
@@ -127,13 +178,17 @@ class ParamTable:
         for row in self.rows:
             if row.targets == targets and row.r == r:
                 return row
-        raise KeyError(f"no row for targets={targets!r}, r={r}; rows cover {sorted({x.targets for x in self.rows})}"
-                       f" at ranks {sorted({x.r for x in self.rows})}")
+        raise KeyError(
+            f"no row for targets={targets!r}, r={r}; rows cover {sorted({x.targets for x in self.rows})}"
+            f" at ranks {sorted({x.r for x in self.rows})}"
+        )
 
     def format_table(self) -> str:
         width = max(len("targets"), *(len(r.targets) for r in self.rows))
-        lines = [f"base model: {self.shape.total_params():,} parameters",
-                 f"{'targets':<{width}}  {'r':>4}  {'trainable':>14}  {'fraction':>8}"]
+        lines = [
+            f"base model: {self.shape.total_params():,} parameters",
+            f"{'targets':<{width}}  {'r':>4}  {'trainable':>14}  {'fraction':>8}",
+        ]
         for row in self.rows:
             lines.append(f"{row.targets:<{width}}  {row.r:>4}  {row.trainable:>14,}  {100 * row.fraction:>7.2f}%")
         lines.append("one adapter, as a fraction of its own projection:")
@@ -180,6 +235,7 @@ def param_table(config: object, ranks: Iterable[int] = (4, 8, 16, 64), targets: 
             per_layer = sum(projection_lora_params(*projections[n], r) for n in names)
             rows.append(ParamRow(label, int(r), per_layer * shape.num_hidden_layers, total))
     q_in, q_out = projections["q_proj"]
-    projection_rows = [ProjectionRow("q_proj", q_in, q_out, int(r), projection_lora_params(q_in, q_out, r))
-                       for r in ranks]
+    projection_rows = [
+        ProjectionRow("q_proj", q_in, q_out, int(r), projection_lora_params(q_in, q_out, r)) for r in ranks
+    ]
     return ParamTable(shape, rows, projection_rows)

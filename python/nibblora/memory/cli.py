@@ -30,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="full FT without fp32 master weights (what nibblora.train does)",
     )
     parser.add_argument("--paged-optimizer", action="store_true", help="optimizer states in host memory")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="where training runs (the framework's fixed bytes and the RMSNorm kernel differ)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where training runs (the framework's fixed bytes and the RMSNorm kernel differ)",
+    )
     return parser
 
 

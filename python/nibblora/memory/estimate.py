@@ -37,15 +37,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nibblora.lora.params import ALL_SEVEN, DecoderShape, projection_lora_params
 from nibblora.dtypes import COMPUTE_DTYPE_BYTES
+from nibblora.lora.params import ALL_SEVEN, DecoderShape, projection_lora_params
 from nibblora.models.loss_chunks import loss_chunk_tokens
 
 DTYPE_BYTES = COMPUTE_DTYPE_BYTES
 MODES = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
-COMPONENTS = ("weights", "quant_constants", "master_weights", "gradients", "optimizer_states", "adapter", "activations",
-              "loss", "backward_temporaries", "optimizer_temporaries", "framework")
+COMPONENTS = (
+    "weights",
+    "quant_constants",
+    "master_weights",
+    "gradients",
+    "optimizer_states",
+    "adapter",
+    "activations",
+    "loss",
+    "backward_temporaries",
+    "optimizer_temporaries",
+    "framework",
+)
 # Alive for the whole step; the rest belongs to one phase each (PHASES).
 PERSISTENT = ("weights", "quant_constants", "master_weights", "optimizer_states", "adapter", "framework")
 PHASES = {
@@ -115,8 +126,9 @@ def _targets(target_modules: str | list[str]) -> tuple[str, ...]:
     return names
 
 
-def layer_activation_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, full: bool, lora_rank_sum: int = 0,
-                           fused_norm: bool = False) -> int:
+def layer_activation_bytes(
+    shape: DecoderShape, tokens: int, dtype_bytes: int, full: bool, lora_rank_sum: int = 0, fused_norm: bool = False
+) -> int:
     """Bytes one decoder layer saves for backward over `tokens` tokens (nibblora's decoder, counted tensor by tensor
     with saved_tensors_hooks; tests/test_memory.py checks the count).
 
@@ -254,8 +266,9 @@ def estimate_memory(
         c["optimizer_states"] = 0
     full = mode == "full"
     tokens = batch_size * seq_len
-    c["activations"] = activation_bytes(shape, batch_size, seq_len, e, gradient_checkpointing, rank_sum, full,
-                                        fused_norm=device == "cuda")
+    c["activations"] = activation_bytes(
+        shape, batch_size, seq_len, e, gradient_checkpointing, rank_sum, full, fused_norm=device == "cuda"
+    )
     c["loss"] = loss_bytes(shape, tokens, e, lm_head_trainable=full)
     c["backward_temporaries"] = backward_temporary_bytes(shape, tokens, e)
     # AdamW one parameter at a time (foreach=False): the denominator and the update, each the size of the largest.

@@ -26,4 +26,13 @@ __getattr__, __dir__ = lazy_exports(
     },
 )
 
-__all__ = ["METHODS", "MergeError", "MergeSummary", "QuantReportRow", "combine", "main", "merge_checkpoint", "read_adapter"]
+__all__ = [
+    "METHODS",
+    "MergeError",
+    "MergeSummary",
+    "QuantReportRow",
+    "combine",
+    "main",
+    "merge_checkpoint",
+    "read_adapter",
+]

@@ -76,10 +76,12 @@ def read_adapter(directory: str | Path) -> AdapterSource:
         raise MergeAdapterError(str(err)) from None
     config = files.config
     if config.lora_bias:
-        raise MergeAdapterError(f"merging adapter: {files.config_path}: lora_bias=true (a trained bias on lora_B) "
-                                "is not supported")
+        raise MergeAdapterError(
+            f"merging adapter: {files.config_path}: lora_bias=true (a trained bias on lora_B) is not supported"
+        )
     for name, entry in sorted(files.modules.items()):
         if entry.magnitude_key is not None and entry.transpose:
-            raise MergeAdapterError(f"merging adapter: {files.weights_path}: DoRA on a transposed weight ({name!r}) "
-                                    "is not supported")
+            raise MergeAdapterError(
+                f"merging adapter: {files.weights_path}: DoRA on a transposed weight ({name!r}) is not supported"
+            )
     return AdapterSource(files)

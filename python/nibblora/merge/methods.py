@@ -27,7 +27,6 @@ import torch
 from nibblora.merge.names import METHODS  # noqa: F401 (re-exported)
 
 
-
 @dataclass
 class Contribution:
     """One adapter's update of one weight, in the weight's stored layout: (b @ a) * scale, times `weight`.

@@ -20,8 +20,17 @@ from pathlib import Path
 import torch
 
 from nibblora._native import merge_array
-from nibblora.checkpoint import Checkpoint, TensorEntry, atomic_output_dir, check_out_dir, human_bytes
-from nibblora.checkpoint import CONFIG_FILE, open_checkpoint, read_config, shard_names
+from nibblora.checkpoint import (
+    CONFIG_FILE,
+    Checkpoint,
+    TensorEntry,
+    atomic_output_dir,
+    check_out_dir,
+    human_bytes,
+    open_checkpoint,
+    read_config,
+    shard_names,
+)
 from nibblora.checkpoint.shards import (
     copy_side_files,
     parse_size,
@@ -33,8 +42,7 @@ from nibblora.checkpoint.shards import (
     write_shards,
 )
 from nibblora.checkpoint.writer import DeferredSpec, SafetensorsWriter, TensorSpec
-from nibblora.dtypes import ANY_FLOAT_DTYPES, FLOAT_DTYPES, TORCH_NAME_TO_SAFETENSORS
-from nibblora.dtypes import torch_dtype
+from nibblora.dtypes import ANY_FLOAT_DTYPES, FLOAT_DTYPES, TORCH_NAME_TO_SAFETENSORS, torch_dtype
 from nibblora.errors import CheckpointError
 from nibblora.lora.config import matches_target
 from nibblora.merge.adapter_source import AdapterSource, LoRAModule, MergeError, read_adapter
@@ -116,13 +124,16 @@ class MergeSummary:
             f"wrote {self.out_dir} ({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''})",
         ]
         if self.quant_report:
-            lines.append("re-quantization, per layer: ||update|| vs ||quantization error|| (ratio < 1: the "
-                         "4-bit rounding is larger than what the adapter changed)")
+            lines.append(
+                "re-quantization, per layer: ||update|| vs ||quantization error|| (ratio < 1: the "
+                "4-bit rounding is larger than what the adapter changed)"
+            )
             width = max(len(r.name) for r in self.quant_report)
             for r in self.quant_report:
                 flag = "  <- adapter mostly erased" if r.ratio < 1 else ""
-                lines.append(f"  {r.name:<{width}}  {r.update_norm:10.4g}  {r.quant_error_norm:10.4g}  "
-                             f"{r.ratio:8.3f}{flag}")
+                lines.append(
+                    f"  {r.name:<{width}}  {r.update_norm:10.4g}  {r.quant_error_norm:10.4g}  {r.ratio:8.3f}{flag}"
+                )
             erased = self.erased_layers
             lines.append(f"{erased} of {len(self.quant_report)} layers: update smaller than the quantization error")
             if self.fine_tune_mostly_lost:
@@ -132,9 +143,12 @@ class MergeSummary:
                     "changed, so the merged model will behave much like the base model. Keep the merge in 16-bit "
                     "(drop --quantize; use --dtype bfloat16) and load it in 4-bit at run time, or serve the base "
                     "with the adapter unmerged."
-                    + ("" if self.accept_quantization_loss else
-                       " The output was written, but the exit status is 1; pass --accept-quantization-loss to "
-                       "accept this.")
+                    + (
+                        ""
+                        if self.accept_quantization_loss
+                        else " The output was written, but the exit status is 1; pass --accept-quantization-loss to "
+                        "accept this."
+                    )
                 )
         return "\n".join(lines)
 
@@ -184,17 +198,25 @@ def _read_base(model_dir: Path) -> _Base:
         config = read_config(model_dir)
         quant = config.get("quantization_config") or {}
         if not isinstance(quant, dict):
-            raise MergeError(f"{config_path}: quantization_config is a JSON {type(quant).__name__}, expected an "
-                             "object (or leave it out for a full-precision base)")
-        if quant and (quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", True)
-                      or quant.get("load_in_8bit")):
+            raise MergeError(
+                f"{config_path}: quantization_config is a JSON {type(quant).__name__}, expected an "
+                "object (or leave it out for a full-precision base)"
+            )
+        if quant and (
+            quant.get("quant_method") != "bitsandbytes"
+            or not quant.get("load_in_4bit", True)
+            or quant.get("load_in_8bit")
+        ):
             method = str(quant.get("quant_method"))[:100]
-            raise MergeError(f"{config_path}: quantization {method!r} is not supported; "
-                             "bases are full precision or bitsandbytes 4-bit")
+            raise MergeError(
+                f"{config_path}: quantization {method!r} is not supported; "
+                "bases are full precision or bitsandbytes 4-bit"
+            )
         compute = (quant.get("bnb_4bit_compute_dtype") or "float32") if quant else "float32"
         if compute not in OUT_DTYPES:
-            raise MergeError(f"{config_path}: bnb_4bit_compute_dtype {str(compute)[:100]!r} is not one of "
-                             f"{', '.join(OUT_DTYPES)}")
+            raise MergeError(
+                f"{config_path}: bnb_4bit_compute_dtype {str(compute)[:100]!r} is not one of {', '.join(OUT_DTYPES)}"
+            )
         ckpt = open_checkpoint(model_dir, require_config=False)
     except CheckpointError as err:
         raise MergeError(str(err)) from None
@@ -224,8 +246,11 @@ def _quant_state_summary(ckpt: Checkpoint, state: str) -> tuple[str, str, tuple[
         problems.append(f"dtype {str(dtype)[:40]!r} is not float32, bfloat16 or float16")
     if blocksize not in BLOCKSIZES or isinstance(blocksize, bool):
         problems.append(f"blocksize {str(blocksize)[:40]} is not a power of two from 32 to 4096")
-    if not (isinstance(shape, list) and len(shape) == 2
-            and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**40 for d in shape)):
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**40 for d in shape)
+    ):
         problems.append(f"shape {str(shape)[:40]} is not two positive integers")
     if problems:
         raise MergeError(f"{where}: not a valid bitsandbytes quant state ({'; '.join(problems)})")
@@ -261,37 +286,48 @@ def _match_adapters(base: _Base, adapters: list[AdapterSource]) -> tuple[dict, d
         for module, entry in adapter.modules.items():
             target = _target_of(base, module)
             if target is None:
-                raise MergeError(f"{where}: {entry.a_key!r} targets {module}.weight, which the base checkpoint "
-                                 f"{base.directory} does not have; the adapter was made for a different base model")
+                raise MergeError(
+                    f"{where}: {entry.a_key!r} targets {module}.weight, which the base checkpoint "
+                    f"{base.directory} does not have; the adapter was made for a different base model"
+                )
             dtype, shape = _logical(base, target)
             if dtype not in _FLOAT_DTYPES or len(shape) != 2:
-                raise MergeError(f"{where}: {entry.a_key!r} targets {target!r}, a {dtype} {list(shape)} tensor; "
-                                 "LoRA merges into 2-D float weights only")
+                raise MergeError(
+                    f"{where}: {entry.a_key!r} targets {target!r}, a {dtype} {list(shape)} tensor; "
+                    "LoRA merges into 2-D float weights only"
+                )
             rows, cols = shape
             a_shape, b_shape = adapter.shapes[entry.a_key][1], adapter.shapes[entry.b_key][1]
             out_f, in_f = (cols, rows) if entry.transpose else (rows, cols)
             if a_shape[1] != in_f or b_shape[0] != out_f:
-                raise MergeError(f"{where}: {entry.a_key!r} {list(a_shape)} and {entry.b_key!r} {list(b_shape)} do "
-                                 f"not fit {target!r} {list(shape)}; the adapter was made for a different base model")
+                raise MergeError(
+                    f"{where}: {entry.a_key!r} {list(a_shape)} and {entry.b_key!r} {list(b_shape)} do "
+                    f"not fit {target!r} {list(shape)}; the adapter was made for a different base model"
+                )
             updates.setdefault(target, []).append((i, entry))
         for inner, key in adapter.replacements.items():
             if inner not in base.tensors and not (inner.endswith("lm_head.weight") and _target_of(base, "lm_head")):
-                raise MergeError(f"{where}: {key!r} (modules_to_save) replaces {inner!r}, which the base checkpoint "
-                                 "does not have")
+                raise MergeError(
+                    f"{where}: {key!r} (modules_to_save) replaces {inner!r}, which the base checkpoint does not have"
+                )
             want = _logical(base, inner)[1] if inner in base.tensors else _logical(base, _target_of(base, "lm_head"))[1]
             if adapter.shapes[key][1] != want:
-                raise MergeError(f"{where}: {key!r} has shape {list(adapter.shapes[key][1])} but {inner!r} has "
-                                 f"{list(want)}")
+                raise MergeError(
+                    f"{where}: {key!r} has shape {list(adapter.shapes[key][1])} but {inner!r} has {list(want)}"
+                )
             if inner in replacements:
-                raise MergeError(f"{where}: {inner!r} is replaced by two adapters (modules_to_save); merge them one "
-                                 "at a time")
+                raise MergeError(
+                    f"{where}: {inner!r} is replaced by two adapters (modules_to_save); merge them one at a time"
+                )
             replacements[inner] = (i, key)
-    for i, adapter in enumerate(adapters):
+    for adapter in adapters:
         for inner, key in adapter.saved_base_layers.items():
             target = _target_of(base, inner.removesuffix(".weight"))
             if target is None or adapter.shapes[key][1] != _logical(base, target)[1]:
-                raise MergeError(f"{adapter.weights_path}: {key!r} (the embedding peft saved with the adapter) does "
-                                 "not match the base checkpoint's; merging into a resized vocabulary is not supported")
+                raise MergeError(
+                    f"{adapter.weights_path}: {key!r} (the embedding peft saved with the adapter) does "
+                    "not match the base checkpoint's; merging into a resized vocabulary is not supported"
+                )
     for name in set(updates) & set(replacements):
         raise MergeError(f"{name!r} is both replaced (modules_to_save) and LoRA-adapted; that adapter is inconsistent")
     for i, adapter in enumerate(adapters):
@@ -303,21 +339,27 @@ def _check_targets_covered(base: _Base, adapter: AdapterSource, covered: set[str
     """Every base linear weight that target_modules selects must have LoRA weights in the file."""
     cfg = adapter.config
     targets = cfg.get("target_modules")
-    if not targets or targets == "all-linear" or any(cfg.get(k) for k in ("layers_to_transform", "layers_pattern",
-                                                                             "exclude_modules")):
+    if (
+        not targets
+        or targets == "all-linear"
+        or any(cfg.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules"))
+    ):
         return
-    for name, t in base.tensors.items():
+    for name in base.tensors:
         if not name.endswith(".weight") or name in covered:
             continue
         module = name[: -len(".weight")]
         _, shape = _logical(base, name)
         if len(shape) == 2 and matches_target(module, targets):
-            raise MergeError(f"{adapter.weights_path}: missing base_model.model.{module}.lora_A.weight: "
-                             f"target_modules {targets!r} selects {module!r} but the file has no weights for it")
+            raise MergeError(
+                f"{adapter.weights_path}: missing base_model.model.{module}.lora_A.weight: "
+                f"target_modules {targets!r} selects {module!r} but the file has no weights for it"
+            )
 
 
-def _plan(base: _Base, adapters: list[AdapterSource], out_dtype: str, quantize: str | None, blocksize: int,
-          double_quant: bool) -> list[_Item]:
+def _plan(
+    base: _Base, adapters: list[AdapterSource], out_dtype: str, quantize: str | None, blocksize: int, double_quant: bool
+) -> list[_Item]:
     updates, replacements = _match_adapters(base, adapters)
     out_st = OUT_DTYPES[out_dtype]
     parts_of_quantized = {p for w in base.quantized for p in base.parts(w) if p != w}
@@ -326,17 +368,27 @@ def _plan(base: _Base, adapters: list[AdapterSource], out_dtype: str, quantize: 
         if name in parts_of_quantized:
             continue
         dtype, shape = _logical(base, name)
-        logical = TensorEntry(name, dtype, shape, t.path, t.offset,
-                               sum(base.tensors[p].nbytes for p in base.parts(name)) if name in base.quantized else t.nbytes)
+        logical = TensorEntry(
+            name,
+            dtype,
+            shape,
+            t.path,
+            t.offset,
+            sum(base.tensors[p].nbytes for p in base.parts(name)) if name in base.quantized else t.nbytes,
+        )
         contributions = updates.get(name, [])
         replacement = replacements.get(name)
         in_4bit = name in base.quantized
         if not in_4bit and name.endswith(".weight") and dtype not in ANY_FLOAT_DTYPES:
             # A model's weights are real numbers: integer "weights" would be cast to float and merged as if they
             # were (values in the billions). 4-bit weights were recognised above by their quant state.
-            raise MergeError(f"{t.path}: tensor {name!r} has dtype {dtype}; a weight must be floating point (F32, "
-                             "BF16 or F16), so this base checkpoint is damaged or in a format merge does not read")
-        requantize = quantize is not None and (in_4bit or (not base.quantized and is_decoder_linear_weight(name, shape)))
+            raise MergeError(
+                f"{t.path}: tensor {name!r} has dtype {dtype}; a weight must be floating point (F32, "
+                "BF16 or F16), so this base checkpoint is damaged or in a format merge does not read"
+            )
+        requantize = quantize is not None and (
+            in_4bit or (not base.quantized and is_decoder_linear_weight(name, shape))
+        )
         if requantize:
             assert quantize is not None
             changed = contributions or replacement or (in_4bit and base.quantized[name][0] != quantize)
@@ -433,10 +485,13 @@ def merge_checkpoint(
 
     base = _read_base(base_dir)
     adapters = [read_adapter(p) for p in adapter_paths]
-    if any(e.magnitude_key for a in adapters for e in a.modules.values()) and (len(adapters) > 1 or method != "linear"
-                                                                              or rank is not None):
-        raise MergeError("DoRA adapters merge alone with method 'linear' and no --rank (the magnitude rescales "
-                         "the whole weight, so it does not combine with other updates)")
+    if any(e.magnitude_key for a in adapters for e in a.modules.values()) and (
+        len(adapters) > 1 or method != "linear" or rank is not None
+    ):
+        raise MergeError(
+            "DoRA adapters merge alone with method 'linear' and no --rank (the magnitude rescales "
+            "the whole weight, so it does not combine with other updates)"
+        )
     qconfig = base.config.get("quantization_config") or {}
     compute = str(qconfig.get("bnb_4bit_compute_dtype") or "float32") if base.quantized else None
     out_dtype = dtype or compute or _majority_dtype(base)
@@ -445,8 +500,21 @@ def merge_checkpoint(
     shards = split_shards(items, max_shard_bytes)
     names = shard_names(len(shards))
     report: list[QuantReportRow] = []
-    prepare = _Preparer(base, adapters, weights, method, density, rank, seed, out_dtype, compute, quantize,
-                        blocksize, double_quant, report)
+    prepare = _Preparer(
+        base,
+        adapters,
+        weights,
+        method,
+        density,
+        rank,
+        seed,
+        out_dtype,
+        compute,
+        quantize,
+        blocksize,
+        double_quant,
+        report,
+    )
     try:
         with atomic_output_dir(out_dir) as tmp:
             written = write_shards(tmp, shards, names, prepare, desc="merging", progress=progress)
@@ -493,8 +561,11 @@ def _out_config(base: _Base, items: list[_Item], out_dtype: str, quantize: str |
         config["tie_word_embeddings"] = False  # a replaced lm_head of a tied model now stands alone
     if quantize is not None:
         old = base.config.get("quantization_config") or {}
-        skip = old.get("llm_int8_skip_modules") if base.quantized else skip_modules_for_config(
-            [(i.source.name, i.source.shape, i.quantize) for i in items], [])
+        skip = (
+            old.get("llm_int8_skip_modules")
+            if base.quantized
+            else skip_modules_for_config([(i.source.name, i.source.shape, i.quantize) for i in items], [])
+        )
         config["quantization_config"] = bnb_quantization_config(quantize, double_quant, out_dtype, skip)
     return config
 
@@ -546,24 +617,28 @@ class _Preparer:
         terms, dense, magnitude = [], None, None
         if item.contributions:
             contributions = [_contribution(self.adapters[i], e, self.weights[i]) for i, e in item.contributions]
-            terms, dense = combine(contributions, self.method, density=self.density, rank=self.rank,
-                                   seed=self.seed, name=t.name)
+            terms, dense = combine(
+                contributions, self.method, density=self.density, rank=self.rank, seed=self.seed, name=t.name
+            )
             mags = [self.adapters[i].read(e.magnitude_key).numpy() for i, e in item.contributions if e.magnitude_key]
             magnitude = mags[0] if mags else None
         try:
             if t.name in self.base.quantized:
                 w = self._dequantized(t.name)
                 raw = w.reshape(-1).view(torch.uint8).numpy()
-                out = merge_array(raw, OUT_DTYPES[self.compute or "float32"], list(t.shape), out_st, terms, dense,
-                                  magnitude)
+                out = merge_array(
+                    raw, OUT_DTYPES[self.compute or "float32"], list(t.shape), out_st, terms, dense, magnitude
+                )
             else:
                 out = self.base.ckpt.handle_of(t.name).merge(t.name, out_st, terms, dense, magnitude)
         except ValueError as err:
             if not item.contributions:
                 raise MergeError(f"{t.path}: {err}") from None
             sources = ", ".join(sorted({str(self.adapters[i].weights_path) for i, _ in item.contributions}))
-            raise MergeError(f"merging {t.name}: the update from {sources} makes the weight non-finite "
-                             f"(overflow in {out_st}?): {err}") from None
+            raise MergeError(
+                f"merging {t.name}: the update from {sources} makes the weight non-finite "
+                f"(overflow in {out_st}?): {err}"
+            ) from None
         return torch.from_numpy(out).view(_dtype(out_st)).reshape(t.shape)
 
     def _dequantized(self, name: str) -> torch.Tensor:

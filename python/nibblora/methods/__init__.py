@@ -51,8 +51,12 @@ from nibblora.methods.prompt_tuning import (
     save_prompt_tuning,
 )
 
-_LOADERS = {"IA3": load_ia3, "PROMPT_TUNING": load_prompt_tuning, "PREFIX_TUNING": load_prefix_tuning,
-            "BOTTLENECK": load_bottleneck}
+_LOADERS = {
+    "IA3": load_ia3,
+    "PROMPT_TUNING": load_prompt_tuning,
+    "PREFIX_TUNING": load_prefix_tuning,
+    "BOTTLENECK": load_bottleneck,
+}
 
 
 def load_adapter(model: nn.Module, directory: str | Path, *, trainable: bool = False):
@@ -77,17 +81,23 @@ def method_of(model: nn.Module) -> str | None:
     None."""
     from nibblora.lora.inject import lora_modules
 
-    found = [kind for kind, present in (
-        ("LORA", bool(lora_modules(model))),
-        ("DORA", bool(dora_modules(model))),
-        ("IA3", bool(ia3_modules(model))),
-        ("PROMPT_TUNING", isinstance(getattr(model, "prompt_tuning", None), PromptTuning)),
-        ("PREFIX_TUNING", isinstance(getattr(model, "prefix_tuning", None), PrefixTuning)),
-        ("BOTTLENECK", bool(bottleneck_modules(model))),
-    ) if present]
+    found = [
+        kind
+        for kind, present in (
+            ("LORA", bool(lora_modules(model))),
+            ("DORA", bool(dora_modules(model))),
+            ("IA3", bool(ia3_modules(model))),
+            ("PROMPT_TUNING", isinstance(getattr(model, "prompt_tuning", None), PromptTuning)),
+            ("PREFIX_TUNING", isinstance(getattr(model, "prefix_tuning", None), PrefixTuning)),
+            ("BOTTLENECK", bool(bottleneck_modules(model))),
+        )
+        if present
+    ]
     if len(found) > 1:
-        raise AdapterError(f"saving adapter: {type(model).__name__} carries {' and '.join(found)} adapters; peft's "
-                           "format holds one method per folder: save each with its own save_<method>")
+        raise AdapterError(
+            f"saving adapter: {type(model).__name__} carries {' and '.join(found)} adapters; peft's "
+            "format holds one method per folder: save each with its own save_<method>"
+        )
     return found[0] if found else None
 
 
@@ -100,9 +110,13 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         from nibblora.lora.adapters import save_adapter as save_lora
 
         return save_lora(model, directory, base_model_name_or_path)
-    saver = {"DORA": save_dora, "IA3": save_ia3, "PROMPT_TUNING": save_prompt_tuning,
-             "PREFIX_TUNING": save_prefix_tuning,
-             "BOTTLENECK": save_bottleneck}[kind]
+    saver = {
+        "DORA": save_dora,
+        "IA3": save_ia3,
+        "PROMPT_TUNING": save_prompt_tuning,
+        "PREFIX_TUNING": save_prefix_tuning,
+        "BOTTLENECK": save_bottleneck,
+    }[kind]
     return saver(model, directory, base_model_name_or_path)
 
 

@@ -44,8 +44,9 @@ class Bottleneck(nn.Module):
     """h + up(act(down(h))): down [hidden -> b], up [b -> hidden] zero-initialised; float32 parameters, the
     result cast back to h's dtype."""
 
-    def __init__(self, hidden: int, bottleneck_size: int, non_linearity: str = "relu",
-                 device: torch.device | None = None):
+    def __init__(
+        self, hidden: int, bottleneck_size: int, non_linearity: str = "relu", device: torch.device | None = None
+    ):
         super().__init__()
         self.non_linearity = non_linearity
         self.down = nn.Linear(hidden, bottleneck_size, device=device)
@@ -72,8 +73,9 @@ def bottleneck_modules(model: nn.Module) -> dict[str, Bottleneck]:
 
 def _targets(model: nn.Module, variant: str) -> list[str]:
     suffixes = VARIANT_TARGETS[variant]
-    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in suffixes and ".layers." in
-            f".{name}"]
+    return [
+        name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in suffixes and ".layers." in f".{name}"
+    ]
 
 
 def _attach(model: nn.Module, names: list[str], hidden: int, size: int, act: str) -> dict[str, Bottleneck]:
@@ -89,15 +91,17 @@ def _attach(model: nn.Module, names: list[str], hidden: int, size: int, act: str
     return out
 
 
-def inject_bottleneck(model: nn.Module, variant: str = "houlsby", bottleneck_size: int = 16,
-                      non_linearity: str = "relu") -> dict[str, Bottleneck]:
+def inject_bottleneck(
+    model: nn.Module, variant: str = "houlsby", bottleneck_size: int = 16, non_linearity: str = "relu"
+) -> dict[str, Bottleneck]:
     """Freeze `model` and add a bottleneck adapter after every decoder layer's attention and MLP (houlsby) or
     MLP only (pfeiffer): modules named `self_attn` / `mlp` under `layers`. Returns {sublayer name: adapter}."""
     if variant not in VARIANT_TARGETS:
         raise AdapterError(f"bottleneck adapters: variant must be 'houlsby' or 'pfeiffer', got {variant!r}")
     if non_linearity not in ACTIVATIONS:
-        raise AdapterError(f"bottleneck adapters: non_linearity must be one of {sorted(ACTIVATIONS)}, got "
-                           f"{non_linearity!r}")
+        raise AdapterError(
+            f"bottleneck adapters: non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}"
+        )
     if isinstance(bottleneck_size, bool) or not isinstance(bottleneck_size, int) or bottleneck_size <= 0:
         raise AdapterError(f"bottleneck adapters: bottleneck_size must be a positive integer, got {bottleneck_size!r}")
     if bottleneck_modules(model):
@@ -105,8 +109,10 @@ def inject_bottleneck(model: nn.Module, variant: str = "houlsby", bottleneck_siz
     hidden = model_sizes(model, "bottleneck adapters")[0]
     names = _targets(model, variant)
     if not names:
-        raise AdapterError(f"bottleneck adapters: {type(model).__name__} has no decoder sublayers named "
-                           f"{' / '.join(VARIANT_TARGETS[variant])} under 'layers'")
+        raise AdapterError(
+            f"bottleneck adapters: {type(model).__name__} has no decoder sublayers named "
+            f"{' / '.join(VARIANT_TARGETS[variant])} under 'layers'"
+        )
     freeze(model)
     adapters = _attach(model, names, hidden, bottleneck_size, non_linearity)
     model._bottleneck_variant = variant  # recorded for save
@@ -153,22 +159,27 @@ def load_bottleneck(model: nn.Module, directory: str | Path, *, trainable: bool 
     where = f"loading adapter: {files.weights_path}"
     b = config.bottleneck_size
     shapes = {"down.weight": (b, hidden), "down.bias": (b,), "up.weight": (hidden, b), "up.bias": (hidden,)}
-    expected = {f"{KEY_PREFIX}{name}.{CHILD}.{part}": shape for name in config.target_modules
-                for part, shape in shapes.items()}
+    expected = {
+        f"{KEY_PREFIX}{name}.{CHILD}.{part}": shape for name in config.target_modules for part, shape in shapes.items()
+    }
     unknown, missing = sorted(set(files.tensors) - set(expected)), sorted(set(expected) - set(files.tensors))
     if unknown or missing:
-        raise AdapterError(f"{where}: tensors do not match target_modules: unknown {unknown[:3]}, missing "
-                           f"{missing[:3]}")
+        raise AdapterError(
+            f"{where}: tensors do not match target_modules: unknown {unknown[:3]}, missing {missing[:3]}"
+        )
     for key, shape in expected.items():
         if files.tensors[key].shape != shape:
-            raise AdapterError(f"{where}: {key!r} has shape {list(files.tensors[key].shape)}, expected {list(shape)} "
-                               f"(bottleneck_size {b}, the model's hidden size {hidden})")
+            raise AdapterError(
+                f"{where}: {key!r} has shape {list(files.tensors[key].shape)}, expected {list(shape)} "
+                f"(bottleneck_size {b}, the model's hidden size {hidden})"
+            )
     for name in config.target_modules:
         try:
             model.get_submodule(name)
         except AttributeError:
-            raise AdapterError(f"{where}: target module {name!r} is not in {type(model).__name__}; is this adapter "
-                               "for another model?") from None
+            raise AdapterError(
+                f"{where}: target module {name!r} is not in {type(model).__name__}; is this adapter for another model?"
+            ) from None
     if bottleneck_modules(model):
         raise AdapterError("loading bottleneck adapters: the model has them already; remove_bottleneck first")
     freeze(model)

@@ -1,8 +1,8 @@
 """What every method module shares: freezing the base, listing trainable parameters, writing peft's folder.
 
-    freeze(model)                                     # every parameter requires_grad=False before a method injects
-    trainable_parameters(model)                       # {name: parameter} that requires grad
-    write_peft_folder(dir, config_dict, tensors)      # adapter_config.json + adapter_model.safetensors
+freeze(model)                                     # every parameter requires_grad=False before a method injects
+trainable_parameters(model)                       # {name: parameter} that requires grad
+write_peft_folder(dir, config_dict, tensors)      # adapter_config.json + adapter_model.safetensors
 """
 
 from __future__ import annotations
@@ -56,8 +56,11 @@ def write_peft_folder(directory: str | Path, config: dict, tensors: dict[str, to
     try:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(directory / WEIGHTS_NAME),
+            metadata={"format": "pt"},
+        )
     except OSError as err:
         raise OutputError(f"saving adapter: {directory}: cannot write ({err.strerror or err})") from None
     return directory
@@ -66,9 +69,11 @@ def write_peft_folder(directory: str | Path, config: dict, tensors: dict[str, to
 def expect_peft_type(config, expected: str, directory: Path) -> None:
     """AdapterError when an adapter of one method is loaded as another (e.g. a LoRA folder given to load_ia3)."""
     if config.peft_type != expected:
-        raise AdapterError(f"loading adapter: {directory / CONFIG_NAME}: peft_type is {config.peft_type!r}, not "
-                           f"{expected!r}: this folder holds another method's adapter; load it with "
-                           "nibblora.methods.load_adapter, which dispatches on peft_type")
+        raise AdapterError(
+            f"loading adapter: {directory / CONFIG_NAME}: peft_type is {config.peft_type!r}, not "
+            f"{expected!r}: this folder holds another method's adapter; load it with "
+            "nibblora.methods.load_adapter, which dispatches on peft_type"
+        )
 
 
 def model_sizes(model: nn.Module, what: str) -> tuple[int, int, int, int, int, int]:
@@ -83,6 +88,8 @@ def model_sizes(model: nn.Module, what: str) -> tuple[int, int, int, int, int, i
         head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
         max_pos = int(getattr(config, "max_position_embeddings", 0) or 0)
     except (AttributeError, TypeError, ValueError):
-        raise AdapterError(f"{what}: {type(model).__name__} has no decoder config (hidden_size, num_hidden_layers, "
-                           "num_attention_heads); use a causal LM such as nibblora.models.LlamaForCausalLM") from None
+        raise AdapterError(
+            f"{what}: {type(model).__name__} has no decoder config (hidden_size, num_hidden_layers, "
+            "num_attention_heads); use a causal LM such as nibblora.models.LlamaForCausalLM"
+        ) from None
     return hidden, layers, heads, kv, head_dim, max_pos

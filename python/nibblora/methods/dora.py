@@ -91,8 +91,10 @@ class DoRALinear(nn.Module):
     def merge(self) -> nn.Module:
         """Fold the adapter into the dense base weight; returns the base layer."""
         if isinstance(self.base, NF4Linear):
-            raise AdapterError("merging DoRA: the base layer is 4-bit (NF4Linear); merge into the dense checkpoint "
-                               "with python -m nibblora.merge instead")
+            raise AdapterError(
+                "merging DoRA: the base layer is 4-bit (NF4Linear); merge into the dense checkpoint "
+                "with python -m nibblora.merge instead"
+            )
         new = self.merged_weight()
         w = self.base.weight
         w.copy_((new.t() if self.fan_in_fan_out else new).to(w.dtype))
@@ -107,15 +109,23 @@ def dora_modules(model: nn.Module) -> dict[str, DoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DoRALinear)}
 
 
-def inject_dora(model: nn.Module, target_modules: str | list[str] | tuple[str, ...], r: int = 8,
-                alpha: float = 16.0, dropout: float = 0.0, rslora: bool = False) -> dict[str, DoRALinear]:
+def inject_dora(
+    model: nn.Module,
+    target_modules: str | list[str] | tuple[str, ...],
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> dict[str, DoRALinear]:
     """Freeze `model` and wrap every linear layer target_modules selects (peft's rule) in a DoRALinear; lora_A,
     lora_B and magnitude are the trainable parameters. Returns {module name: DoRALinear}."""
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     names = find_target_modules(model, targets)
     if not names:
-        raise AdapterError(f"injecting DoRA: target_modules {targets!r} selects no linear layer of "
-                           f"{type(model).__name__}; name modules that exist (e.g. ['q_proj', 'v_proj'])")
+        raise AdapterError(
+            f"injecting DoRA: target_modules {targets!r} selects no linear layer of "
+            f"{type(model).__name__}; name modules that exist (e.g. ['q_proj', 'v_proj'])"
+        )
     freeze(model)
     out = {}
     for name in names:
@@ -138,16 +148,24 @@ def save_dora(model: nn.Module, directory: str | Path, base_model_name_or_path: 
         raise AdapterError("saving DoRA: the adapters were merged into the weights already; save before merging")
     settings = {(m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.rslora) for m in layers.values()}
     if len(settings) > 1:
-        raise AdapterError(f"saving DoRA: the layers mix (r, alpha, dropout, rslora) settings {sorted(settings)}; "
-                           "peft's format holds one per adapter")
+        raise AdapterError(
+            f"saving DoRA: the layers mix (r, alpha, dropout, rslora) settings {sorted(settings)}; "
+            "peft's format holds one per adapter"
+        )
     r, alpha, dropout, rslora = settings.pop()
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in layers})
     config = dict(_PEFT_DEFAULTS)
-    config.update(base_model_name_or_path=base_model_name_or_path or model_name_or_path(model),
-                  task_type=task_type(model), r=r, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
-                  lora_dropout=dropout, use_rslora=rslora, use_dora=True,
-                  fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()),
-                  target_modules=suffixes if not find_target_modules(model, suffixes) else sorted(layers))
+    config.update(
+        base_model_name_or_path=base_model_name_or_path or model_name_or_path(model),
+        task_type=task_type(model),
+        r=r,
+        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+        lora_dropout=dropout,
+        use_rslora=rslora,
+        use_dora=True,
+        fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()),
+        target_modules=suffixes if not find_target_modules(model, suffixes) else sorted(layers),
+    )
     tensors = {}
     for name, m in layers.items():
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = m.lora.lora_A
@@ -163,28 +181,38 @@ def load_dora(model: nn.Module, directory: str | Path, *, trainable: bool = Fals
     config = files.config
     where = f"loading adapter: {files.weights_path}"
     if not config.use_dora:
-        raise AdapterError(f"loading adapter: {files.config_path}: use_dora is false: this is a plain LoRA adapter; "
-                           "load it with nibblora.lora.load_adapter (or nibblora.methods.load_adapter)")
+        raise AdapterError(
+            f"loading adapter: {files.config_path}: use_dora is false: this is a plain LoRA adapter; "
+            "load it with nibblora.lora.load_adapter (or nibblora.methods.load_adapter)"
+        )
     if config.modules_to_save or files.replacements or files.saved_base_layers:
-        raise AdapterError(f"{where}: modules_to_save / extra tensors {sorted(files.replacements)[:3]} are not "
-                           "supported by load_dora; merge the adapter with python -m nibblora.merge instead")
+        raise AdapterError(
+            f"{where}: modules_to_save / extra tensors {sorted(files.replacements)[:3]} are not "
+            "supported by load_dora; merge the adapter with python -m nibblora.merge instead"
+        )
     built = {}
     for name, entry in sorted(files.modules.items()):
         if entry.embedding:
             raise AdapterError(f"{where}: DoRA on the embedding {name!r} is not supported by load_dora")
         if entry.magnitude_key is None:
-            raise AdapterError(f"{where}: {name!r} has no {KEY_PREFIX}{name}.{MAGNITUDE_KEY}; a DoRA adapter has "
-                               "one per adapted module")
+            raise AdapterError(
+                f"{where}: {name!r} has no {KEY_PREFIX}{name}.{MAGNITUDE_KEY}; a DoRA adapter has "
+                "one per adapted module"
+            )
         try:
             module = model.get_submodule(name)
             in_features, out_features, _ = _base_shape(module)
         except (AttributeError, TypeError):
-            raise AdapterError(f"{where}: {entry.a_key!r} adapts {name!r}, which is not a linear layer of "
-                               f"{type(model).__name__}; is this adapter for another model?") from None
+            raise AdapterError(
+                f"{where}: {entry.a_key!r} adapts {name!r}, which is not a linear layer of "
+                f"{type(model).__name__}; is this adapter for another model?"
+            ) from None
         a_shape, b_shape = files.tensors[entry.a_key].shape, files.tensors[entry.b_key].shape
         if a_shape[1] != in_features or b_shape[0] != out_features:
-            raise AdapterError(f"{where}: {entry.a_key!r} {list(a_shape)} / {entry.b_key!r} {list(b_shape)} do not "
-                               f"fit {name!r} ({in_features} -> {out_features})")
+            raise AdapterError(
+                f"{where}: {entry.a_key!r} {list(a_shape)} / {entry.b_key!r} {list(b_shape)} do not "
+                f"fit {name!r} ({in_features} -> {out_features})"
+            )
         built[name] = (module, entry)
     freeze(model)
     out = {}

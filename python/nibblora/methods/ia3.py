@@ -35,9 +35,18 @@ DEFAULT_FEEDFORWARD = ("down_proj",)
 
 # Every key peft 0.21 writes for an IA3 adapter (peft_version left out: we are not peft).
 _PEFT_DEFAULTS: dict[str, object] = {
-    "auto_mapping": None, "base_model_name_or_path": None, "exclude_modules": None, "fan_in_fan_out": False,
-    "feedforward_modules": None, "inference_mode": True, "init_ia3_weights": True, "modules_to_save": None,
-    "peft_type": "IA3", "revision": None, "target_modules": None, "task_type": None,
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "feedforward_modules": None,
+    "inference_mode": True,
+    "init_ia3_weights": True,
+    "modules_to_save": None,
+    "peft_type": "IA3",
+    "revision": None,
+    "target_modules": None,
+    "task_type": None,
 }
 
 
@@ -69,8 +78,10 @@ class IA3Linear(nn.Module):
     def merge(self) -> nn.Module:
         """Fold the vector into the base weight (and bias, for output scales); returns the base layer."""
         if isinstance(self.base, NF4Linear):
-            raise AdapterError("merging IA3: the base layer is 4-bit (NF4Linear); merge into a dense copy of the "
-                               "base model (load it unquantized, load_ia3, then merge_ia3)")
+            raise AdapterError(
+                "merging IA3: the base layer is 4-bit (NF4Linear); merge into a dense copy of the "
+                "base model (load it unquantized, load_ia3, then merge_ia3)"
+            )
         weight = self.base.weight
         scale = self.ia3_l.T if self.fan_in_fan_out else self.ia3_l  # Conv1D stores [in, out]
         weight.copy_((weight.float() * scale).to(weight.dtype))
@@ -89,16 +100,21 @@ def ia3_modules(model: nn.Module) -> dict[str, IA3Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, IA3Linear)}
 
 
-def inject_ia3(model: nn.Module, target_modules: str | list[str] | tuple[str, ...] = DEFAULT_TARGETS,
-               feedforward_modules: str | list[str] | tuple[str, ...] = DEFAULT_FEEDFORWARD) -> dict[str, IA3Linear]:
+def inject_ia3(
+    model: nn.Module,
+    target_modules: str | list[str] | tuple[str, ...] = DEFAULT_TARGETS,
+    feedforward_modules: str | list[str] | tuple[str, ...] = DEFAULT_FEEDFORWARD,
+) -> dict[str, IA3Linear]:
     """Freeze `model` and wrap every linear layer target_modules selects (peft's rule: a name suffix, or a regex
     that matches the whole name) in an IA3Linear; those feedforward_modules also selects scale their input.
     Returns {module name: IA3Linear}; their `ia3_l` vectors are the only trainable parameters."""
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     names = find_target_modules(model, targets)
     if not names:
-        raise AdapterError(f"injecting IA3: target_modules {targets!r} selects no linear layer of "
-                           f"{type(model).__name__}; name modules that exist (e.g. {list(DEFAULT_TARGETS)})")
+        raise AdapterError(
+            f"injecting IA3: target_modules {targets!r} selects no linear layer of "
+            f"{type(model).__name__}; name modules that exist (e.g. {list(DEFAULT_TARGETS)})"
+        )
     ff = feedforward_modules if isinstance(feedforward_modules, str) else tuple(feedforward_modules)
     freeze(model)
     out = {}
@@ -124,9 +140,12 @@ def save_ia3(model: nn.Module, directory: str | Path, base_model_name_or_path: s
     ff_suffixes = sorted({n.rsplit(".", 1)[-1] for n in ff_names})
     ff_exact = all(m.feedforward == (n.rsplit(".", 1)[-1] in ff_suffixes) for n, m in layers.items())
     config = dict(_PEFT_DEFAULTS)
-    config.update(base_model_name_or_path=base_model_name_or_path or model_name_or_path(model),
-                  task_type=task_type(model), target_modules=targets,
-                  feedforward_modules=(ff_suffixes if exact and ff_exact else ff_names))
+    config.update(
+        base_model_name_or_path=base_model_name_or_path or model_name_or_path(model),
+        task_type=task_type(model),
+        target_modules=targets,
+        feedforward_modules=(ff_suffixes if exact and ff_exact else ff_names),
+    )
     tensors = {f"{KEY_PREFIX}{name}.ia3_l": m.ia3_l for name, m in layers.items()}
     return write_peft_folder(directory, config, tensors)
 
@@ -146,27 +165,36 @@ def load_ia3(model: nn.Module, directory: str | Path, *, trainable: bool = False
     for key, t in files.tensors.items():
         name = key.removeprefix(KEY_PREFIX).removesuffix(".ia3_l")
         if not key.startswith(KEY_PREFIX) or not key.endswith(".ia3_l"):
-            raise AdapterError(f"{where}: unknown tensor {key!r}; an IA3 adapter holds "
-                               f"{KEY_PREFIX}<module>.ia3_l keys only (modules_to_save is not supported)")
+            raise AdapterError(
+                f"{where}: unknown tensor {key!r}; an IA3 adapter holds "
+                f"{KEY_PREFIX}<module>.ia3_l keys only (modules_to_save is not supported)"
+            )
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise AdapterError(f"{where}: {key!r} adapts {name!r}, which {type(model).__name__} does not have; "
-                               "is this adapter for another model?") from None
+            raise AdapterError(
+                f"{where}: {key!r} adapts {name!r}, which {type(model).__name__} does not have; "
+                "is this adapter for another model?"
+            ) from None
         if not config.selects(name):
-            raise AdapterError(f"{where}: {key!r} adapts {name!r}, which target_modules in {CONFIG_NAME} does not "
-                               "select; the config and the weights disagree")
+            raise AdapterError(
+                f"{where}: {key!r} adapts {name!r}, which target_modules in {CONFIG_NAME} does not "
+                "select; the config and the weights disagree"
+            )
         try:
             in_features, out_features, _ = _base_shape(module)
         except TypeError:
-            raise AdapterError(f"{where}: {key!r} adapts {name!r}, a {type(module).__name__}; IA3 adapts linear "
-                               "layers only") from None
+            raise AdapterError(
+                f"{where}: {key!r} adapts {name!r}, a {type(module).__name__}; IA3 adapts linear layers only"
+            ) from None
         feedforward = config.is_feedforward(name)
         shape = (1, in_features) if feedforward else (out_features, 1)
         if t.shape != shape:
             kind = "feed-forward (input) scale" if feedforward else "output scale"
-            raise AdapterError(f"{where}: {key!r} has shape {list(t.shape)}, expected {list(shape)} (the {kind} "
-                               f"of {name!r}, per feedforward_modules in {CONFIG_NAME})")
+            raise AdapterError(
+                f"{where}: {key!r} has shape {list(t.shape)}, expected {list(shape)} (the {kind} "
+                f"of {name!r}, per feedforward_modules in {CONFIG_NAME})"
+            )
         wanted[name] = (key, feedforward)
     freeze(model)
     out = {}

@@ -39,10 +39,21 @@ from nibblora.methods.virtual_tokens import bind_call, check_context, forward_ac
 ATTRIBUTE = "prefix_tuning"
 
 _PEFT_DEFAULTS: dict[str, object] = {
-    "auto_mapping": None, "base_model_name_or_path": None, "encoder_hidden_size": None, "inference_mode": True,
-    "init_weights": None, "modules_to_save": None, "num_attention_heads": None, "num_layers": None,
-    "num_transformer_submodules": 1, "num_virtual_tokens": None, "peft_type": "PREFIX_TUNING",
-    "prefix_projection": False, "revision": None, "task_type": None, "token_dim": None,
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "encoder_hidden_size": None,
+    "inference_mode": True,
+    "init_weights": None,
+    "modules_to_save": None,
+    "num_attention_heads": None,
+    "num_layers": None,
+    "num_transformer_submodules": 1,
+    "num_virtual_tokens": None,
+    "peft_type": "PREFIX_TUNING",
+    "prefix_projection": False,
+    "revision": None,
+    "task_type": None,
+    "token_dim": None,
 }
 
 
@@ -51,9 +62,11 @@ def _cache_class(model: nn.Module) -> type:
     from nibblora.models.llama import KVCache, LlamaForCausalLM
 
     if not isinstance(model, LlamaForCausalLM) or not forward_accepts(model, "past_key_values", "attention_mask"):
-        raise AdapterError(f"prefix tuning: {type(model).__name__} has no KV-cache path nibblora can fill (its "
-                           "forward must take past_key_values, a nibblora KVCache); prefix tuning needs "
-                           "nibblora.models.LlamaForCausalLM (load with nibblora.models.load_model)")
+        raise AdapterError(
+            f"prefix tuning: {type(model).__name__} has no KV-cache path nibblora can fill (its "
+            "forward must take past_key_values, a nibblora KVCache); prefix tuning needs "
+            "nibblora.models.LlamaForCausalLM (load with nibblora.models.load_model)"
+        )
     return KVCache
 
 
@@ -65,8 +78,14 @@ class PrefixTuning(nn.Module):
     `embedding.weight` [n, token_dim] goes through `transform` (Linear, tanh, Linear) to that layout.
     """
 
-    def __init__(self, num_virtual_tokens: int, num_layers: int, kv_heads: int, head_dim: int,
-                 projection_hidden: int | None = None):
+    def __init__(
+        self,
+        num_virtual_tokens: int,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        projection_hidden: int | None = None,
+    ):
         super().__init__()
         self.num_virtual_tokens, self.num_layers = num_virtual_tokens, num_layers
         self.kv_heads, self.head_dim = kv_heads, head_dim
@@ -75,8 +94,11 @@ class PrefixTuning(nn.Module):
         self.projection_hidden = projection_hidden
         if projection_hidden:
             self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
-            self.transform = nn.Sequential(nn.Linear(token_dim, projection_hidden), nn.Tanh(),
-                                           nn.Linear(projection_hidden, num_layers * 2 * token_dim))
+            self.transform = nn.Sequential(
+                nn.Linear(token_dim, projection_hidden),
+                nn.Tanh(),
+                nn.Linear(projection_hidden, num_layers * 2 * token_dim),
+            )
         else:
             self.embedding = nn.Embedding(num_virtual_tokens, num_layers * 2 * token_dim)
             self.transform = None
@@ -129,12 +151,20 @@ class PrefixTuning(nn.Module):
         return (), call
 
     def extra_repr(self) -> str:
-        return (f"num_virtual_tokens={self.num_virtual_tokens}, layers={self.num_layers}, kv_heads={self.kv_heads}, "
-                f"head_dim={self.head_dim}, projection_hidden={self.projection_hidden}")
+        return (
+            f"num_virtual_tokens={self.num_virtual_tokens}, layers={self.num_layers}, kv_heads={self.kv_heads}, "
+            f"head_dim={self.head_dim}, projection_hidden={self.projection_hidden}"
+        )
 
 
-def inject_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, projection_hidden: int | None = None,
-                         init: str = "random", seed: int | None = None) -> PrefixTuning:
+def inject_prefix_tuning(
+    model: nn.Module,
+    num_virtual_tokens: int,
+    *,
+    projection_hidden: int | None = None,
+    init: str = "random",
+    seed: int | None = None,
+) -> PrefixTuning:
     """Freeze `model` and give every attention layer `num_virtual_tokens` trainable key/value prefixes.
 
     projection_hidden: train through the reparameterization MLP of that width (peft's prefix_projection /
@@ -144,8 +174,10 @@ def inject_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, projectio
     `model.prefix_tuning`; its parameters are the only trainable ones. Returns it.
     """
     if hasattr(model, ATTRIBUTE) or hasattr(model, "prompt_tuning"):
-        raise AdapterError(f"prefix tuning: {type(model).__name__} already carries virtual tokens; call "
-                           "remove_prefix_tuning (or remove_prompt_tuning) first")
+        raise AdapterError(
+            f"prefix tuning: {type(model).__name__} already carries virtual tokens; call "
+            "remove_prefix_tuning (or remove_prompt_tuning) first"
+        )
     _cache_class(model)
     _, layers, _, kv_heads, head_dim, max_pos = model_sizes(model, "prefix tuning")
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
@@ -188,12 +220,18 @@ def save_prefix_tuning(model: nn.Module, directory: str | Path, base_model_name_
     prefix_projection false: the file is the plain prefix, which is what peft loads for inference."""
     tuning = getattr(model, ATTRIBUTE, None)
     if not isinstance(tuning, PrefixTuning):
-        raise AdapterError(f"saving prefix tuning: {type(model).__name__} has no prefix tuning; call "
-                           "inject_prefix_tuning first")
+        raise AdapterError(
+            f"saving prefix tuning: {type(model).__name__} has no prefix tuning; call inject_prefix_tuning first"
+        )
     config = dict(_PEFT_DEFAULTS)
-    config.update(base_model_name_or_path=base_model_name_or_path or model_name_or_path(model),
-                  task_type=task_type(model), num_virtual_tokens=tuning.num_virtual_tokens,
-                  token_dim=tuning.token_dim, num_layers=tuning.num_layers, num_attention_heads=tuning.kv_heads)
+    config.update(
+        base_model_name_or_path=base_model_name_or_path or model_name_or_path(model),
+        task_type=task_type(model),
+        num_virtual_tokens=tuning.num_virtual_tokens,
+        token_dim=tuning.token_dim,
+        num_layers=tuning.num_layers,
+        num_attention_heads=tuning.kv_heads,
+    )
     with torch.no_grad():
         flat = tuning.flat().float()
     return write_peft_folder(directory, config, {"prompt_embeddings": flat})
@@ -211,21 +249,29 @@ def load_prefix_tuning(model: nn.Module, directory: str | Path, *, trainable: bo
     where = f"loading adapter: {files.weights_path}"
     token_dim = kv_heads * head_dim
     if config.num_layers not in (None, layers):
-        raise AdapterError(f"{where}: num_layers {config.num_layers} in {CONFIG_NAME} is not the model's "
-                           f"{layers} layers; is this adapter for another model?")
+        raise AdapterError(
+            f"{where}: num_layers {config.num_layers} in {CONFIG_NAME} is not the model's "
+            f"{layers} layers; is this adapter for another model?"
+        )
     if config.token_dim not in (None, token_dim) or config.num_attention_heads not in (None, kv_heads):
-        raise AdapterError(f"{where}: token_dim {config.token_dim} / num_attention_heads {config.num_attention_heads} "
-                           f"in {CONFIG_NAME} do not describe the model's keys and values ({kv_heads} key/value heads "
-                           f"x head_dim {head_dim} = {token_dim}; {heads} query heads). peft before 0.13 wrote the "
-                           "query layout for grouped-query models; re-train or re-save the prefix with a newer peft")
+        raise AdapterError(
+            f"{where}: token_dim {config.token_dim} / num_attention_heads {config.num_attention_heads} "
+            f"in {CONFIG_NAME} do not describe the model's keys and values ({kv_heads} key/value heads "
+            f"x head_dim {head_dim} = {token_dim}; {heads} query heads). peft before 0.13 wrote the "
+            "query layout for grouped-query models; re-train or re-save the prefix with a newer peft"
+        )
     if set(files.tensors) != {"prompt_embeddings"}:
-        raise AdapterError(f"{where}: holds {sorted(files.tensors)[:4]}; a prefix-tuning adapter holds exactly one "
-                           "tensor, 'prompt_embeddings'")
+        raise AdapterError(
+            f"{where}: holds {sorted(files.tensors)[:4]}; a prefix-tuning adapter holds exactly one "
+            "tensor, 'prompt_embeddings'"
+        )
     shape = (config.num_virtual_tokens, layers * 2 * token_dim)
     got = files.tensors["prompt_embeddings"].shape
     if got != shape:
-        raise AdapterError(f"{where}: 'prompt_embeddings' has shape {list(got)}, expected {list(shape)} "
-                           f"(num_virtual_tokens x num_layers {layers} x 2 x token_dim {token_dim})")
+        raise AdapterError(
+            f"{where}: 'prompt_embeddings' has shape {list(got)}, expected {list(shape)} "
+            f"(num_virtual_tokens x num_layers {layers} x 2 x token_dim {token_dim})"
+        )
     tuning = inject_prefix_tuning(model, config.num_virtual_tokens)
     with torch.no_grad():
         tuning.embedding.weight.copy_(files.read("prompt_embeddings"))

@@ -39,10 +39,22 @@ IGNORE_INDEX = -100
 ATTRIBUTE = "prompt_tuning"  # the submodule name the tuning is registered under on the model
 
 _PEFT_DEFAULTS: dict[str, object] = {
-    "auto_mapping": None, "base_model_name_or_path": None, "inference_mode": True, "modules_to_save": None,
-    "num_attention_heads": None, "num_layers": None, "num_transformer_submodules": 1, "num_virtual_tokens": None,
-    "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "revision": None,
-    "task_type": None, "token_dim": None, "tokenizer_kwargs": None, "tokenizer_name_or_path": None,
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "inference_mode": True,
+    "modules_to_save": None,
+    "num_attention_heads": None,
+    "num_layers": None,
+    "num_transformer_submodules": 1,
+    "num_virtual_tokens": None,
+    "peft_type": "PROMPT_TUNING",
+    "prompt_tuning_init": "RANDOM",
+    "prompt_tuning_init_text": None,
+    "revision": None,
+    "task_type": None,
+    "token_dim": None,
+    "tokenizer_kwargs": None,
+    "tokenizer_name_or_path": None,
 }
 
 
@@ -50,8 +62,10 @@ def input_embedding(model: nn.Module) -> nn.Embedding:
     getter = getattr(model, "get_input_embeddings", None)
     emb = getter() if callable(getter) else getattr(getattr(model, "model", None), "embed_tokens", None)
     if not isinstance(emb, nn.Embedding):
-        raise AdapterError(f"prompt tuning: {type(model).__name__} has no input embedding (get_input_embeddings() "
-                           "or .model.embed_tokens); use a causal LM such as nibblora.models.LlamaForCausalLM")
+        raise AdapterError(
+            f"prompt tuning: {type(model).__name__} has no input embedding (get_input_embeddings() "
+            "or .model.embed_tokens); use a causal LM such as nibblora.models.LlamaForCausalLM"
+        )
     return emb
 
 
@@ -59,8 +73,14 @@ class PromptTuning(nn.Module):
     """The virtual tokens of one model: `embedding.weight` [num_virtual_tokens, hidden] (peft's
     prompt_encoder.embedding), and the hooks that put them in front of every fresh input."""
 
-    def __init__(self, num_virtual_tokens: int, hidden: int, init_text: str | None = None,
-                 init: str = "random", tokenizer_name_or_path: str | None = None):
+    def __init__(
+        self,
+        num_virtual_tokens: int,
+        hidden: int,
+        init_text: str | None = None,
+        init: str = "random",
+        tokenizer_name_or_path: str | None = None,
+    ):
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         self.embedding = nn.Embedding(num_virtual_tokens, hidden)
@@ -76,14 +96,18 @@ class PromptTuning(nn.Module):
 
     def attach(self, model: nn.Module) -> None:
         if not forward_accepts(model, "input_ids", "attention_mask", "position_ids", "past_key_values", "labels"):
-            raise AdapterError(f"prompt tuning: {type(model).__name__}.forward does not take input_ids, "
-                               "attention_mask, position_ids, past_key_values and labels; use nibblora's "
-                               "LlamaForCausalLM")
+            raise AdapterError(
+                f"prompt tuning: {type(model).__name__}.forward does not take input_ids, "
+                "attention_mask, position_ids, past_key_values and labels; use nibblora's "
+                "LlamaForCausalLM"
+            )
         self._max_positions = model_sizes(model, "prompt tuning")[5]
         emb = input_embedding(model)
-        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
-                         emb.register_forward_hook(self._embedded),
-                         model.register_forward_hook(self._after, with_kwargs=True)]
+        self._handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            emb.register_forward_hook(self._embedded),
+            model.register_forward_hook(self._after, with_kwargs=True),
+        ]
 
     def detach(self) -> None:
         remove_hooks(self._handles)
@@ -140,13 +164,22 @@ class PromptTuning(nn.Module):
 
 def _check_fresh(model: nn.Module) -> None:
     if hasattr(model, ATTRIBUTE) or hasattr(model, "prefix_tuning"):
-        raise AdapterError(f"prompt tuning: {type(model).__name__} already carries virtual tokens; call "
-                           "remove_prompt_tuning (or remove_prefix_tuning) first")
+        raise AdapterError(
+            f"prompt tuning: {type(model).__name__} already carries virtual tokens; call "
+            "remove_prompt_tuning (or remove_prefix_tuning) first"
+        )
 
 
-def inject_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init: str = "random",
-                         init_token_ids: Sequence[int] | None = None, init_text: str | None = None,
-                         tokenizer_name_or_path: str | None = None, seed: int | None = None) -> PromptTuning:
+def inject_prompt_tuning(
+    model: nn.Module,
+    num_virtual_tokens: int,
+    *,
+    init: str = "random",
+    init_token_ids: Sequence[int] | None = None,
+    init_text: str | None = None,
+    tokenizer_name_or_path: str | None = None,
+    seed: int | None = None,
+) -> PromptTuning:
     """Freeze `model` and prepend `num_virtual_tokens` trainable embeddings to every fresh input.
 
     init: "random" (normal(0, 1), peft's nn.Embedding default), "sample_vocab" (rows of the input embedding at
@@ -165,8 +198,9 @@ def inject_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init: str
         raise AdapterError(f"prompt tuning: init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     emb = input_embedding(model)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    tuning = PromptTuning(num_virtual_tokens, hidden, init_text=init_text, init=init,
-                          tokenizer_name_or_path=tokenizer_name_or_path)
+    tuning = PromptTuning(
+        num_virtual_tokens, hidden, init_text=init_text, init=init, tokenizer_name_or_path=tokenizer_name_or_path
+    )
     with torch.no_grad():
         if init == "random":
             tuning.embedding.weight.normal_(0.0, 1.0, generator=generator)
@@ -179,8 +213,10 @@ def inject_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init: str
                 raise AdapterError("prompt tuning: init='text' needs init_token_ids (the tokenized init text)")
             bad = [i for i in ids if not 0 <= int(i) < emb.num_embeddings]
             if bad:
-                raise AdapterError(f"prompt tuning: init_token_ids holds {bad[:5]}, outside the vocabulary of "
-                                   f"{emb.num_embeddings} tokens")
+                raise AdapterError(
+                    f"prompt tuning: init_token_ids holds {bad[:5]}, outside the vocabulary of "
+                    f"{emb.num_embeddings} tokens"
+                )
             ids = (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
             tuning.embedding.weight.copy_(emb.weight[torch.tensor(ids, device=emb.weight.device)].float())
     freeze(model)
@@ -204,8 +240,9 @@ def save_prompt_tuning(model: nn.Module, directory: str | Path, base_model_name_
     """Write the virtual tokens in peft's PROMPT_TUNING format: `prompt_embeddings` [num_virtual_tokens, hidden]."""
     tuning = getattr(model, ATTRIBUTE, None)
     if not isinstance(tuning, PromptTuning):
-        raise AdapterError(f"saving prompt tuning: {type(model).__name__} has no prompt tuning; call "
-                           "inject_prompt_tuning first")
+        raise AdapterError(
+            f"saving prompt tuning: {type(model).__name__} has no prompt tuning; call inject_prompt_tuning first"
+        )
     _, layers, heads, _, _, _ = model_sizes(model, "saving prompt tuning")
     # peft refuses a TEXT init without its text and tokenizer; the init only matters before training (the saved
     # tensor replaces it), so without them the file says RANDOM.
@@ -213,11 +250,17 @@ def save_prompt_tuning(model: nn.Module, directory: str | Path, base_model_name_
     init = tuning.init if tuning.init != "text" or text_known else "random"
     text = tuning.init_text if init == "text" else None
     config = dict(_PEFT_DEFAULTS)
-    config.update(base_model_name_or_path=base_model_name_or_path or model_name_or_path(model),
-                  task_type=task_type(model), num_virtual_tokens=tuning.num_virtual_tokens,
-                  token_dim=tuning.embedding.embedding_dim, num_layers=layers, num_attention_heads=heads,
-                  prompt_tuning_init=init.upper(), prompt_tuning_init_text=text,
-                  tokenizer_name_or_path=tuning.tokenizer_name_or_path if init == "text" else None)
+    config.update(
+        base_model_name_or_path=base_model_name_or_path or model_name_or_path(model),
+        task_type=task_type(model),
+        num_virtual_tokens=tuning.num_virtual_tokens,
+        token_dim=tuning.embedding.embedding_dim,
+        num_layers=layers,
+        num_attention_heads=heads,
+        prompt_tuning_init=init.upper(),
+        prompt_tuning_init_text=text,
+        tokenizer_name_or_path=tuning.tokenizer_name_or_path if init == "text" else None,
+    )
     return write_peft_folder(directory, config, {"prompt_embeddings": tuning.embedding.weight})
 
 
@@ -230,15 +273,21 @@ def load_prompt_tuning(model: nn.Module, directory: str | Path, *, trainable: bo
     hidden = model_sizes(model, "loading prompt tuning")[0]
     where = f"loading adapter: {files.weights_path}"
     if set(files.tensors) != {"prompt_embeddings"}:
-        raise AdapterError(f"{where}: holds {sorted(files.tensors)[:4]}; a prompt-tuning adapter holds exactly one "
-                           "tensor, 'prompt_embeddings'")
+        raise AdapterError(
+            f"{where}: holds {sorted(files.tensors)[:4]}; a prompt-tuning adapter holds exactly one "
+            "tensor, 'prompt_embeddings'"
+        )
     if config.token_dim not in (None, hidden):
-        raise AdapterError(f"{where}: token_dim {config.token_dim} in {CONFIG_NAME} is not the model's hidden size "
-                           f"{hidden}; is this adapter for another model?")
+        raise AdapterError(
+            f"{where}: token_dim {config.token_dim} in {CONFIG_NAME} is not the model's hidden size "
+            f"{hidden}; is this adapter for another model?"
+        )
     shape = (config.num_virtual_tokens, hidden)
     if files.tensors["prompt_embeddings"].shape != shape:
-        raise AdapterError(f"{where}: 'prompt_embeddings' has shape {list(files.tensors['prompt_embeddings'].shape)}, "
-                           f"expected {list(shape)} (num_virtual_tokens x the model's hidden size)")
+        raise AdapterError(
+            f"{where}: 'prompt_embeddings' has shape {list(files.tensors['prompt_embeddings'].shape)}, "
+            f"expected {list(shape)} (num_virtual_tokens x the model's hidden size)"
+        )
     tuning = inject_prompt_tuning(model, config.num_virtual_tokens)
     tuning.init, tuning.init_text = config.prompt_tuning_init.lower(), config.prompt_tuning_init_text
     tuning.tokenizer_name_or_path = config.raw.get("tokenizer_name_or_path")

@@ -118,8 +118,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # cannot take the call (an explicit mask, fp32, a head size) and tries the next. On a CPU PyTorch's own choice stays:
 # its flash kernel for causal or masked calls keeps only the log-sum-exp for backward, where math would keep the
 # whole [heads, seq, seq] probabilities (measured: forcing math costs memory and time there).
-CUDA_ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                           SDPBackend.MATH]
+CUDA_ATTENTION_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -425,11 +429,14 @@ class LlamaForCausalLM(nn.Module):
             return logits, past_key_values
         return logits
 
-    def _loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    def _loss_sum(
+        self, hidden: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int]:
         targets = shift_labels(labels)
         if self.loss_chunk_tokens > 0 and type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
-            return linear_cross_entropy(hidden, self.lm_head.weight, targets, rows=rows,
-                                        chunk_tokens=self.loss_chunk_tokens)
+            return linear_cross_entropy(
+                hidden, self.lm_head.weight, targets, rows=rows, chunk_tokens=self.loss_chunk_tokens
+            )
         logits = self.lm_head(hidden).float()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return loss, int((targets != IGNORE_INDEX).sum())

@@ -19,28 +19,55 @@ def build_parser() -> argparse.ArgumentParser:
         "memory-mappable arrays that nibblora.data.PreparedDataset reads.",
     )
     parser.add_argument("--tokenizer", help="folder with tokenizer.json (+ tokenizer_config.json), or the file")
-    parser.add_argument("--template", default=None,
-                        help=f"a name ({', '.join(TEMPLATE_NAMES)}), a .jinja file, a tokenizer_config.json, or "
-                        "omit for the tokenizer's own chat template")
-    parser.add_argument("--input", nargs="+", action="extend", default=[], metavar="FILE",
-                        help="JSON Lines or Parquet files: rows of messages, prompt/completion or text")
+    parser.add_argument(
+        "--template",
+        default=None,
+        help=f"a name ({', '.join(TEMPLATE_NAMES)}), a .jinja file, a tokenizer_config.json, or "
+        "omit for the tokenizer's own chat template",
+    )
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FILE",
+        help="JSON Lines or Parquet files: rows of messages, prompt/completion or text",
+    )
     parser.add_argument("--output", required=True, help="output folder (written atomically)")
     parser.add_argument("--max-length", type=int, default=None, metavar="N", help="longest row, in tokens")
-    parser.add_argument("--truncation", default="keep-start", choices=TRUNCATION,
-                        help="for documents over --max-length (default keep-start)")
+    parser.add_argument(
+        "--truncation",
+        default="keep-start",
+        choices=TRUNCATION,
+        help="for documents over --max-length (default keep-start)",
+    )
     parser.add_argument("--pack", action="store_true", help="pack documents into rows of --max-length tokens")
-    parser.add_argument("--train-on", default="assistant", choices=TRAIN_ON,
-                        help="which turns the loss looks at (default assistant)")
+    parser.add_argument(
+        "--train-on", default="assistant", choices=TRAIN_ON, help="which turns the loss looks at (default assistant)"
+    )
     parser.add_argument("--shard", default="0/1", metavar="I/N", help="prepare only rows p with p %% N == I")
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed JSON lines")
-    parser.add_argument("--special-tokens-in-content", default="text", choices=("text", "special"),
-                        help="tokenize special-token strings inside messages as plain text (default) or as "
-                        "the special tokens")
-    parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES, metavar="N",
-                        help="longest accepted row in bytes of JSON; a longer one stops with an error naming "
-                        "file:line (default 8 MiB: a row takes a couple of hundred times its size in memory)")
-    parser.add_argument("--combine", nargs="+", default=None, metavar="DIR",
-                        help="instead of preparing: concatenate prepared shard folders into --output")
+    parser.add_argument(
+        "--special-tokens-in-content",
+        default="text",
+        choices=("text", "special"),
+        help="tokenize special-token strings inside messages as plain text (default) or as the special tokens",
+    )
+    parser.add_argument(
+        "--max-line-bytes",
+        type=int,
+        default=DEFAULT_MAX_LINE_BYTES,
+        metavar="N",
+        help="longest accepted row in bytes of JSON; a longer one stops with an error naming "
+        "file:line (default 8 MiB: a row takes a couple of hundred times its size in memory)",
+    )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="instead of preparing: concatenate prepared shard folders into --output",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

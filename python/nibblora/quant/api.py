@@ -10,6 +10,7 @@ import torch
 from nibblora import _native
 from nibblora.errors import InputError
 from nibblora.quant import torch_ops
+from nibblora.quant.names import BLOCKSIZES
 from nibblora.quant.state import (
     NESTED_BLOCKSIZE,
     QUANT_TYPES,
@@ -18,7 +19,6 @@ from nibblora.quant.state import (
     QuantState,
     dtype_name,
 )
-from nibblora.quant.names import BLOCKSIZES
 
 
 @cache
@@ -80,7 +80,9 @@ def quantize_4bit(
     if flat.device.type == "cpu":
         flat = flat.contiguous()
         try:
-            packed_np, absmax_np = _native.quantize_4bit(_numpy_view(flat), dtype_name(flat.dtype), quant_type, blocksize)
+            packed_np, absmax_np = _native.quantize_4bit(
+                _numpy_view(flat), dtype_name(flat.dtype), quant_type, blocksize
+            )
         except InputError as err:  # the core's message, with the tensor's name in front
             raise type(err)(f"{label}: {err}") from None
         packed, absmax = torch.from_numpy(packed_np), torch.from_numpy(absmax_np)

@@ -19,9 +19,9 @@ from math import ceil, prod
 
 import torch
 
-from nibblora.quant.names import BLOCKSIZES, BNB_QUANT_TYPES, NESTED_BLOCKSIZE  # noqa: F401 (re-exported)
 from nibblora.checkpoint.writer import DeferredSpec, TensorSpec
 from nibblora.dtypes import SAFETENSORS_TO_TORCH_NAME
+from nibblora.quant.names import BLOCKSIZES, BNB_QUANT_TYPES, NESTED_BLOCKSIZE  # noqa: F401 (re-exported)
 from nibblora.quant.state import QuantizedTensor, QuantState, dtype_from_name, dtype_name
 
 # Elements per 4-bit block scale that bitsandbytes accepts: powers of two from 32 to 4096.
@@ -43,7 +43,7 @@ _LONGEST_FLOAT = -1.2345678901234567e-308
 
 
 def module_name(tensor_name: str) -> str:
-    """"model.layers.0.mlp.up_proj.weight" -> "model.layers.0.mlp.up_proj"."""
+    """ "model.layers.0.mlp.up_proj.weight" -> "model.layers.0.mlp.up_proj"."""
     return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else ""
 
 

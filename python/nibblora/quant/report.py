@@ -52,9 +52,7 @@ def error_report(
     if isinstance(tensors, torch.Tensor):
         tensors = {"tensor": tensors}
     return [
-        quantization_error(t, qt, blocksize, double_quant, name)
-        for name, t in tensors.items()
-        for qt in quant_types
+        quantization_error(t, qt, blocksize, double_quant, name) for name, t in tensors.items() for qt in quant_types
     ]
 
 
@@ -62,7 +60,9 @@ def format_error_report(rows: list[QuantError]) -> str:
     """A plain-text table, plus a line per tensor saying which format erred least."""
     lines = [f"{'tensor':<40} {'type':<5} {'mse':>12} {'rel. error':>11} {'max |err|':>11}"]
     for r in rows:
-        lines.append(f"{r.name[:40]:<40} {r.quant_type:<5} {r.mse:>12.4e} {r.relative_error:>11.5f} {r.max_abs_error:>11.4e}")
+        lines.append(
+            f"{r.name[:40]:<40} {r.quant_type:<5} {r.mse:>12.4e} {r.relative_error:>11.5f} {r.max_abs_error:>11.4e}"
+        )
     by_tensor: dict[str, list[QuantError]] = {}
     for r in rows:
         by_tensor.setdefault(r.name, []).append(r)

@@ -7,8 +7,8 @@ from math import prod
 
 import torch
 
-from nibblora.quant.names import NESTED_BLOCKSIZE, QUANT_TYPES  # noqa: F401 (re-exported)
 from nibblora.dtypes import COMPUTE_DTYPE_NAMES
+from nibblora.quant.names import NESTED_BLOCKSIZE, QUANT_TYPES  # noqa: F401 (re-exported)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -15,8 +15,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nibblora.checkpoint import Checkpoint, TensorEntry, atomic_output_dir, check_out_dir, human_bytes
-from nibblora.checkpoint import CONFIG_FILE, open_checkpoint, read_config, shard_names
+from nibblora.checkpoint import (
+    CONFIG_FILE,
+    Checkpoint,
+    TensorEntry,
+    atomic_output_dir,
+    check_out_dir,
+    human_bytes,
+    open_checkpoint,
+    read_config,
+    shard_names,
+)
 from nibblora.checkpoint.shards import (
     copy_side_files,
     parse_size,
@@ -76,16 +85,14 @@ class QuantizeSummary:
         dq = "double quant" if self.double_quant else "no double quant"
         share = 100.0 * self.params_quantized / max(self.params_total, 1)
         ratio = self.bytes_before / max(self.bytes_after, 1)
-        lines = (
-            [
-                f"quantized {self.tensors_quantized} of {self.tensors_total} tensors "
-                f"({self.quant_type}, blocksize {self.blocksize}, {dq}) in {self.seconds:.1f} s",
-                f"parameters: {self.params_total:,} total, {self.params_quantized:,} quantized ({share:.1f}%)",
-                f"size: {human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)} ({ratio:.2f}x smaller)",
-                f"quantized weights: {self.bits_per_param:.3f} bits/parameter",
-                f"wrote {self.out_dir} ({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''})",
-            ]
-        )
+        lines = [
+            f"quantized {self.tensors_quantized} of {self.tensors_total} tensors "
+            f"({self.quant_type}, blocksize {self.blocksize}, {dq}) in {self.seconds:.1f} s",
+            f"parameters: {self.params_total:,} total, {self.params_quantized:,} quantized ({share:.1f}%)",
+            f"size: {human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)} ({ratio:.2f}x smaller)",
+            f"quantized weights: {self.bits_per_param:.3f} bits/parameter",
+            f"wrote {self.out_dir} ({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''})",
+        ]
         if self.unfamiliar:
             lines.append(
                 "kept unquantized (not a known nn.Linear; listed in llm_int8_skip_modules): "
@@ -299,8 +306,7 @@ def _write_shards(
 
 
 def _prepare_item(
-    ckpt: Checkpoint,
-    item: _Item, quant_type: str, blocksize: int, double_quant: bool, stats: _WriteStats
+    ckpt: Checkpoint, item: _Item, quant_type: str, blocksize: int, double_quant: bool, stats: _WriteStats
 ) -> Callable[[SafetensorsWriter], None]:
     """Do the item's reading and quantizing now; return what is left: writing it."""
     t = item.source

@@ -80,8 +80,20 @@ CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (run_id, name, step);
 
 # The columns each table must have: a store from an older version gains new tables, never loses columns.
 COLUMNS = {
-    "runs": {"run_id", "name", "status", "pid", "host", "created_at", "updated_at", "heartbeat_at", "ended_at",
-             "config_json", "total_steps", "stop_requested"},
+    "runs": {
+        "run_id",
+        "name",
+        "status",
+        "pid",
+        "host",
+        "created_at",
+        "updated_at",
+        "heartbeat_at",
+        "ended_at",
+        "config_json",
+        "total_steps",
+        "stop_requested",
+    },
     "metrics": {"run_id", "step", "name", "value", "time"},
     "nonfinite_metrics": {"run_id", "step", "name", "value", "time"},
     "events": {"id", "run_id", "time", "step", "kind", "message", "data_json"},
@@ -120,7 +132,9 @@ class RunWriter:
         self._heartbeat: threading.Thread | None = None
 
     @classmethod
-    def open(cls, run_dir: str | Path, run_id: str, name: str, config: dict, total_steps: int | None = None) -> RunWriter:
+    def open(
+        cls, run_dir: str | Path, run_id: str, name: str, config: dict, total_steps: int | None = None
+    ) -> RunWriter:
         """RunStoreError (one line naming the file and what to do) when runs.sqlite is damaged or not a store."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,8 +148,12 @@ class RunWriter:
         except sqlite3.DatabaseError as err:
             if conn is not None:
                 conn.close()
-            raise RunStoreError(path, f"damaged or not a run store ({err}); move it "
-                                "away (or delete it) to start a new one, or choose another output_dir", phase=_OPENING) from None
+            raise RunStoreError(
+                path,
+                f"damaged or not a run store ({err}); move it "
+                "away (or delete it) to start a new one, or choose another output_dir",
+                phase=_OPENING,
+            ) from None
         except RunStoreError:
             conn.close()
             raise
@@ -143,8 +161,9 @@ class RunWriter:
         return writer
 
     @classmethod
-    def _register(cls, conn: sqlite3.Connection, run_id: str, name: str, config: dict,
-                  total_steps: int | None) -> RunWriter:
+    def _register(
+        cls, conn: sqlite3.Connection, run_id: str, name: str, config: dict, total_steps: int | None
+    ) -> RunWriter:
         now = time.time()
         with conn:
             conn.execute("BEGIN IMMEDIATE")
@@ -186,15 +205,19 @@ class RunWriter:
         nonfinite = [(self.run_id, step, name, repr(v), now) for name, v in values.items() if not math.isfinite(v)]
         with self._lock, self.conn:
             self.conn.execute("BEGIN")
-            self.conn.executemany("DELETE FROM metrics WHERE run_id=? AND step=? AND name=?",
-                                  [row[:3] for row in nonfinite])
-            self.conn.executemany("DELETE FROM nonfinite_metrics WHERE run_id=? AND step=? AND name=?",
-                                  [row[:3] for row in finite])
             self.conn.executemany(
-                "INSERT OR REPLACE INTO metrics (run_id, step, name, value, time) VALUES (?, ?, ?, ?, ?)", finite)
+                "DELETE FROM metrics WHERE run_id=? AND step=? AND name=?", [row[:3] for row in nonfinite]
+            )
+            self.conn.executemany(
+                "DELETE FROM nonfinite_metrics WHERE run_id=? AND step=? AND name=?", [row[:3] for row in finite]
+            )
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO metrics (run_id, step, name, value, time) VALUES (?, ?, ?, ?, ?)", finite
+            )
             self.conn.executemany(
                 "INSERT OR REPLACE INTO nonfinite_metrics (run_id, step, name, value, time) VALUES (?, ?, ?, ?, ?)",
-                nonfinite)
+                nonfinite,
+            )
             self.conn.execute("UPDATE runs SET updated_at=?, heartbeat_at=? WHERE run_id=?", (now, now, self.run_id))
 
     def event(self, kind: str, message: str, step: int | None = None, data: dict | None = None) -> None:
@@ -204,8 +227,10 @@ class RunWriter:
         )
 
     def log(self, message: str, level: str = "info") -> None:
-        self._execute("INSERT INTO logs (run_id, time, level, message) VALUES (?, ?, ?, ?)",
-                      (self.run_id, time.time(), level, message))
+        self._execute(
+            "INSERT INTO logs (run_id, time, level, message) VALUES (?, ?, ?, ?)",
+            (self.run_id, time.time(), level, message),
+        )
 
     def stop_requested(self) -> bool:
         """True once someone called `nibblora.runs.request_stop` on this run."""
@@ -222,8 +247,9 @@ class RunWriter:
             self._heartbeat.join()
         now = time.time()
         self.event(status, message or status, step)
-        self._execute("UPDATE runs SET status=?, updated_at=?, ended_at=? WHERE run_id=?",
-                      (status, now, now, self.run_id))
+        self._execute(
+            "UPDATE runs SET status=?, updated_at=?, ended_at=? WHERE run_id=?", (status, now, now, self.run_id)
+        )
         self.conn.close()
 
 
@@ -233,11 +259,19 @@ def _check_store(conn: sqlite3.Connection, path: Path) -> None:
     if rows != ["ok"]:
         problems = [line for row in rows for line in str(row).splitlines() if line and not line.startswith("***")]
         more = f" and {len(problems) - 1} more problems" if len(problems) > 1 else ""
-        raise RunStoreError(path, f"damaged ({(problems or rows)[0]}{more}); move it "
-                            "away (or delete it) to start a new one, or choose another output_dir", phase=_OPENING)
+        raise RunStoreError(
+            path,
+            f"damaged ({(problems or rows)[0]}{more}); move it "
+            "away (or delete it) to start a new one, or choose another output_dir",
+            phase=_OPENING,
+        )
     for table, columns in COLUMNS.items():
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if not columns <= have:
-            raise RunStoreError(path, f"has a table {table} without the columns "
-                                f"{', '.join(sorted(columns - have))}; it is not a nibblora run store: move it away "
-                                "or choose another output_dir", phase=_OPENING)
+            raise RunStoreError(
+                path,
+                f"has a table {table} without the columns "
+                f"{', '.join(sorted(columns - have))}; it is not a nibblora run store: move it away "
+                "or choose another output_dir",
+                phase=_OPENING,
+            )

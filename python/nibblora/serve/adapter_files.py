@@ -61,8 +61,10 @@ def read_lora_folder(directory: str | Path, targets: dict[str, tuple[int, int]])
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise AdapterError(f"reading adapter: {directory} is not a directory; pass a folder holding "
-                           "adapter_config.json and adapter_model.safetensors")
+        raise AdapterError(
+            f"reading adapter: {directory} is not a directory; pass a folder holding "
+            "adapter_config.json and adapter_model.safetensors"
+        )
     try:
         config = read_adapter_config(directory)
     except (OSError, ValueError) as err:
@@ -84,12 +86,16 @@ def read_lora_folder(directory: str | Path, targets: dict[str, tuple[int, int]])
     pairs: dict[str, dict[str, str]] = {}
     for key in tensors:
         if key.endswith("lora_magnitude_vector") or ".lora_magnitude_vector" in key:
-            raise AdapterError(f"reading adapter: {weights_path}: tensor {key!r} is a DoRA magnitude; DoRA adapters "
-                               "cannot be served, merge the adapter into the base instead")
+            raise AdapterError(
+                f"reading adapter: {weights_path}: tensor {key!r} is a DoRA magnitude; DoRA adapters "
+                "cannot be served, merge the adapter into the base instead"
+            )
         match = _KEY_RE.match(key.removeprefix(KEY_PREFIX))
         if match is None:
-            raise AdapterError(f"reading adapter: {weights_path}: tensor {key!r} is not a LoRA weight; the server "
-                               "reads only '<module>.lora_A.weight' and '<module>.lora_B.weight'")
+            raise AdapterError(
+                f"reading adapter: {weights_path}: tensor {key!r} is not a LoRA weight; the server "
+                "reads only '<module>.lora_A.weight' and '<module>.lora_B.weight'"
+            )
         pairs.setdefault(match["module"], {})[match["which"]] = key
     if not pairs:
         raise AdapterError(f"reading adapter: {weights_path} holds no lora_A / lora_B tensors")
@@ -98,21 +104,27 @@ def read_lora_folder(directory: str | Path, targets: dict[str, tuple[int, int]])
     for name, pair in sorted(pairs.items()):
         first = next(iter(pair.values()))
         if name not in targets:
-            raise AdapterError(f"reading adapter: {weights_path}: tensor {first!r} targets module {name!r}, which "
-                               "is not an adaptable linear of this base model (the adapter was made for another "
-                               "base, or adapts embeddings / lm_head)")
+            raise AdapterError(
+                f"reading adapter: {weights_path}: tensor {first!r} targets module {name!r}, which "
+                "is not an adaptable linear of this base model (the adapter was made for another "
+                "base, or adapts embeddings / lm_head)"
+            )
         for which in ("lora_A", "lora_B"):
             if which not in pair:
-                raise AdapterError(f"reading adapter: {weights_path}: missing {KEY_PREFIX}{name}.{which}.weight "
-                                   f"(its pair {first!r} is present); the adapter file is incomplete")
+                raise AdapterError(
+                    f"reading adapter: {weights_path}: missing {KEY_PREFIX}{name}.{which}.weight "
+                    f"(its pair {first!r} is present); the adapter file is incomplete"
+                )
         in_features, out_features = targets[name]
         r = lora_config.rank_for(name)
         a, b = tensors[pair["lora_A"]], tensors[pair["lora_B"]]
         for key, tensor, want in ((pair["lora_A"], a, (r, in_features)), (pair["lora_B"], b, (out_features, r))):
             if tuple(tensor.shape) != want:
-                raise AdapterError(f"reading adapter: {weights_path}: tensor {key!r} has shape {list(tensor.shape)} "
-                                   f"but module {name!r} with rank {r} needs {list(want)}; the adapter does not "
-                                   "fit this base model")
+                raise AdapterError(
+                    f"reading adapter: {weights_path}: tensor {key!r} has shape {list(tensor.shape)} "
+                    f"but module {name!r} with rank {r} needs {list(want)}; the adapter does not "
+                    "fit this base model"
+                )
             if not tensor.is_floating_point():
                 raise AdapterError(f"reading adapter: {weights_path}: tensor {key!r} is {tensor.dtype}, not a float")
         scaling = lora_scaling(r, lora_config.alpha_for(name), lora_config.rslora)
@@ -123,20 +135,29 @@ def read_lora_folder(directory: str | Path, targets: dict[str, tuple[int, int]])
 def _check_supported(config: dict, path: Path) -> None:
     """Refuse adapter kinds the batched LoRA path cannot run, naming the config key."""
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"reading adapter config: {path}: peft_type is {config.get('peft_type')!r}; the server "
-                           "serves LORA adapters only")
+        raise AdapterError(
+            f"reading adapter config: {path}: peft_type is {config.get('peft_type')!r}; the server "
+            "serves LORA adapters only"
+        )
     if config.get("use_dora"):
-        raise AdapterError(f"reading adapter config: {path}: use_dora=true; DoRA adapters cannot be served "
-                           "(their magnitude rescales the whole weight), merge the adapter instead")
+        raise AdapterError(
+            f"reading adapter config: {path}: use_dora=true; DoRA adapters cannot be served "
+            "(their magnitude rescales the whole weight), merge the adapter instead"
+        )
     if config.get("modules_to_save"):
-        raise AdapterError(f"reading adapter config: {path}: modules_to_save={config['modules_to_save']} (fully "
-                           "trained modules) cannot be served per request; merge the adapter instead")
+        raise AdapterError(
+            f"reading adapter config: {path}: modules_to_save={config['modules_to_save']} (fully "
+            "trained modules) cannot be served per request; merge the adapter instead"
+        )
     if config.get("lora_bias") or config.get("bias", "none") != "none":
-        raise AdapterError(f"reading adapter config: {path}: trained biases (bias={config.get('bias')!r}, "
-                           f"lora_bias={config.get('lora_bias')!r}) cannot be served; only bias='none' is")
+        raise AdapterError(
+            f"reading adapter config: {path}: trained biases (bias={config.get('bias')!r}, "
+            f"lora_bias={config.get('lora_bias')!r}) cannot be served; only bias='none' is"
+        )
     if config.get("fan_in_fan_out"):
-        raise AdapterError(f"reading adapter config: {path}: fan_in_fan_out=true is for Conv1D bases; Llama-family "
-                           "bases have none")
+        raise AdapterError(
+            f"reading adapter config: {path}: fan_in_fan_out=true is for Conv1D bases; Llama-family bases have none"
+        )
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise AdapterError(f"reading adapter config: {path}: missing {key!r}")

@@ -52,9 +52,17 @@ class AdapterStore:
     thread only.
     """
 
-    def __init__(self, targets: dict[str, tuple[int, int]], slots: dict[str, LoRASlots], *, max_loras: int,
-                 max_cpu_loras: int, max_rank: int, device: torch.device,
-                 reader: Callable[[Path, dict[str, tuple[int, int]]], AdapterWeights] = read_lora_folder) -> None:
+    def __init__(
+        self,
+        targets: dict[str, tuple[int, int]],
+        slots: dict[str, LoRASlots],
+        *,
+        max_loras: int,
+        max_cpu_loras: int,
+        max_rank: int,
+        device: torch.device,
+        reader: Callable[[Path, dict[str, tuple[int, int]]], AdapterWeights] = read_lora_folder,
+    ) -> None:
         if max_cpu_loras < max_loras:
             raise ValueError(f"max_cpu_loras ({max_cpu_loras}) must be at least max_loras ({max_loras})")
         self.targets, self.slots = targets, slots
@@ -82,8 +90,10 @@ class AdapterStore:
         weights = self._reader(Path(path), self.targets)
         if weights.max_rank > self.max_rank:
             worst = max(weights.modules.items(), key=lambda kv: kv[1].rank)
-            raise AdapterError(f"reading adapter: {path}: module {worst[0]!r} has rank {worst[1].rank}, above the "
-                               f"server's --max-lora-rank {self.max_rank}; restart with a larger --max-lora-rank")
+            raise AdapterError(
+                f"reading adapter: {path}: module {worst[0]!r} has rank {worst[1].rank}, above the "
+                f"server's --max-lora-rank {self.max_rank}; restart with a larger --max-lora-rank"
+            )
         if self.device.type == "cuda":
             for m in weights.modules.values():  # pinned, so the copy to a slot can overlap compute
                 m.lora_A, m.lora_B = m.lora_A.pin_memory(), m.lora_B.pin_memory()
@@ -208,11 +218,16 @@ class AdapterStore:
         compute is queued (the slot's old contents may still be read), and only the next forward waits for them
         (wait_for_copies). Each step ends with a host sync (sampling), so today this saves the host from blocking
         on the copies rather than hiding them under a forward; reads from disk are the part that overlaps compute."""
+
         def write_all() -> None:
             for name, module_slots in self.slots.items():
                 m = weights.modules.get(name)
-                module_slots.write(slot, None if m is None else m.lora_A, None if m is None else m.lora_B,
-                                   0.0 if m is None else m.scaling)
+                module_slots.write(
+                    slot,
+                    None if m is None else m.lora_A,
+                    None if m is None else m.lora_B,
+                    0.0 if m is None else m.scaling,
+                )
 
         if self.device.type != "cuda":
             write_all()

@@ -45,8 +45,9 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
-               request_id: str) -> asyncio.Queue:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None, request_id: str
+    ) -> asyncio.Queue:
         """Queue a request (from the event loop); its outputs arrive on the returned queue.
         Raises QueueFullError, UnknownAdapterError or InputError before anything is queued."""
         if self.engine.num_waiting >= self.max_queue:

@@ -23,33 +23,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="base model folder (config.json, safetensors, tokenizer.json)")
     p.add_argument("--served-model-name", help="name of the base model in the API (default: the folder's name)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="parameter / compute dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="parameter / compute dtype (default: bfloat16 on CUDA, float32 on the CPU)",
+    )
     p.add_argument("--quantize", choices=BNB_QUANT_TYPES, help="quantize the decoder's linears to 4-bit as it loads")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="register an adapter folder under NAME; repeat for more")
-    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
-                   help="register every subfolder holding adapter_config.json, named after the subfolder")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="register an adapter folder under NAME; repeat for more",
+    )
+    p.add_argument(
+        "--adapter-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="register every subfolder holding adapter_config.json, named after the subfolder",
+    )
     p.add_argument("--max-loras", type=int, default=8, help="adapters on the device at once (default 8)")
     p.add_argument("--max-cpu-loras", type=int, default=64, help="adapters kept in host memory (default 64)")
     p.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default 64)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch at most (default 64)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024,
-                   help="tokens computed per step at most: decodes first, prefill chunks from the rest")
-    p.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV cache capacity in tokens (default: 80%% of free GPU memory, 1 GiB on the CPU)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=1024,
+        help="tokens computed per step at most: decodes first, prefill chunks from the rest",
+    )
+    p.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help="KV cache capacity in tokens (default: 80%% of free GPU memory, 1 GiB on the CPU)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
-    p.add_argument("--lora-kernel", choices=("auto", "segment", "gathered"), default="auto",
-                   help="batched LoRA path (default auto: measured per batch shape)")
+    p.add_argument(
+        "--lora-kernel",
+        choices=("auto", "segment", "gathered"),
+        default="auto",
+        help="batched LoRA path (default auto: measured per batch shape)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--runs-dir", default=None,
-                   help="write a registry file there so qlora-tui finds this server (default: $NIBBLORA_RUNS_DIR "
-                   "or ./runs when it exists)")
+    p.add_argument(
+        "--runs-dir",
+        default=None,
+        help="write a registry file there so qlora-tui finds this server (default: $NIBBLORA_RUNS_DIR "
+        "or ./runs when it exists)",
+    )
     add_threads_argument(p)
     return p
 
@@ -91,11 +120,17 @@ def build_server(args: argparse.Namespace):
     codec = TextCodec(args.model) if (Path(args.model) / "tokenizer.json").is_file() else None
     name = args.served_model_name or Path(args.model).resolve().name
     try:
-        config = EngineConfig(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-                              max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                              kv_cache_tokens=args.kv_cache_tokens, max_model_len=args.max_model_len,
-                              lora_kernel=args.lora_kernel)
+        config = EngineConfig(
+            max_loras=args.max_loras,
+            max_cpu_loras=args.max_cpu_loras,
+            max_lora_rank=args.max_lora_rank,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size,
+            kv_cache_tokens=args.kv_cache_tokens,
+            max_model_len=args.max_model_len,
+            lora_kernel=args.lora_kernel,
+        )
         engine = Engine(model, config, tokenizer=None if codec is None else codec.tokenizer, model_name=name)
     except ValueError as err:
         raise ConfigError(f"engine settings: {err}") from None

@@ -34,8 +34,15 @@ from nibblora.serve.sampling import SamplingParams, make_generator, sample_next_
 from nibblora.serve.scheduler import Scheduler, SchedulerConfig
 from nibblora.serve.sequence import Detokenizer, RequestOutput, Sequence, Status
 
-ADAPTABLE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ADAPTABLE = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
@@ -81,8 +88,9 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model: LlamaForCausalLM, config: EngineConfig | None = None, tokenizer=None,
-                 model_name: str = "base") -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, config: EngineConfig | None = None, tokenizer=None, model_name: str = "base"
+    ) -> None:
         self.config = config = config or EngineConfig()
         self.model, self.model_name = model.eval(), model_name
         self.device, self.dtype = model.device, model.dtype
@@ -92,16 +100,23 @@ class Engine:
 
         self.context = LoRAContext()
         targets, slots = self._wrap_linears(model, config)
-        self.store = AdapterStore(targets, slots, max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
-                                  max_rank=config.max_lora_rank, device=self.device)
+        self.store = AdapterStore(
+            targets,
+            slots,
+            max_loras=config.max_loras,
+            max_cpu_loras=config.max_cpu_loras,
+            max_rank=config.max_lora_rank,
+            device=self.device,
+        )
         self._probe = max(slots.values(), key=lambda s: s.lora_A.shape[2] * s.lora_Bt.shape[2], default=None)
         self.kernels = KernelChooser(config.lora_kernel)
 
         num_blocks = self._num_blocks(config)
         self.cache = PagedKVCache(model.config, num_blocks, config.block_size, self.dtype, self.device)
         self.runner = ModelRunner(model, self.cache, self.context)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
-                                   self.cache.allocator, self.store)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.cache.allocator, self.store
+        )
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -122,13 +137,16 @@ class Engine:
                 base = getattr(parent, attr)
                 name = f"model.layers.{i}.{suffix}"
                 if isinstance(base, (LoRALinear, BatchedLoRALinear)):
-                    raise InputError(f"serving engine: {name} already carries a LoRA adapter; pass the plain base "
-                                     "model and give adapters to the engine (add_adapter)")
+                    raise InputError(
+                        f"serving engine: {name} already carries a LoRA adapter; pass the plain base "
+                        "model and give adapters to the engine (add_adapter)"
+                    )
                 if not isinstance(base, (nn.Linear, NF4Linear)):
                     raise InputError(f"serving engine: {name} is a {type(base).__name__}, not a linear layer")
                 targets[name] = (base.in_features, base.out_features)
-                slots[name] = LoRASlots.empty(config.max_loras, config.max_lora_rank, base.in_features,
-                                              base.out_features, self.dtype, self.device)
+                slots[name] = LoRASlots.empty(
+                    config.max_loras, config.max_lora_rank, base.in_features, base.out_features, self.dtype, self.device
+                )
                 setattr(parent, attr, BatchedLoRALinear(base, slots[name], self.context))
         return targets, slots
 
@@ -143,8 +161,10 @@ class Engine:
                 tokens = min(CPU_KV_CACHE_BYTES // per_token, config.max_num_seqs * self.max_model_len)
         blocks = tokens // config.block_size
         if blocks * config.block_size < self.max_model_len:
-            raise InputError(f"serving engine: the KV cache holds {blocks * config.block_size} tokens, fewer than "
-                             f"one full context ({self.max_model_len}); raise kv_cache_tokens or lower max_model_len")
+            raise InputError(
+                f"serving engine: the KV cache holds {blocks * config.block_size} tokens, fewer than "
+                f"one full context ({self.max_model_len}); raise kv_cache_tokens or lower max_model_len"
+            )
         return blocks
 
     # ---- adapters (any thread) ----------------------------------------------------------------------------
@@ -161,8 +181,9 @@ class Engine:
             raise UnknownAdapterError(f"unloading adapter: no adapter named {name!r} is loaded") from None
 
     # ---- requests (any thread) ----------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None, request_id: str | None = None
+    ) -> str:
         """Queue a request; returns its id. adapter None (or the base model's name) runs the base alone.
 
         Raises UnknownAdapterError for an adapter name nobody registered, InputError for an empty prompt or one
@@ -171,19 +192,30 @@ class Engine:
         if adapter is not None and adapter != self.model_name:
             ref = self.store.lookup(adapter)
             if ref is None:
-                raise UnknownAdapterError(f"The model `{adapter}` does not exist; GET /v1/models lists the base "
-                                          "model and every loaded adapter")
+                raise UnknownAdapterError(
+                    f"The model `{adapter}` does not exist; GET /v1/models lists the base "
+                    "model and every loaded adapter"
+                )
         if not prompt_ids:
             raise InputError("prompt: the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_model_len:
-            raise InputError(f"prompt: {len(prompt_ids)} tokens leave no room to generate within the context of "
-                             f"{self.max_model_len} tokens; shorten the prompt")
+            raise InputError(
+                f"prompt: {len(prompt_ids)} tokens leave no room to generate within the context of "
+                f"{self.max_model_len} tokens; shorten the prompt"
+            )
         vocab = self.model.config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise InputError(f"prompt: token ids must be in [0, {vocab}), got {min(prompt_ids)}..{max(prompt_ids)}")
         request_id = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(request_id, list(prompt_ids), params, ref, self.max_model_len,
-                       make_generator(params, self.device), self.eos_ids)
+        seq = Sequence(
+            request_id,
+            list(prompt_ids),
+            params,
+            ref,
+            self.max_model_len,
+            make_generator(params, self.device),
+            self.eos_ids,
+        )
         with self._lock:
             self._inbox.append(seq)
         self.wakeup.set()
@@ -255,8 +287,15 @@ class Engine:
         items = []
         for seq, n in work:
             done = seq.num_computed + n
-            items.append(BatchItem(seq.all_ids[seq.num_computed : done], seq.num_computed, seq.block_table,
-                                   -1 if seq.slot is None else seq.slot, done == seq.num_tokens))
+            items.append(
+                BatchItem(
+                    seq.all_ids[seq.num_computed : done],
+                    seq.num_computed,
+                    seq.block_table,
+                    -1 if seq.slot is None else seq.slot,
+                    done == seq.num_tokens,
+                )
+            )
         lora_batch = self.runner.build_lora_batch(items)
         lora_batch.kernel = self.kernels.choose(lora_batch, self._probe)
         self._kernel_steps[lora_batch.kernel] += 1
@@ -295,19 +334,26 @@ class Engine:
         out = seq.take_output()
         now = time.monotonic()
         ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival
-        self.metrics.finished(seq.finish_reason or "abort", len(seq.prompt_ids), ttft, now - seq.arrival,
-                              len(seq.output_ids))
+        self.metrics.finished(
+            seq.finish_reason or "abort", len(seq.prompt_ids), ttft, now - seq.arrival, len(seq.output_ids)
+        )
         return out
 
     # ---- offline use -------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 adapters: list[str | None] | None = None) -> list[GenerationResult]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        adapters: list[str | None] | None = None,
+    ) -> list[GenerationResult]:
         """Run every prompt to completion (continuous batching over all of them); results in prompt order."""
         params_list = params if isinstance(params, list) else [replace(params) for _ in prompts]
         adapters = adapters or [None] * len(prompts)
         ids = [self.add_request(p, sp, a) for p, sp, a in zip(prompts, params_list, adapters, strict=True)]
-        results = {rid: GenerationResult(rid, len(p), [], "", None, [], time.monotonic(), None, 0.0)
-                   for rid, p in zip(ids, prompts, strict=True)}
+        results = {
+            rid: GenerationResult(rid, len(p), [], "", None, [], time.monotonic(), None, 0.0)
+            for rid, p in zip(ids, prompts, strict=True)
+        }
         remaining = set(ids)
         while remaining:
             for out in self.step():

@@ -43,8 +43,15 @@ class LoRASlots:
     views: list[tuple[torch.Tensor, torch.Tensor, float] | None] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, num_slots: int, max_rank: int, in_features: int, out_features: int,
-              dtype: torch.dtype, device: torch.device) -> LoRASlots:
+    def empty(
+        cls,
+        num_slots: int,
+        max_rank: int,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> LoRASlots:
         return cls(
             torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device),
             torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device),

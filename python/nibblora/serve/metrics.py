@@ -54,8 +54,9 @@ class EngineMetrics:
         self.time_per_output_token = Histogram(LATENCY_BUCKETS)
         self.request_latency = Histogram(LATENCY_BUCKETS)
 
-    def finished(self, reason: str, prompt_tokens: int, ttft: float | None, latency: float,
-                 completion_tokens: int) -> None:
+    def finished(
+        self, reason: str, prompt_tokens: int, ttft: float | None, latency: float, completion_tokens: int
+    ) -> None:
         with self.lock:
             self.requests_finished[reason] = self.requests_finished.get(reason, 0) + 1
             if ttft is not None:
@@ -72,20 +73,45 @@ class EngineMetrics:
             lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
         with self.lock:
-            finished = [f'nibblora_requests_total{{finish_reason="{r}"}} {n}'
-                        for r, n in sorted(self.requests_finished.items())]
-            metric("nibblora_requests_total", "counter", "Requests finished, by finish reason.",
-                   finished or ['nibblora_requests_total{finish_reason="stop"} 0'])
-            metric("nibblora_requests_rejected_total", "counter", "Requests refused with 429 (queue full).",
-                   [f"nibblora_requests_rejected_total {self.requests_rejected}"])
-            metric("nibblora_prompt_tokens_total", "counter", "Prompt tokens prefilled.",
-                   [f"nibblora_prompt_tokens_total {self.prompt_tokens}"])
-            metric("nibblora_generation_tokens_total", "counter", "Tokens generated.",
-                   [f"nibblora_generation_tokens_total {self.generation_tokens}"])
-            metric("nibblora_engine_steps_total", "counter", "Engine steps run.",
-                   [f"nibblora_engine_steps_total {self.steps}"])
-            metric("nibblora_preemptions_total", "counter", "Sequences preempted for KV blocks.",
-                   [f"nibblora_preemptions_total {self.preemptions}"])
+            finished = [
+                f'nibblora_requests_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.requests_finished.items())
+            ]
+            metric(
+                "nibblora_requests_total",
+                "counter",
+                "Requests finished, by finish reason.",
+                finished or ['nibblora_requests_total{finish_reason="stop"} 0'],
+            )
+            metric(
+                "nibblora_requests_rejected_total",
+                "counter",
+                "Requests refused with 429 (queue full).",
+                [f"nibblora_requests_rejected_total {self.requests_rejected}"],
+            )
+            metric(
+                "nibblora_prompt_tokens_total",
+                "counter",
+                "Prompt tokens prefilled.",
+                [f"nibblora_prompt_tokens_total {self.prompt_tokens}"],
+            )
+            metric(
+                "nibblora_generation_tokens_total",
+                "counter",
+                "Tokens generated.",
+                [f"nibblora_generation_tokens_total {self.generation_tokens}"],
+            )
+            metric(
+                "nibblora_engine_steps_total",
+                "counter",
+                "Engine steps run.",
+                [f"nibblora_engine_steps_total {self.steps}"],
+            )
+            metric(
+                "nibblora_preemptions_total",
+                "counter",
+                "Sequences preempted for KV blocks.",
+                [f"nibblora_preemptions_total {self.preemptions}"],
+            )
             for name, value in sorted(extra_counters.items()):
                 metric(name, "counter", name.removeprefix("nibblora_").replace("_", " ") + ".", [f"{name} {value:g}"])
             for name, value in sorted(gauges.items()):
@@ -94,8 +120,11 @@ class EngineMetrics:
                 ("nibblora_batch_tokens", self.batch_tokens, "Tokens per engine step."),
                 ("nibblora_batch_sequences", self.batch_seqs, "Sequences per engine step."),
                 ("nibblora_time_to_first_token_seconds", self.time_to_first_token, "Arrival to first token."),
-                ("nibblora_time_per_output_token_seconds", self.time_per_output_token,
-                 "Mean time between output tokens, per request."),
+                (
+                    "nibblora_time_per_output_token_seconds",
+                    self.time_per_output_token,
+                    "Mean time between output tokens, per request.",
+                ),
                 ("nibblora_request_latency_seconds", self.request_latency, "Arrival to last token."),
             ):
                 metric(name, "histogram", help_text, hist.lines(name))
@@ -116,8 +145,9 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return out
 
 
-def histogram_quantile(samples: dict[str, float], name: str, q: float,
-                       label_filter: Callable[[str], bool] = lambda _: True) -> float | None:
+def histogram_quantile(
+    samples: dict[str, float], name: str, q: float, label_filter: Callable[[str], bool] = lambda _: True
+) -> float | None:
     """Prometheus' histogram_quantile over `name`_bucket samples: linear within the bucket; None if empty."""
     buckets = []
     for key, value in samples.items():

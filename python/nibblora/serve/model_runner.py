@@ -85,8 +85,16 @@ class ModelRunner:
         finally:
             self.context.batch = None
 
-    def _attention(self, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                   slot_mapping: torch.Tensor, plan: _AttentionPlan) -> torch.Tensor:
+    def _attention(
+        self,
+        attn: Attention,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer: int,
+        slot_mapping: torch.Tensor,
+        plan: _AttentionPlan,
+    ) -> torch.Tensor:
         """Self-attention of the flat tokens x [1, T, hidden] against each sequence's cached history."""
         T = x.shape[1]
         heads, kv_heads, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -109,8 +117,9 @@ class ModelRunner:
             if window is not None:
                 allowed = allowed & (key_index > lengths - 1 - window)
             qd = q[0, :, rows].transpose(0, 1)[:, :, None]  # [rows, heads, 1, d]
-            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=allowed[:, None, None, :],
-                                               scale=d**-0.5, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                qd, keys, values, attn_mask=allowed[:, None, None, :], scale=d**-0.5, enable_gqa=gqa
+            )
             out[rows] = o[:, :, 0]
         for start, end, item in plan.prefill_items:
             n = end - start
@@ -119,8 +128,15 @@ class ModelRunner:
             keys, values = self.cache.gather(layer, table)
             keys, values = keys[:, :, :context], values[:, :, :context]
             mask = build_attention_mask(None, n, item.start, window, q.device)
-            o = F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=mask,
-                                               is_causal=mask is None and n > 1, scale=d**-0.5, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                q[:, :, start:end],
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=mask is None and n > 1,
+                scale=d**-0.5,
+                enable_gqa=gqa,
+            )
             out[start:end] = o[0].transpose(0, 1)
         return attn.o_proj(out.view(1, T, heads * d))
 

@@ -63,8 +63,9 @@ class UnloadAdapterRequest(BaseModel):
     lora_int_id: int | None = None
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: int | str | None = None) -> dict:
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: int | str | None = None
+) -> dict:
     """OpenAI's error object."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -78,5 +79,8 @@ def now() -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

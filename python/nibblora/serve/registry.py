@@ -21,8 +21,9 @@ class ServerRegistration:
     path: Path | None
 
     @classmethod
-    def create(cls, runs_dir: str | Path | None, host: str, port: int, model: str,
-               model_path: str) -> ServerRegistration:
+    def create(
+        cls, runs_dir: str | Path | None, host: str, port: int, model: str, model_path: str
+    ) -> ServerRegistration:
         """Write the registry file; with no runs dir (none given, no $NIBBLORA_RUNS_DIR, no ./runs) write none."""
         if runs_dir is None:
             runs_dir = os.environ.get("NIBBLORA_RUNS_DIR") or ("runs" if Path("runs").is_dir() else None)
@@ -33,8 +34,13 @@ class ServerRegistration:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{host.replace(':', '_')}_{port}.json"
             shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-            record = {"url": f"http://{shown_host}:{port}", "pid": os.getpid(), "model": model,
-                      "model_path": str(model_path), "started": time.time()}
+            record = {
+                "url": f"http://{shown_host}:{port}",
+                "pid": os.getpid(),
+                "model": model,
+                "model_path": str(model_path),
+                "started": time.time(),
+            }
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(record))
             tmp.replace(path)

@@ -72,8 +72,9 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-def sample_next_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                       generators: list[torch.Generator | None]) -> list[SampledToken]:
+def sample_next_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[SampledToken]:
     """One token per row of logits [rows, vocab] (float32), following each row's params."""
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]

@@ -41,8 +41,10 @@ class ScheduledStep:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, store: AdapterStore) -> None:
         if config.max_num_batched_tokens < config.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least "
-                             f"max_num_seqs ({config.max_num_seqs}) so every running sequence can decode each step")
+            raise ValueError(
+                f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({config.max_num_seqs}) so every running sequence can decode each step"
+            )
         self.config, self.allocator, self.store = config, allocator, store
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # adapter key -> FIFO; order = turn
         self.running: list[Sequence] = []  # in admission order

@@ -96,14 +96,16 @@ class Sequence:
         if self.params.logprobs is not None:
             self.pending_logprobs.append(token)
         if token.token_id in self.params.stop_token_ids or (
-                token.token_id in self.eos_ids and not self.params.ignore_eos):
+            token.token_id in self.eos_ids and not self.params.ignore_eos
+        ):
             self.finish_reason = "stop"
         if detok is not None:
             self.text = detok.decode(self.output_ids)
             if self.params.stop:
                 self._apply_stop_strings()
-        if self.finish_reason is None and (len(self.output_ids) >= self.params.max_tokens
-                                           or self.num_tokens >= self.max_total):
+        if self.finish_reason is None and (
+            len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_total
+        ):
             self.finish_reason = "length"
 
     def _apply_stop_strings(self) -> None:
@@ -128,7 +130,16 @@ class Sequence:
         self.emitted_chars = max(self.emitted_chars, text_end)
         new_ids = self.output_ids[self.emitted_tokens :]
         self.emitted_tokens = len(self.output_ids)
-        out = RequestOutput(self.request_id, new_ids, new_text, finished, self.finish_reason, len(self.prompt_ids),
-                            len(self.output_ids), self.pending_logprobs, self.pending_logits)
+        out = RequestOutput(
+            self.request_id,
+            new_ids,
+            new_text,
+            finished,
+            self.finish_reason,
+            len(self.prompt_ids),
+            len(self.output_ids),
+            self.pending_logprobs,
+            self.pending_logits,
+        )
         self.pending_logprobs, self.pending_logits = [], []
         return out

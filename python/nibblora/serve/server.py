@@ -49,13 +49,23 @@ def _input_error(err: InputError) -> APIError:
     """400 for bad input; the message starts with the field it is about ("prompt: ...")."""
     message = str(err)
     match = _FIELD_PREFIX.match(message)
-    param = match.group(1) if match and match.group(1) in ("prompt", "messages", "max_tokens", "stop",
-                                                             "temperature", "top_p", "top_k", "logprobs") else None
+    param = (
+        match.group(1)
+        if match
+        and match.group(1) in ("prompt", "messages", "max_tokens", "stop", "temperature", "top_p", "top_k", "logprobs")
+        else None
+    )
     return APIError(400, message, param=param)
 
 
-def create_app(async_engine: AsyncEngine, codec: TextCodec | None, *, model_name: str, model_root: str = "",
-               api_key: str | None = None) -> FastAPI:
+def create_app(
+    async_engine: AsyncEngine,
+    codec: TextCodec | None,
+    *,
+    model_name: str,
+    model_root: str = "",
+    api_key: str | None = None,
+) -> FastAPI:
     engine = async_engine.engine
 
     @asynccontextmanager
@@ -70,10 +80,17 @@ def create_app(async_engine: AsyncEngine, codec: TextCodec | None, *, model_name
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
-        if (api_key and request.url.path.startswith("/v1")
-                and request.headers.get("authorization", "") != f"Bearer {api_key}"):
-            return JSONResponse(error_body("invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                           "authentication_error", code=401), status_code=401)
+        if (
+            api_key
+            and request.url.path.startswith("/v1")
+            and request.headers.get("authorization", "") != f"Bearer {api_key}"
+        ):
+            return JSONResponse(
+                error_body(
+                    "invalid or missing API key: send 'Authorization: Bearer <key>'", "authentication_error", code=401
+                ),
+                status_code=401,
+            )
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -104,21 +121,38 @@ def create_app(async_engine: AsyncEngine, codec: TextCodec | None, *, model_name
 
     @app.get("/v1/models")
     async def models():
-        data = [{"id": model_name, "object": "model", "created": created, "owned_by": "nibblora",
-                 "root": model_root, "parent": None}]
+        data = [
+            {
+                "id": model_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "nibblora",
+                "root": model_root,
+                "parent": None,
+            }
+        ]
         for name in engine.store.names():
             ref = engine.store.lookup(name)
             if ref is not None:
-                data.append({"id": name, "object": "model", "created": created, "owned_by": "nibblora",
-                             "root": str(ref.path), "parent": model_name})
+                data.append(
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "nibblora",
+                        "root": str(ref.path),
+                        "parent": model_name,
+                    }
+                )
         return {"object": "list", "data": data}
 
     # ---- adapters ---------------------------------------------------------------------------------------
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapterRequest):
         if body.lora_name == model_name:
-            raise APIError(400, f"lora_name: {body.lora_name!r} is the base model's name; pick another",
-                           param="lora_name")
+            raise APIError(
+                400, f"lora_name: {body.lora_name!r} is the base model's name; pick another", param="lora_name"
+            )
         try:  # reading and validating the folder is disk + CPU work: off the event loop
             await asyncio.to_thread(engine.add_adapter, body.lora_name, body.lora_path)
         except AdapterError as err:
@@ -136,20 +170,35 @@ def create_app(async_engine: AsyncEngine, codec: TextCodec | None, *, model_name
     # ---- generation -------------------------------------------------------------------------------------
     def check_model(name: str) -> None:
         if name != model_name and engine.store.lookup(name) is None:
-            raise APIError(404, f"The model `{name}` does not exist; GET /v1/models lists the base model and "
-                           "every loaded adapter", "NotFoundError", "model")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist; GET /v1/models lists the base model and every loaded adapter",
+                "NotFoundError",
+                "model",
+            )
 
     def sampling_params(req, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         room = engine.max_model_len - prompt_len
         if room <= 0:
-            raise APIError(400, f"prompt: {prompt_len} tokens fill the model's context of {engine.max_model_len} "
-                           "tokens and leave no room to generate; shorten it", param=req_field(req))
+            raise APIError(
+                400,
+                f"prompt: {prompt_len} tokens fill the model's context of {engine.max_model_len} "
+                "tokens and leave no room to generate; shorten it",
+                param=req_field(req),
+            )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
-            return SamplingParams(max_tokens=min(max_tokens or room, room), temperature=req.temperature,
-                                  top_p=req.top_p, top_k=max(req.top_k, 0), seed=req.seed, stop=stops,
-                                  stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                                  logprobs=logprobs)
+            return SamplingParams(
+                max_tokens=min(max_tokens or room, room),
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=max(req.top_k, 0),
+                seed=req.seed,
+                stop=stops,
+                stop_token_ids=list(req.stop_token_ids or []),
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+            )
         except InputError as err:
             raise _input_error(err) from None
 
@@ -172,8 +221,11 @@ def create_app(async_engine: AsyncEngine, codec: TextCodec | None, *, model_name
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
-                raise APIError(400, "prompt: a list of several prompts is not supported; send one request per "
-                               "prompt", param="prompt")
+                raise APIError(
+                    400,
+                    "prompt: a list of several prompts is not supported; send one request per prompt",
+                    param="prompt",
+                )
             prompt = prompt[0]
         if isinstance(prompt, str):
             if codec is None:
@@ -207,8 +259,9 @@ def create_app(async_engine: AsyncEngine, codec: TextCodec | None, *, model_name
     async def respond(request: Request, queue: asyncio.Queue, request_id: str, formatter, req):
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(queue, request_id, formatter, include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                stream(queue, request_id, formatter, include_usage), media_type="text/event-stream"
+            )
         outputs: list[RequestOutput] = []
         try:
             while True:
@@ -289,17 +342,26 @@ class _CompletionFormat:
         for s in text:
             offsets.append(self.offset)
             self.offset += len(s)
-        return {"tokens": text, "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [{(self.codec.token_text(i) if self.codec else str(i)): lp
-                                  for i, lp in (t.top_logprobs or [])} for t in tokens],
-                "text_offset": offsets}
+        return {
+            "tokens": text,
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [
+                {(self.codec.token_text(i) if self.codec else str(i)): lp for i, lp in (t.top_logprobs or [])}
+                for t in tokens
+            ],
+            "text_offset": offsets,
+        }
 
     def opening(self) -> list[dict]:
         return []
 
     def chunk(self, out: RequestOutput) -> dict:
-        choice = {"index": 0, "text": out.new_text, "logprobs": self._logprobs([out]),
-                  "finish_reason": out.finish_reason if out.finished else None}
+        choice = {
+            "index": 0,
+            "text": out.new_text,
+            "logprobs": self._logprobs([out]),
+            "finish_reason": out.finish_reason if out.finished else None,
+        }
         return {**self._head(), "choices": [choice]}
 
     def usage_chunk(self, completion_tokens: int) -> dict:
@@ -307,8 +369,12 @@ class _CompletionFormat:
 
     def full(self, outputs: list[RequestOutput]) -> dict:
         last = outputs[-1]
-        choice = {"index": 0, "text": "".join(o.new_text for o in outputs), "logprobs": self._logprobs(outputs),
-                  "finish_reason": last.finish_reason}
+        choice = {
+            "index": 0,
+            "text": "".join(o.new_text for o in outputs),
+            "logprobs": self._logprobs(outputs),
+            "finish_reason": last.finish_reason,
+        }
         return {**self._head(), "choices": [choice], "usage": usage(self.prompt_tokens, last.completion_tokens)}
 
 
@@ -316,8 +382,12 @@ class _ChatFormat(_CompletionFormat):
     """Responses of /v1/chat/completions (objects "chat.completion" and "chat.completion.chunk")."""
 
     def _head(self, chunk: bool = False) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk" if chunk else "chat.completion",
-                "created": self.created, "model": self.model}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if chunk else "chat.completion",
+            "created": self.created,
+            "model": self.model,
+        }
 
     def _logprobs(self, outputs: list[RequestOutput]) -> dict | None:
         tokens = [t for out in outputs for t in out.logprobs]
@@ -328,8 +398,12 @@ class _ChatFormat(_CompletionFormat):
             text = self.codec.token_text(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-        return {"content": [{**entry(t.token_id, t.logprob),
-                             "top_logprobs": [entry(i, lp) for i, lp in (t.top_logprobs or [])]} for t in tokens]}
+        return {
+            "content": [
+                {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in (t.top_logprobs or [])]}
+                for t in tokens
+            ]
+        }
 
     def opening(self) -> list[dict]:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -337,8 +411,12 @@ class _ChatFormat(_CompletionFormat):
 
     def chunk(self, out: RequestOutput) -> dict:
         delta = {"content": out.new_text} if out.new_text else {}
-        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs([out]),
-                  "finish_reason": out.finish_reason if out.finished else None}
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": self._logprobs([out]),
+            "finish_reason": out.finish_reason if out.finished else None,
+        }
         return {**self._head(True), "choices": [choice]}
 
     def usage_chunk(self, completion_tokens: int) -> dict:
@@ -347,6 +425,10 @@ class _ChatFormat(_CompletionFormat):
     def full(self, outputs: list[RequestOutput]) -> dict:
         last = outputs[-1]
         message = {"role": "assistant", "content": "".join(o.new_text for o in outputs)}
-        choice = {"index": 0, "message": message, "logprobs": self._logprobs(outputs),
-                  "finish_reason": last.finish_reason}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": self._logprobs(outputs),
+            "finish_reason": last.finish_reason,
+        }
         return {**self._head(), "choices": [choice], "usage": usage(self.prompt_tokens, last.completion_tokens)}

@@ -37,11 +37,15 @@ class TextCodec:
                 try:
                     encoder = ConversationEncoder(self.folder)
                 except DataError as err:
-                    raise InputError(f"messages: this model has no usable chat template ({err}); use "
-                                     "/v1/completions with a prompt instead") from None
+                    raise InputError(
+                        f"messages: this model has no usable chat template ({err}); use "
+                        "/v1/completions with a prompt instead"
+                    ) from None
                 if encoder.template.source is None:
-                    raise InputError(f"messages: {self.folder} has no chat template (no chat_template.jinja, none "
-                                     "in tokenizer_config.json); use /v1/completions with a prompt instead")
+                    raise InputError(
+                        f"messages: {self.folder} has no chat template (no chat_template.jinja, none "
+                        "in tokenizer_config.json); use /v1/completions with a prompt instead"
+                    )
                 self._chat = encoder
             return self._chat
 

@@ -8,8 +8,8 @@ Each run records itself in <output_dir>/runs.sqlite (see nibblora.runs) and chec
 <output_dir>/checkpoints/; running the same config again resumes from the newest checkpoint.
 """
 
-from nibblora.train.config import ConfigError, TrainConfig, config_from_dict, load_config
 from nibblora._lazy import lazy_exports
+from nibblora.train.config import ConfigError, TrainConfig, config_from_dict, load_config
 
 # torch loads with the first heavy name used (tests/test_startup.py holds it).
 __getattr__, __dir__ = lazy_exports(

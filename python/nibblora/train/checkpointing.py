@@ -34,11 +34,11 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
+from nibblora.checkpoint.names import SINGLE_FILE
 from nibblora.errors import CheckpointError, OutputError
 from nibblora.lora import load_adapter, lora_modules, save_adapter
 from nibblora.train.distributed import DistInfo, barrier
 from nibblora.train.state_files import load_state, save_state, state_paths
-from nibblora.checkpoint.names import SINGLE_FILE
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -87,14 +87,20 @@ def checkpoint_step(directory: Path) -> int:
 
 # ---- random state -------------------------------------------------------------------------------------------
 
+
 def rng_state() -> dict[str, Any]:
     """This process's random state: torch CPU (and CUDA), Python's and NumPy's global generators."""
     algorithm, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"algorithm": algorithm, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
+        "numpy": {
+            "algorithm": algorithm,
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -108,16 +114,25 @@ def set_rng_state(state: Any, source: Path) -> None:
         torch.set_rng_state(state["torch"])
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
-        np.random.set_state((numpy_state["algorithm"], np.asarray(numpy_state["keys"], dtype=np.uint32),
-                             numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        np.random.set_state(
+            (
+                numpy_state["algorithm"],
+                np.asarray(numpy_state["keys"], dtype=np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"reading random state: {source} does not hold a random state ({err}); the "
-                              "checkpoint is damaged") from None
+        raise CheckpointError(
+            f"reading random state: {source} does not hold a random state ({err}); the checkpoint is damaged"
+        ) from None
 
 
 # ---- weights ------------------------------------------------------------------------------------------------
+
 
 def save_weights(model: nn.Module, directory: Path, mode: str, base_model_path: str) -> None:
     """The trained weights into `directory`: the full model as a loadable HF checkpoint (model.safetensors +
@@ -135,8 +150,11 @@ def save_weights(model: nn.Module, directory: Path, mode: str, base_model_path: 
 
         save_method(model, directory, base_model_name_or_path=base_model_path)
         # Every trainable parameter by name, for resume: peft's file lacks some (prefix tuning's MLP).
-        save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()},
-                  str(directory / TRAINABLE_WEIGHTS), metadata={"format": "pt"})
+        save_file(
+            {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()},
+            str(directory / TRAINABLE_WEIGHTS),
+            metadata={"format": "pt"},
+        )
     else:
         save_adapter(model, directory, base_model_name_or_path=base_model_path)
 
@@ -153,14 +171,18 @@ def _load_trainable_in_place(model: nn.Module, adapter_dir: Path) -> None:
     params = trainable_parameters(model)
     if set(saved) != set(params):
         extra, missing = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
-        raise CheckpointError(f"reading checkpoint {path}: it holds other parameters than this run trains (only in "
-                              f"the checkpoint: {extra[:3]}, only in the model: {missing[:3]}); did train.mode or "
-                              "its section change? Set it back, or start afresh with checkpoint.resume = false")
+        raise CheckpointError(
+            f"reading checkpoint {path}: it holds other parameters than this run trains (only in "
+            f"the checkpoint: {extra[:3]}, only in the model: {missing[:3]}); did train.mode or "
+            "its section change? Set it back, or start afresh with checkpoint.resume = false"
+        )
     with torch.no_grad():
         for name, p in params.items():
             if saved[name].shape != p.shape:
-                raise CheckpointError(f"reading checkpoint {path}: {name} has shape {list(saved[name].shape)}, the "
-                                      f"model's is {list(p.shape)}; did the method's section change?")
+                raise CheckpointError(
+                    f"reading checkpoint {path}: {name} has shape {list(saved[name].shape)}, the "
+                    f"model's is {list(p.shape)}; did the method's section change?"
+                )
             p.copy_(saved[name])
 
 
@@ -173,8 +195,10 @@ def load_weights(model: nn.Module, directory: Path, mode: str) -> None:
             load_safetensors_model(model, str(directory / FULL_WEIGHTS))
         except (SafetensorError, RuntimeError, OSError) as err:
             first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CheckpointError(f"reading checkpoint {directory}: {FULL_WEIGHTS} does not fit this model "
-                                  f"({first_line}); did model.path change since the checkpoint?") from None
+            raise CheckpointError(
+                f"reading checkpoint {directory}: {FULL_WEIGHTS} does not fit this model "
+                f"({first_line}); did model.path change since the checkpoint?"
+            ) from None
         return
     if mode in METHOD_MODES:
         _load_trainable_in_place(model, directory / ADAPTER_DIR)
@@ -198,7 +222,8 @@ def _load_adapter_in_place(model: nn.Module, adapter_dir: Path) -> None:
             raise CheckpointError(
                 f"reading checkpoint adapter {adapter_dir}: it adapts other modules than lora.target_modules "
                 f"selects (only in the checkpoint: {extra[:3]}, only in the config: {missing[:3]}); set "
-                "lora.target_modules back, or start afresh with checkpoint.resume = false")
+                "lora.target_modules back, or start afresh with checkpoint.resume = false"
+            )
         with torch.no_grad():
             for name, module in current.items():
                 source, target = module.adapters[_LOADING_ADAPTER], module.adapters["default"]
@@ -207,7 +232,8 @@ def _load_adapter_in_place(model: nn.Module, adapter_dir: Path) -> None:
                         raise CheckpointError(
                             f"reading checkpoint adapter {adapter_dir}: {name} was trained with lora.{attr} = "
                             f"{getattr(source, attr)!r} but the config says {getattr(target, attr)!r}; set it back, "
-                            "or start afresh with checkpoint.resume = false")
+                            "or start afresh with checkpoint.resume = false"
+                        )
                 target.lora_A.copy_(source.lora_A)
                 target.lora_B.copy_(source.lora_B)
     finally:
@@ -220,6 +246,7 @@ def _load_adapter_in_place(model: nn.Module, adapter_dir: Path) -> None:
 
 
 # ---- manifest -----------------------------------------------------------------------------------------------
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -249,7 +276,8 @@ def verify_checkpoint(directory: Path, mode: str) -> None:
             raise LegacyCheckpointError(
                 f"checkpoint {directory} was written by an older nibblora: its {LEGACY_STATE} is a pickle, which "
                 "could run code when loaded, so it is not loaded; move the checkpoints folder away (or delete it) "
-                "to train from the start, or set checkpoint.resume = false")
+                "to train from the start, or set checkpoint.resume = false"
+            )
         raise CheckpointError(f"{MANIFEST} is missing")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -307,6 +335,7 @@ def find_resume_checkpoint(output_dir: Path, mode: str) -> ResumePoint:
 
 # ---- writing and reading ------------------------------------------------------------------------------------
 
+
 def _fsync_tree(directory: Path) -> None:
     for path in directory.rglob("*"):
         if path.is_file():
@@ -319,8 +348,16 @@ def _fsync_tree(directory: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(output_dir: Path, step: int, model: nn.Module, trainer_state: dict, mode: str,
-                    base_model_path: str, info: DistInfo, keep_last: int) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    model: nn.Module,
+    trainer_state: dict,
+    mode: str,
+    base_model_path: str,
+    info: DistInfo,
+    keep_last: int,
+) -> Path:
     """Write checkpoint `step` atomically (every rank calls this: each adds its random state). Returns its path."""
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step-{step:08d}"
@@ -340,8 +377,10 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, trainer_state
             _fsync_tree(tmp)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise OutputError(f"writing checkpoint {final}: {err.strerror or err}; the earlier checkpoints are "
-                              "kept (free some space, then run the same command to resume)") from None
+            raise OutputError(
+                f"writing checkpoint {final}: {err.strerror or err}; the earlier checkpoints are "
+                "kept (free some space, then run the same command to resume)"
+            ) from None
         if final.exists():  # the same step saved before a crash (or found damaged) and now again
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -379,4 +418,3 @@ def load_checkpoint(directory: Path, model: nn.Module, mode: str, info: DistInfo
     load_weights(model, directory, mode)
     set_rng_state(rng, state_paths(stem)[0])
     return state
-

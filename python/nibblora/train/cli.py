@@ -17,8 +17,14 @@ def build_parser() -> argparse.ArgumentParser:
         "docs/training.md. Run under `torchrun --nproc-per-node N -m nibblora.train ...` for DDP.",
     )
     parser.add_argument("config", help="the TOML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value, e.g. --set train.lr=1e-4 --set lora.target_modules='[\"q_proj\"]'")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set train.lr=1e-4 --set lora.target_modules='[\"q_proj\"]'",
+    )
     parser.add_argument("--quiet", action="store_true", help="no log lines on stdout (the run store still has them)")
     return parser
 
@@ -44,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nibblora.train: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("nibblora.train: interrupted; resume from the last checkpoint by running the same command",
-              file=sys.stderr)
+        print(
+            "nibblora.train: interrupted; resume from the last checkpoint by running the same command", file=sys.stderr
+        )
         return 130
     if result.weights_dir is not None:
         print(f"nibblora.train: {result.status} at step {result.step}; weights in {result.weights_dir}")

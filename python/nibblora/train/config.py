@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nibblora.dtypes import COMPUTE_DTYPE_NAMES
 from nibblora.errors import ConfigError
 from nibblora.quant.names import BNB_QUANT_TYPES
-from nibblora.dtypes import COMPUTE_DTYPE_NAMES
 
 MODES = ("full", "lora", "qlora", "dora", "ia3", "prompt", "prefix", "adapter")
 PROMPT_INITS = ("random", "sample_vocab", "text")
@@ -124,8 +124,9 @@ class TrainSection:
     grad_accum: int = option(4, ge=1)  # micro-batches per optimizer step (per device)
     max_grad_norm: float = option(0.3, ge=0)  # clip the global gradient norm (0: no clipping)
     seed: int = option(42, ge=0, le=2**32 - 1)
-    device: str = option("auto", pattern=r"auto|cpu|cuda(:\d{1,3})?",
-                         expected="auto, cpu, cuda or cuda:N")  # torchrun: each rank takes cuda:LOCAL_RANK
+    device: str = option(
+        "auto", pattern=r"auto|cpu|cuda(:\d{1,3})?", expected="auto, cpu, cuda or cuda:N"
+    )  # torchrun: each rank takes cuda:LOCAL_RANK
     paged_optimizer: bool = option(False)  # Adam states in pinned host memory, paged to the GPU for each step
     log_every: int = option(1, ge=1)
     threads: int = option(0, ge=0, le=4096)  # torch CPU threads; 0: OMP_NUM_THREADS, else the CPUs / local ranks
@@ -182,29 +183,34 @@ class TrainConfig:
             try:
                 re.compile(targets)
             except re.error as err:
-                raise ConfigError(f"lora.target_modules: {targets!r} is neither 'all-linear' nor a valid regular "
-                                  f"expression ({err})") from None
+                raise ConfigError(
+                    f"lora.target_modules: {targets!r} is neither 'all-linear' nor a valid regular expression ({err})"
+                ) from None
         self._validate_methods()
         for name, path in self.data.eval.items():
             if not name or not path:
                 raise ConfigError(f"data.eval: each entry needs a name and a dataset path, got {name!r} = {path!r}")
         if self.data.batch_size * self.train.grad_accum > MAX_ROWS_PER_STEP:
-            raise ConfigError(f"data.batch_size x train.grad_accum is {self.data.batch_size * self.train.grad_accum:,} "
-                              f"rows per step per device; at most {MAX_ROWS_PER_STEP:,} are allowed")
-
+            raise ConfigError(
+                f"data.batch_size x train.grad_accum is {self.data.batch_size * self.train.grad_accum:,} "
+                f"rows per step per device; at most {MAX_ROWS_PER_STEP:,} are allowed"
+            )
 
     def _validate_methods(self) -> None:
         """The rules that tie a method's section to train.mode and the model."""
         mode = self.train.mode
         if self.model.load_in_4bit and mode == "full":
-            raise ConfigError("model.load_in_4bit: full fine-tuning trains every weight, which a 4-bit base cannot "
-                              "hold; use an adapter mode (qlora, dora, ia3, ...) or set load_in_4bit = false")
+            raise ConfigError(
+                "model.load_in_4bit: full fine-tuning trains every weight, which a 4-bit base cannot "
+                "hold; use an adapter mode (qlora, dora, ia3, ...) or set load_in_4bit = false"
+            )
         bad_ids = [i for i in self.prompt.init_token_ids if not 0 <= i <= INT_MAX]
         if bad_ids:
             raise ConfigError(f"prompt.init_token_ids: {_show(bad_ids[:3])} are not token ids (0 .. {INT_MAX})")
         if mode == "prompt" and self.prompt.init == "text" and not self.prompt.init_token_ids:
-            raise ConfigError("prompt.init_token_ids: prompt.init = 'text' needs the tokenized init text "
-                              "(a list of token ids)")
+            raise ConfigError(
+                "prompt.init_token_ids: prompt.init = 'text' needs the tokenized init text (a list of token ids)"
+            )
         for key in ("target_modules", "feedforward_modules"):
             value = getattr(self.ia3, key)
             if isinstance(value, str):
@@ -214,8 +220,10 @@ class TrainConfig:
                     raise ConfigError(f"ia3.{key}: {value!r} is not a valid regular expression ({err})") from None
         ff, targets = self.ia3.feedforward_modules, self.ia3.target_modules
         if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
-            raise ConfigError(f"ia3.feedforward_modules: {sorted(set(ff) - set(targets))} are not in "
-                              "ia3.target_modules; feed-forward modules are a subset of the targets")
+            raise ConfigError(
+                f"ia3.feedforward_modules: {sorted(set(ff) - set(targets))} are not in "
+                "ia3.target_modules; feed-forward modules are a subset of the targets"
+            )
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -288,8 +296,12 @@ def _check(value: Any, f: dataclasses.Field, key: str, hint: Any) -> Any:
         raise ConfigError(f"{key} must be one of {', '.join(rule.choices)}, got {_show(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         upper = INT_MAX if isinstance(value, int) and rule.le is None else rule.le
-        for bound, fails, text in ((rule.ge, lambda v, b: v < b, ">="), (rule.gt, lambda v, b: v <= b, ">"),
-                                   (upper, lambda v, b: v > b, "<="), (rule.lt, lambda v, b: v >= b, "<")):
+        for bound, fails, text in (
+            (rule.ge, lambda v, b: v < b, ">="),
+            (rule.gt, lambda v, b: v <= b, ">"),
+            (upper, lambda v, b: v > b, "<="),
+            (rule.lt, lambda v, b: v >= b, "<"),
+        ):
             if bound is not None and fails(value, bound):
                 shown = int(bound) if float(bound).is_integer() else bound
                 raise ConfigError(f"{key} must be {text} {shown}, got {_show(value)}")

@@ -78,8 +78,9 @@ def _ids(value: object, key: str, where: str) -> torch.Tensor:
         value = torch.from_numpy(value)
     if isinstance(value, torch.Tensor):
         if value.ndim != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise DataError(f"{where}: {key} must be a 1-D integer tensor, got {value.dtype} of shape "
-                            f"{list(value.shape)}")
+            raise DataError(
+                f"{where}: {key} must be a 1-D integer tensor, got {value.dtype} of shape {list(value.shape)}"
+            )
         return value.to(torch.long)
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise DataError(f"{where}: {key} must be a list of integers")
@@ -125,8 +126,9 @@ def pad_collate(rows: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) 
     return batch
 
 
-def check_token_ids(batch: dict[str, torch.Tensor], vocab_size: int, rows: Sequence[int],
-                    what: str = "training row") -> None:
+def check_token_ids(
+    batch: dict[str, torch.Tensor], vocab_size: int, rows: Sequence[int], what: str = "training row"
+) -> None:
     """DataError naming the row when an id is outside the vocabulary (the embedding lookup would fail, on a GPU
     with a device-side assert that ends the process): input_ids in [0, vocab_size), labels there or -100."""
     ids, labels = batch["input_ids"], batch["labels"]
@@ -135,8 +137,10 @@ def check_token_ids(batch: dict[str, torch.Tensor], vocab_size: int, rows: Seque
     for name, bad, values in (("input_ids", bad_ids, ids), ("labels", bad_labels, labels)):
         if bool(bad.any()):
             i, j = (int(x) for x in bad.nonzero()[0])
-            raise DataError(f"{what} {rows[i]}: {name} holds {int(values[i, j])} at position {j}, outside the "
-                            f"model's vocabulary (vocab_size {vocab_size}); was the data tokenized for another model?")
+            raise DataError(
+                f"{what} {rows[i]}: {name} holds {int(values[i, j])} at position {j}, outside the "
+                f"model's vocabulary (vocab_size {vocab_size}); was the data tokenized for another model?"
+            )
 
 
 def index_stream(num_rows: int, seed: int, start: int) -> Iterator[int]:
@@ -149,8 +153,9 @@ def index_stream(num_rows: int, seed: int, start: int) -> Iterator[int]:
         epoch, offset = epoch + 1, 0
 
 
-def step_micro_batches(dataset: TokenizedDataset, step: int, batch_size: int, grad_accum: int, world_size: int,
-                       rank: int, seed: int) -> list[list[int]]:
+def step_micro_batches(
+    dataset: TokenizedDataset, step: int, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int
+) -> list[list[int]]:
     """Row indices of this rank's micro-batches for optimizer step `step` (0-based).
 
     A step consumes global_batch = batch_size * grad_accum * world_size consecutive stream positions; micro-batch
@@ -163,17 +168,18 @@ def step_micro_batches(dataset: TokenizedDataset, step: int, batch_size: int, gr
     micro = []
     for j in range(grad_accum):
         begin = (j * world_size + rank) * batch_size
-        micro.append(positions[begin:begin + batch_size])
+        micro.append(positions[begin : begin + batch_size])
     return micro
 
 
-def eval_batches(dataset: TokenizedDataset, batch_size: int, max_batches: int = 0,
-                 rank: int = 0, world_size: int = 1) -> Iterator[list[int]]:
+def eval_batches(
+    dataset: TokenizedDataset, batch_size: int, max_batches: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[list[int]]:
     """Row indices of the eval batches this rank computes, in order (rows split round-robin across ranks)."""
     indices = list(range(rank, len(dataset), world_size))
     count = 0
     for begin in range(0, len(indices), batch_size):
         if max_batches and count >= max_batches:
             return
-        yield indices[begin:begin + batch_size]
+        yield indices[begin : begin + batch_size]
         count += 1

@@ -42,7 +42,8 @@ def lock_run_folder(output_dir: str | Path) -> Iterator[Path]:
             holder = holder or "unknown: it has not written it yet"
             raise OutputDirInUseError(
                 f"output_dir {output_dir} is in use by another trainer (pid {holder}); wait for it to finish, stop "
-                "it (nibblora.runs.request_stop), or choose another output_dir") from None
+                "it (nibblora.runs.request_stop), or choose another output_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield path

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from nibblora.checkpoint import atomic_output_dir
 from nibblora.errors import NibbloraError
 from nibblora.memory import estimate_memory
-from nibblora.checkpoint import atomic_output_dir
 from nibblora.runs import RunWriter
 from nibblora.train.checkpointing import (
     latest_checkpoint,
@@ -110,8 +110,13 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def train(config: TrainConfig, train_dataset: TokenizedDataset | None = None,
-          eval_datasets: dict[str, TokenizedDataset] | None = None, *, quiet: bool = False) -> TrainResult:
+def train(
+    config: TrainConfig,
+    train_dataset: TokenizedDataset | None = None,
+    eval_datasets: dict[str, TokenizedDataset] | None = None,
+    *,
+    quiet: bool = False,
+) -> TrainResult:
     """Fine-tune as `config` says; datasets given here replace data.train / data.eval. Resumes from the newest
     intact checkpoint in output_dir when checkpoint.resume is on. Run under torchrun for DDP.
 
@@ -125,16 +130,26 @@ def train(config: TrainConfig, train_dataset: TokenizedDataset | None = None,
             if info.is_main:
                 held.enter_context(lock_run_folder(output_dir))
                 run_name = config.run_name or output_dir.name
-                writer = RunWriter.open(output_dir, run_id=run_name, name=run_name, config=config.to_dict(),
-                                        total_steps=config.train.max_steps)
+                writer = RunWriter.open(
+                    output_dir,
+                    run_id=run_name,
+                    name=run_name,
+                    config=config.to_dict(),
+                    total_steps=config.train.max_steps,
+                )
             return _train_recorded(config, train_dataset, eval_datasets, writer, _Logger(writer, quiet), info)
     finally:
         shutdown(info)
 
 
-def _train_recorded(config: TrainConfig, train_dataset: TokenizedDataset | None,
-                    eval_datasets: dict[str, TokenizedDataset] | None, writer: RunWriter | None, log: _Logger,
-                    info: DistInfo) -> TrainResult:
+def _train_recorded(
+    config: TrainConfig,
+    train_dataset: TokenizedDataset | None,
+    eval_datasets: dict[str, TokenizedDataset] | None,
+    writer: RunWriter | None,
+    log: _Logger,
+    info: DistInfo,
+) -> TrainResult:
     """Train, and end the run store's record as finished, stopped or failed whatever happens."""
     result = TrainResult(Path(config.output_dir), "finished", 0)
     try:
@@ -156,8 +171,9 @@ def _train_recorded(config: TrainConfig, train_dataset: TokenizedDataset | None,
         raise
 
 
-def run_steps(setup: TrainingSetup, result: TrainResult, writer: RunWriter | None, log: _Logger,
-              stop_signal: _StopSignal) -> None:
+def run_steps(
+    setup: TrainingSetup, result: TrainResult, writer: RunWriter | None, log: _Logger, stop_signal: _StopSignal
+) -> None:
     """The step loop, from setup.start_step to train.max_steps (or a stop request), filling `result` as it goes;
     then the final export."""
     config, info, tc = setup.config, setup.info, setup.config.train
@@ -200,44 +216,72 @@ def run_steps(setup: TrainingSetup, result: TrainResult, writer: RunWriter | Non
 
 def _step_metrics(setup: TrainingSetup, out: StepOutput, seconds: float, longest_seen: int) -> dict[str, float]:
     config = setup.config
-    metrics: dict[str, float] = {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
-                                 "tokens_per_s": out.tokens / seconds, "supervised_tokens": out.supervised_tokens,
-                                 **setup.meter.read()}
+    metrics: dict[str, float] = {
+        "loss": out.loss,
+        "lr": out.lr,
+        "grad_norm": out.grad_norm,
+        "tokens_per_s": out.tokens / seconds,
+        "supervised_tokens": out.supervised_tokens,
+        **setup.meter.read(),
+    }
     if config.train.mode not in ESTIMATED_MODES:
         return metrics  # the memory calculator models full, LoRA and QLoRA only
     estimate = estimate_memory(
-        setup.model.config, config.train.mode, batch_size=config.data.batch_size, seq_len=longest_seen,
-        r=config.lora.r, target_modules=config.lora.target_modules, dtype=config.model.dtype,
-        gradient_checkpointing=config.model.gradient_checkpointing, mixed_precision=False,
-        paged_optimizer=setup.paged.active, double_quant=config.model.double_quant,
-        device="cuda" if setup.info.device.type == "cuda" else "cpu")
+        setup.model.config,
+        config.train.mode,
+        batch_size=config.data.batch_size,
+        seq_len=longest_seen,
+        r=config.lora.r,
+        target_modules=config.lora.target_modules,
+        dtype=config.model.dtype,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        mixed_precision=False,
+        paged_optimizer=setup.paged.active,
+        double_quant=config.model.double_quant,
+        device="cuda" if setup.info.device.type == "cuda" else "cpu",
+    )
     metrics["mem_estimate_bytes"] = estimate.total_bytes
     return metrics
 
 
 def _step_line(step: int, max_steps: int, out: StepOutput, metrics: dict[str, float]) -> str:
     evals = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") and k.endswith("_loss"))
-    return (f"step {step}/{max_steps} loss {out.loss:.4f} lr {out.lr:.2e} grad_norm {out.grad_norm:.3f} "
-            f"{metrics['tokens_per_s']:.0f} tok/s{evals}")
+    return (
+        f"step {step}/{max_steps} loss {out.loss:.4f} lr {out.lr:.2e} grad_norm {out.grad_norm:.3f} "
+        f"{metrics['tokens_per_s']:.0f} tok/s{evals}"
+    )
 
 
-def _non_finite(setup: TrainingSetup, out: StepOutput, step: int, metrics: dict[str, float],
-                writer: RunWriter | None, log: _Logger, result: TrainResult) -> None:
+def _non_finite(
+    setup: TrainingSetup,
+    out: StepOutput,
+    step: int,
+    metrics: dict[str, float],
+    writer: RunWriter | None,
+    log: _Logger,
+    result: TrainResult,
+) -> None:
     """A step whose loss or gradient norm was NaN / inf: recorded, then skipped or the run stopped (nan_policy)."""
-    what = (f"loss became {_show(out.loss)}" if not math.isfinite(out.loss)
-            else f"the gradient norm became {_show(out.grad_norm)}")
+    what = (
+        f"loss became {_show(out.loss)}"
+        if not math.isfinite(out.loss)
+        else f"the gradient norm became {_show(out.grad_norm)}"
+    )
     if setup.config.train.nan_policy == "skip":
         result.skipped_steps.append(step)
-        log(f"{what} at step {step}; skipped the step (train.nan_policy = \"skip\"): the weights are unchanged",
-            "warning")
+        log(
+            f'{what} at step {step}; skipped the step (train.nan_policy = "skip"): the weights are unchanged', "warning"
+        )
         log.event("skipped_step", f"{what} at step {step}; update skipped", step, None)
         return
     if writer is not None:
         writer.log_metrics(step, metrics)
     last = latest_checkpoint(setup.config.output_dir)
     kept = f"the last checkpoint, {last.name}, is kept" if last is not None else "no checkpoint was written yet"
-    raise NonFiniteLossError(f"{what} at step {step}; stopped without applying that update ({kept}); lower train.lr, "
-                             "check the data, or set train.nan_policy = \"skip\" to skip such steps")
+    raise NonFiniteLossError(
+        f"{what} at step {step}; stopped without applying that update ({kept}); lower train.lr, "
+        'check the data, or set train.nan_policy = "skip" to skip such steps'
+    )
 
 
 def _show(value: float) -> str:
@@ -250,8 +294,15 @@ def run_evals(setup: TrainingSetup) -> dict[str, float]:
     batch_size = config.eval.batch_size or config.data.batch_size
     metrics: dict[str, float] = {}
     for name, dataset in setup.eval_datasets.items():
-        loss, tokens = evaluate(setup.model, dataset, batch_size, config.eval.max_batches, config.data.pad_token_id,
-                                setup.info, setup.autocast)
+        loss, tokens = evaluate(
+            setup.model,
+            dataset,
+            batch_size,
+            config.eval.max_batches,
+            config.data.pad_token_id,
+            setup.info,
+            setup.autocast,
+        )
         metrics[f"eval_{name}_loss"] = loss
         metrics[f"eval_{name}_tokens"] = tokens
     return metrics
@@ -261,12 +312,26 @@ def write_checkpoint(setup: TrainingSetup, step: int, writer: RunWriter | None) 
     """Checkpoint `step`: weights, the trainer state (JSON + safetensors) and every rank's random state."""
     config, info = setup.config, setup.info
     global_batch = config.data.batch_size * config.train.grad_accum * info.world_size
-    state = {"step": step, "world_size": info.world_size, "global_batch": global_batch,
-             "samples_seen": step * global_batch, "seed": config.train.seed,
-             "optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
-             "scaler": setup.scaler.state_dict()}
-    path = save_checkpoint(Path(config.output_dir), step, setup.model, state, config.train.mode, config.model.path,
-                           info, config.checkpoint.keep_last)
+    state = {
+        "step": step,
+        "world_size": info.world_size,
+        "global_batch": global_batch,
+        "samples_seen": step * global_batch,
+        "seed": config.train.seed,
+        "optimizer": setup.optimizer.state_dict(),
+        "scheduler": setup.scheduler.state_dict(),
+        "scaler": setup.scaler.state_dict(),
+    }
+    path = save_checkpoint(
+        Path(config.output_dir),
+        step,
+        setup.model,
+        state,
+        config.train.mode,
+        config.model.path,
+        info,
+        config.checkpoint.keep_last,
+    )
     if writer is not None:
         writer.event("checkpoint", f"checkpoint at step {step}", step, {"path": str(path)})
     return path
@@ -290,4 +355,3 @@ def export_weights(config: TrainConfig, model: nn.Module) -> Path:
     with atomic_output_dir(final) as tmp, torch.no_grad():
         save_weights(model, tmp, config.train.mode, config.model.path)
     return final
-

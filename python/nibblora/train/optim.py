@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay) over the parameters that require grad.
 
     Decay applies to matrices only: biases and norm weights (1-D) are never decayed, as in most recipes.
@@ -46,10 +47,12 @@ def lr_multiplier(step: int, max_steps: int, warmup_steps: int, schedule: str, m
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int, schedule: str,
-                    min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, max_steps, warmup_steps, schedule, min_lr_ratio))
+        optimizer, lambda step: lr_multiplier(step, max_steps, warmup_steps, schedule, min_lr_ratio)
+    )
 
 
 class PagedOptimizerStates:
@@ -63,8 +66,9 @@ class PagedOptimizerStates:
     step and nothing moves. `pin` can be turned off to exercise the paging logic without a GPU.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, *, force: bool = False,
-                 pin: bool | None = None):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, device: torch.device, *, force: bool = False, pin: bool | None = None
+    ):
         self.optimizer = optimizer
         self.device = torch.device(device)
         self.active = force or self.device.type != "cpu"

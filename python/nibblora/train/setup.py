@@ -21,10 +21,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from nibblora.dtypes import compute_dtype
 from nibblora.errors import CheckpointError, ConfigError
 from nibblora.lora import inject_lora
 from nibblora.memory import MemoryMeter
 from nibblora.models import load_model
+from nibblora.threads import apply_threads
 from nibblora.train.checkpointing import (
     CHECKPOINTS,
     checkpoint_step,
@@ -35,9 +37,6 @@ from nibblora.train.config import TrainConfig
 from nibblora.train.data import TokenizedDataset, open_dataset
 from nibblora.train.distributed import DistInfo, broadcast_int
 from nibblora.train.optim import PagedOptimizerStates, build_optimizer, build_scheduler
-from nibblora.threads import apply_threads
-from nibblora.dtypes import compute_dtype
-
 
 # log(message, level) -> None: the run's logger (rank 0 writes; other ranks' calls do nothing).
 Log = Callable[..., None]
@@ -87,16 +86,27 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, i
     dtype = compute_dtype(config.model.dtype)
     four_bit = mode == "qlora" or (mode != "full" and config.model.load_in_4bit)
     quantize = config.model.quant_type if four_bit else None
-    model = load_model(config.model.path, dtype=dtype, quantize=quantize, device=device,
-                       double_quant=config.model.double_quant,
-                       gradient_checkpointing=config.model.gradient_checkpointing)
+    model = load_model(
+        config.model.path,
+        dtype=dtype,
+        quantize=quantize,
+        device=device,
+        double_quant=config.model.double_quant,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+    )
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     elif mode in ("lora", "qlora"):
         targets = config.lora.target_modules
-        inject_lora(model, targets if isinstance(targets, str) else list(targets), r=config.lora.r,
-                    alpha=config.lora.alpha, dropout=config.lora.dropout, rslora=config.lora.rslora)
+        inject_lora(
+            model,
+            targets if isinstance(targets, str) else list(targets),
+            r=config.lora.r,
+            alpha=config.lora.alpha,
+            dropout=config.lora.dropout,
+            rslora=config.lora.rslora,
+        )
     else:
         inject_method(model, config)
     model.train()
@@ -111,17 +121,28 @@ def inject_method(model: nn.Module, config: TrainConfig) -> None:
     listed = lambda v: v if isinstance(v, str) else list(v)  # noqa: E731
     seed = config.train.seed
     if mode == "dora":
-        methods.inject_dora(model, listed(config.lora.target_modules), r=config.lora.r, alpha=config.lora.alpha,
-                            dropout=config.lora.dropout, rslora=config.lora.rslora)
+        methods.inject_dora(
+            model,
+            listed(config.lora.target_modules),
+            r=config.lora.r,
+            alpha=config.lora.alpha,
+            dropout=config.lora.dropout,
+            rslora=config.lora.rslora,
+        )
     elif mode == "ia3":
         methods.inject_ia3(model, listed(config.ia3.target_modules), listed(config.ia3.feedforward_modules))
     elif mode == "prompt":
         p = config.prompt
-        methods.inject_prompt_tuning(model, p.num_virtual_tokens, init=p.init, init_token_ids=p.init_token_ids or None,
-                                     seed=seed)
+        methods.inject_prompt_tuning(
+            model, p.num_virtual_tokens, init=p.init, init_token_ids=p.init_token_ids or None, seed=seed
+        )
     elif mode == "prefix":
-        methods.inject_prefix_tuning(model, config.prefix.num_virtual_tokens,
-                                     projection_hidden=config.prefix.projection_hidden or None, seed=seed)
+        methods.inject_prefix_tuning(
+            model,
+            config.prefix.num_virtual_tokens,
+            projection_hidden=config.prefix.projection_hidden or None,
+            seed=seed,
+        )
     elif mode == "adapter":
         a = config.adapter
         methods.inject_bottleneck(model, a.variant, a.bottleneck_size, a.non_linearity)
@@ -129,14 +150,16 @@ def inject_method(model: nn.Module, config: TrainConfig) -> None:
         raise ConfigError(f"train.mode: {mode!r} is not a method nibblora can inject")
 
 
-def load_datasets(config: TrainConfig, train_dataset: TokenizedDataset | None,
-                  eval_datasets: dict[str, TokenizedDataset] | None
-                  ) -> tuple[TokenizedDataset, dict[str, TokenizedDataset]]:
+def load_datasets(
+    config: TrainConfig, train_dataset: TokenizedDataset | None, eval_datasets: dict[str, TokenizedDataset] | None
+) -> tuple[TokenizedDataset, dict[str, TokenizedDataset]]:
     """The datasets passed in, or the ones data.train / data.eval name."""
     if train_dataset is None:
         if not config.data.train:
-            raise ConfigError("data.train is required: a PreparedDataset folder or a .jsonl of tokenized rows "
-                              "(or pass train_dataset to train())")
+            raise ConfigError(
+                "data.train is required: a PreparedDataset folder or a .jsonl of tokenized rows "
+                "(or pass train_dataset to train())"
+            )
         train_dataset = open_dataset(config.data.train, config.data.max_length)
     if eval_datasets is None:
         eval_datasets = {name: open_dataset(path, config.data.max_length) for name, path in config.data.eval.items()}
@@ -153,8 +176,12 @@ def find_resume_step(config: TrainConfig, info: DistInfo, log: Log, event: Event
         point = find_resume_checkpoint(Path(config.output_dir), config.train.mode)
         for path, reason in point.skipped:
             log(f"checkpoint {path} is damaged ({reason}); skipped it", "warning")
-            event("checkpoint_damaged", f"skipped damaged checkpoint {path.name}: {reason}", checkpoint_step(path),
-                  {"checkpoint": str(path), "reason": reason})
+            event(
+                "checkpoint_damaged",
+                f"skipped damaged checkpoint {path.name}: {reason}",
+                checkpoint_step(path),
+                {"checkpoint": str(path), "reason": reason},
+            )
         if point.directory is not None:
             found = checkpoint_step(point.directory)
         elif point.skipped:
@@ -166,20 +193,32 @@ def find_resume_step(config: TrainConfig, info: DistInfo, log: Log, event: Event
 def _fits(saved: Any, fresh: dict, what: str, directory: Path, required: tuple[str, ...] = ()) -> None:
     """`saved` may hold only keys `fresh` has (a newer torch may add some; loading sets them as attributes, so a
     foreign key is refused), with values of the same kind, and must hold `required`."""
+
     def same_kind(a: Any, b: Any) -> bool:
         numbers = (int, float)
         if a is None or b is None or type(a) is type(b):
             return True
         return isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool)
 
-    if not isinstance(saved, dict) or not set(saved) <= set(fresh) or not set(required) <= set(saved) or not all(
-            same_kind(saved[k], fresh[k]) for k in saved):
-        raise CheckpointError(f"reading checkpoint {directory}: its {what} state does not fit this run's {what}; "
-                              "the checkpoint is damaged or from another config")
+    if (
+        not isinstance(saved, dict)
+        or not set(saved) <= set(fresh)
+        or not set(required) <= set(saved)
+        or not all(same_kind(saved[k], fresh[k]) for k in saved)
+    ):
+        raise CheckpointError(
+            f"reading checkpoint {directory}: its {what} state does not fit this run's {what}; "
+            "the checkpoint is damaged or from another config"
+        )
 
 
-def apply_trainer_state(state: dict, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                        scaler: torch.amp.GradScaler, directory: Path) -> None:
+def apply_trainer_state(
+    state: dict,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    directory: Path,
+) -> None:
     """Load the optimizer, scheduler and scaler states of a checkpoint, each checked against the object it goes
     into first (so a state from another config fails with a CheckpointError, not deep inside a later step)."""
     saved = state.get("optimizer")
@@ -188,13 +227,17 @@ def apply_trainer_state(state: dict, optimizer: torch.optim.Optimizer, scheduler
         raise CheckpointError(f"reading checkpoint {directory}: its optimizer state is malformed")
     groups, per_param = saved["param_groups"], saved["state"]
     if not isinstance(groups, list) or not isinstance(per_param, dict) or len(groups) != len(fresh["param_groups"]):
-        raise CheckpointError(f"reading checkpoint {directory}: its optimizer holds other parameter groups than "
-                              "this run (did train.mode change?)")
+        raise CheckpointError(
+            f"reading checkpoint {directory}: its optimizer holds other parameter groups than "
+            "this run (did train.mode change?)"
+        )
     for group, fresh_group in zip(groups, fresh["param_groups"]):
         _fits(group, fresh_group, "optimizer", directory, required=("params", "lr", "betas", "eps", "weight_decay"))
         if not isinstance(group["params"], list) or len(group["params"]) != len(fresh_group["params"]):
-            raise CheckpointError(f"reading checkpoint {directory}: its optimizer holds other parameters than this "
-                                  "run trains (did train.mode or lora.target_modules change?)")
+            raise CheckpointError(
+                f"reading checkpoint {directory}: its optimizer holds other parameters than this "
+                "run trains (did train.mode or lora.target_modules change?)"
+            )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     index = [i for g in groups for i in g["params"]]
     for i, p in zip(index, params):
@@ -203,8 +246,10 @@ def apply_trainer_state(state: dict, optimizer: torch.optim.Optimizer, scheduler
             raise CheckpointError(f"reading checkpoint {directory}: optimizer state of parameter {i} is malformed")
         for key, value in entry.items():
             if not isinstance(value, torch.Tensor) or (value.ndim > 0 and value.shape != p.shape):
-                raise CheckpointError(f"reading checkpoint {directory}: optimizer state {key} of parameter {i} does "
-                                      f"not fit the parameter's shape {list(p.shape)} (did lora.r change?)")
+                raise CheckpointError(
+                    f"reading checkpoint {directory}: optimizer state {key} of parameter {i} does "
+                    f"not fit the parameter's shape {list(p.shape)} (did lora.r change?)"
+                )
     _fits(state.get("scheduler"), scheduler.state_dict(), "scheduler", directory, required=("last_epoch", "base_lrs"))
     _fits(state.get("scaler"), scaler.state_dict(), "grad scaler", directory)
     try:
@@ -212,13 +257,19 @@ def apply_trainer_state(state: dict, optimizer: torch.optim.Optimizer, scheduler
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise CheckpointError(f"reading checkpoint {directory}: its trainer state does not fit this run "
-                              f"({err})") from None
+        raise CheckpointError(
+            f"reading checkpoint {directory}: its trainer state does not fit this run ({err})"
+        ) from None
 
 
-def setup_training(config: TrainConfig, info: DistInfo, log: Log, event: Event,
-                   train_dataset: TokenizedDataset | None = None,
-                   eval_datasets: dict[str, TokenizedDataset] | None = None) -> TrainingSetup:
+def setup_training(
+    config: TrainConfig,
+    info: DistInfo,
+    log: Log,
+    event: Event,
+    train_dataset: TokenizedDataset | None = None,
+    eval_datasets: dict[str, TokenizedDataset] | None = None,
+) -> TrainingSetup:
     """Build the run: datasets, model (adapters injected), optimizer, schedule, scaler; then load the newest intact
     checkpoint when checkpoint.resume is on, and wrap the model in DDP under torchrun."""
     tc, device = config.train, info.device
@@ -232,10 +283,14 @@ def setup_training(config: TrainConfig, info: DistInfo, log: Log, event: Event,
     model, trainable = build_model(config, device)
     vocab_size = model.config.vocab_size
     if config.data.pad_token_id >= vocab_size:
-        raise ConfigError(f"data.pad_token_id {config.data.pad_token_id} is not in the model's vocabulary "
-                          f"(vocab_size {vocab_size}); use the tokenizer's pad id")
-    log(f"{tc.mode} on {device} (world size {info.world_size}, {threads} CPU threads): "
-        f"{trainable:,} trainable parameters")
+        raise ConfigError(
+            f"data.pad_token_id {config.data.pad_token_id} is not in the model's vocabulary "
+            f"(vocab_size {vocab_size}); use the tokenizer's pad id"
+        )
+    log(
+        f"{tc.mode} on {device} (world size {info.world_size}, {threads} CPU threads): "
+        f"{trainable:,} trainable parameters"
+    )
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.betas[0], tc.betas[1]), tc.eps)
     warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * tc.max_steps)
@@ -255,8 +310,11 @@ def setup_training(config: TrainConfig, info: DistInfo, log: Log, event: Event,
         start_step = state["step"]
         global_batch = config.data.batch_size * tc.grad_accum * info.world_size
         if state.get("global_batch", global_batch) != global_batch:
-            log(f"the checkpoint was trained with {state['global_batch']} rows per step, this run takes "
-                f"{global_batch}: the data order after step {start_step} differs from an uninterrupted run", "warning")
+            log(
+                f"the checkpoint was trained with {state['global_batch']} rows per step, this run takes "
+                f"{global_batch}: the data order after step {start_step} differs from an uninterrupted run",
+                "warning",
+            )
         log(f"resumed from {directory} at step {start_step}")
         event("resumed", f"resumed from step {start_step}", start_step, {"checkpoint": str(directory)})
     else:
@@ -268,7 +326,22 @@ def setup_training(config: TrainConfig, info: DistInfo, log: Log, event: Event,
         # deprecated in favour of forward_sync_buffers, which still syncs at init; we want no sync at all.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
-    return TrainingSetup(config, info, model, train_model, trainable_params, optimizer, scheduler, scaler, paged,
-                         train_dataset, eval_datasets, meter, start_step, threads)
+            train_model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
+    return TrainingSetup(
+        config,
+        info,
+        model,
+        train_model,
+        trainable_params,
+        optimizer,
+        scheduler,
+        scaler,
+        paged,
+        train_dataset,
+        eval_datasets,
+        meter,
+        start_step,
+        threads,
+    )

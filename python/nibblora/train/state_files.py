@@ -53,10 +53,13 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value) and not any(k in _TAGS for k in value):
             return {k: _encode(v, tensors, f"{where}.{k}") for k, v in value.items()}
-        return {"$items": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}[{k!r}]")]
-                           for k, v in value.items()]}
-    raise TypeError(f"saving trainer state: {where} is a {type(value).__name__}, which the checkpoint format "
-                    "(JSON + safetensors, no pickle) cannot hold")
+        return {
+            "$items": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}[{k!r}]")] for k, v in value.items()]
+        }
+    raise TypeError(
+        f"saving trainer state: {where} is a {type(value).__name__}, which the checkpoint format "
+        "(JSON + safetensors, no pickle) cannot hold"
+    )
 
 
 def save_state(state: Any, stem: Path) -> tuple[Path, Path]:
@@ -74,8 +77,9 @@ class _Decoder:
         self.tensors, self.path, self.used = tensors, path, set()
 
     def fail(self, message: str) -> CheckpointError:
-        return CheckpointError(f"reading trainer state: {self.path}: {message}; the checkpoint is damaged or "
-                               "was not written by nibblora")
+        return CheckpointError(
+            f"reading trainer state: {self.path}: {message}; the checkpoint is damaged or was not written by nibblora"
+        )
 
     def decode(self, value: Any, depth: int = 0) -> Any:
         if depth > MAX_DEPTH:
@@ -112,7 +116,7 @@ class _Decoder:
 
 
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"bare {name} (non-finite floats are written as {{\"$float\": ...}})")
+    raise ValueError(f'bare {name} (non-finite floats are written as {{"$float": ...}})')
 
 
 def load_state(stem: Path) -> Any:
@@ -125,8 +129,9 @@ def load_state(stem: Path) -> Any:
     try:
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"reading trainer state: {tensors_path} is not a readable safetensors file "
-                              f"({err})") from None
+        raise CheckpointError(
+            f"reading trainer state: {tensors_path} is not a readable safetensors file ({err})"
+        ) from None
     try:
         raw = json.loads(json_path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:

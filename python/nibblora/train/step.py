@@ -60,8 +60,9 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     The loss is taken in float32 whatever the logits' dtype.
     """
     shifted = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, (shifted != IGNORE_INDEX).sum()
 
 
@@ -72,8 +73,12 @@ def model_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], cpu_labels:
     so a CUDA device never waits for the host."""
     inner = model.module if hasattr(model, "module") else model  # DDP wraps the model
     if isinstance(inner, LlamaForCausalLM):
-        loss_sum, _ = model(batch["input_ids"], position_ids=batch.get("position_ids"), labels=batch["labels"],
-                            loss_rows=supervised_rows(shift_labels(cpu_labels)))
+        loss_sum, _ = model(
+            batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            labels=batch["labels"],
+            loss_rows=supervised_rows(shift_labels(cpu_labels)),
+        )
         return loss_sum
     logits = model(batch["input_ids"], position_ids=batch.get("position_ids"))
     return token_loss_sum(logits, batch["labels"])[0]
@@ -85,8 +90,9 @@ def train_step(setup: TrainingSetup, step: int, skip_non_finite: bool) -> StepOu
     the scheduler still advances when `skip_non_finite` (the step is skipped, not retried)."""
     config, info, tc = setup.config, setup.info, setup.config.train
     device = info.device
-    micro = step_micro_batches(setup.train_dataset, step, config.data.batch_size, tc.grad_accum, info.world_size,
-                               info.rank, tc.seed)
+    micro = step_micro_batches(
+        setup.train_dataset, step, config.data.batch_size, tc.grad_accum, info.world_size, info.rank, tc.seed
+    )
     batches = [pad_collate([setup.train_dataset[i] for i in idx], config.data.pad_token_id) for idx in micro]
     for idx, batch in zip(micro, batches):
         check_token_ids(batch, setup.vocab_size, idx)
@@ -133,8 +139,15 @@ def train_step(setup: TrainingSetup, step: int, skip_non_finite: bool) -> StepOu
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TokenizedDataset, batch_size: int, max_batches: int, pad_token_id: int,
-             info: DistInfo, autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[float, int]:
+def evaluate(
+    model: nn.Module,
+    dataset: TokenizedDataset,
+    batch_size: int,
+    max_batches: int,
+    pad_token_id: int,
+    info: DistInfo,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[float, int]:
     """(mean next-token loss over the set's supervised tokens, their number), over all ranks."""
     was_training = model.training
     model.eval()

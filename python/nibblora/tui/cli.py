@@ -18,9 +18,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("runs_dir", nargs="?", default="runs", help="directory holding run output dirs (default: runs)")
     parser.add_argument("--once", "-1", action="store_true", help="print a plain-text summary and exit")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between reads of the run stores")
-    parser.add_argument("--server", action="append", default=[], metavar="URL",
-                        help="also watch this nibblora.serve server (repeatable); servers started with --runs-dir "
-                             "RUNS_DIR are found on their own")
+    parser.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also watch this nibblora.serve server (repeatable); servers started with --runs-dir "
+        "RUNS_DIR are found on their own",
+    )
     return parser
 
 

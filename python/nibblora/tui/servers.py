@@ -45,10 +45,12 @@ class ServerStatus:
             return "n/a" if v is None else fmt.format(v)
 
         mem = "n/a" if self.device_memory_bytes is None else f"{self.device_memory_bytes / 2**30:.1f} GiB"
-        return (f"{self.url} {self.model}: adapters {num(self.adapters_on_device)} on device / "
-                f"{num(self.adapters_known)} loaded, requests {num(self.running)} running {num(self.waiting)} "
-                f"waiting, {num(self.tokens_per_s, '{:.1f}')} tok/s, latency p50 {num(self.latency_p50_s, '{:.2f}')}s "
-                f"p99 {num(self.latency_p99_s, '{:.2f}')}s, device memory {mem}")
+        return (
+            f"{self.url} {self.model}: adapters {num(self.adapters_on_device)} on device / "
+            f"{num(self.adapters_known)} loaded, requests {num(self.running)} running {num(self.waiting)} "
+            f"waiting, {num(self.tokens_per_s, '{:.1f}')} tok/s, latency p50 {num(self.latency_p50_s, '{:.2f}')}s "
+            f"p99 {num(self.latency_p99_s, '{:.2f}')}s, device memory {mem}"
+        )
 
 
 def fetch_metrics(url: str, timeout: float = 1.0) -> str:
@@ -59,8 +61,13 @@ def fetch_metrics(url: str, timeout: float = 1.0) -> str:
 class ServerIndex:
     """Servers registered under `runs_dir` plus `urls`; poll() reads each one's /metrics."""
 
-    def __init__(self, runs_dir: str | None = None, urls: list[str] | None = None,
-                 fetch: Callable[[str], str] = fetch_metrics, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        runs_dir: str | None = None,
+        urls: list[str] | None = None,
+        fetch: Callable[[str], str] = fetch_metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.runs_dir, self.urls = runs_dir, list(urls or [])
         self._fetch, self._clock = fetch, clock
         self._last_tokens: dict[str, tuple[float, float]] = {}
@@ -112,6 +119,8 @@ class ServerIndex:
 def servers_text(statuses: list[ServerStatus]) -> str:
     """The dashboard's server panel (and `qlora-tui --once`): one line per server, or a hint when there is none."""
     if not statuses:
-        return ("no inference servers: start one with `python -m nibblora.serve --runs-dir RUNS_DIR ...` "
-                "or pass --server URL")
+        return (
+            "no inference servers: start one with `python -m nibblora.serve --runs-dir RUNS_DIR ...` "
+            "or pass --server URL"
+        )
     return "\n".join(status.summary() for status in statuses)

@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 __getattr__, __dir__ = lazy_exports(
     __name__,
     globals(),
-    {**dict.fromkeys(("SAMPLE_PROMPTS", "VerifyReport", "verify_merge"), "nibblora.verify.check"), "main": "nibblora.verify.cli"},
+    {
+        **dict.fromkeys(("SAMPLE_PROMPTS", "VerifyReport", "verify_merge"), "nibblora.verify.check"),
+        "main": "nibblora.verify.cli",
+    },
 )
 
 __all__ = ["SAMPLE_PROMPTS", "VerifyReport", "main", "verify_merge"]

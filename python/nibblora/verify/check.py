@@ -68,16 +68,19 @@ class VerifyReport:
     def __post_init__(self) -> None:
         failures = []
         if self.nonfinite:
-            failures.append(f"non-finite values in {', '.join(self.nonfinite[:4])}"
-                            + (f" and {len(self.nonfinite) - 4} more" if len(self.nonfinite) > 4 else ""))
+            failures.append(
+                f"non-finite values in {', '.join(self.nonfinite[:4])}"
+                + (f" and {len(self.nonfinite) - 4} more" if len(self.nonfinite) > 4 else "")
+            )
         # `not x <= tol` is True for NaN, where `x > tol` would be False and let it pass.
         if not self.max_abs_logit_diff <= self.atol:
             failures.append(f"max |logit diff| {self.max_abs_logit_diff:.3g} > {self.atol:.3g}")
         if not self.max_kl <= self.kl_tol:
             failures.append(f"max KL {self.max_kl:.3g} > {self.kl_tol:.3g}")
         if self.argmax_flips:
-            failures.append(f"{self.argmax_flips} next-token choice(s) differ where the margin is larger than "
-                            "rounding can explain")
+            failures.append(
+                f"{self.argmax_flips} next-token choice(s) differ where the margin is larger than rounding can explain"
+            )
         if self.positions == 0:
             failures.append("no position was compared")
         object.__setattr__(self, "failures", tuple(failures))
@@ -88,13 +91,18 @@ class VerifyReport:
 
     def format(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        how = (f"bounds from the {self.merged_dtype} rounding of the merged weights (x{ROUNDING_FACTOR:g}: it "
-               f"alone moves logits by {self.rounding_max_abs_diff:.3g}, KL {self.rounding_max_kl:.3g})"
-               if self.automatic else "bounds given")
-        text = (f"{verdict}: max |logit diff| {self.max_abs_logit_diff:.3g} (tolerance {self.atol:.3g}), "
-                f"KL(adapter || merged) mean {self.mean_kl:.3g} max {self.max_kl:.3g} nats (tolerance "
-                f"{self.kl_tol:.3g}), same next token at {100 * self.argmax_agreement:.1f}% of {self.positions} "
-                f"positions; {how}")
+        how = (
+            f"bounds from the {self.merged_dtype} rounding of the merged weights (x{ROUNDING_FACTOR:g}: it "
+            f"alone moves logits by {self.rounding_max_abs_diff:.3g}, KL {self.rounding_max_kl:.3g})"
+            if self.automatic
+            else "bounds given"
+        )
+        text = (
+            f"{verdict}: max |logit diff| {self.max_abs_logit_diff:.3g} (tolerance {self.atol:.3g}), "
+            f"KL(adapter || merged) mean {self.mean_kl:.3g} max {self.max_kl:.3g} nats (tolerance "
+            f"{self.kl_tol:.3g}), same next token at {100 * self.argmax_agreement:.1f}% of {self.positions} "
+            f"positions; {how}"
+        )
         return text + (f"\n  failed: {'; '.join(self.failures)}" if self.failures else "")
 
 
@@ -143,15 +151,20 @@ def _inputs(base: Path, prompts: Sequence[str] | None, vocab: int, seed: int, se
         ids = [tokenizer.encode(p).ids for p in (prompts or SAMPLE_PROMPTS)]
         return [torch.tensor([i], dtype=torch.long) for i in ids if i]
     if prompts:
-        raise ValueError(f"{base} has no tokenizer.json, so text prompts cannot be encoded; omit --prompt to "
-                         "compare on random token ids")
+        raise ValueError(
+            f"{base} has no tokenizer.json, so text prompts cannot be encoded; omit --prompt to "
+            "compare on random token ids"
+        )
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (1, seq_len), generator=generator) for _ in range(len(SAMPLE_PROMPTS))]
 
 
 def _nonfinite_parameters(model: nn.Module, label: str) -> list[str]:
-    return [f"{label} weight {name}" for name, p in model.named_parameters()
-            if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    return [
+        f"{label} weight {name}"
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    ]
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -182,8 +195,10 @@ def verify_merge(
     load_adapter(adapted, adapter_dir, check_base_model=False)
     merged = load_model(merged_dir, dtype=dtype)
     if merged.config.vocab_size != adapted.config.vocab_size:
-        raise CheckpointError(f"verifying: {merged_dir} has a vocabulary of {merged.config.vocab_size} tokens where "
-                              f"the base {base_dir} has {adapted.config.vocab_size}; it is not a merge of this base")
+        raise CheckpointError(
+            f"verifying: {merged_dir} has a vocabulary of {merged.config.vocab_size} tokens where "
+            f"the base {base_dir} has {adapted.config.vocab_size}; it is not a merge of this base"
+        )
     stored = stored_dtypes(merged_dir)
     nonfinite = _nonfinite_parameters(merged, "merged") + _nonfinite_parameters(adapted, "base + adapter")
     inputs = _inputs(base_dir, prompts, adapted.config.vocab_size, seed, seq_len)

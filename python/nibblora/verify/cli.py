@@ -23,12 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", required=True, help="peft adapter folder")
     parser.add_argument("--merged", required=True, help="merged model folder (python -m nibblora.merge)")
     parser.add_argument("--prompt", action="append", help="a prompt to compare on (repeatable; needs tokenizer.json)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(TORCH_NAME_TO_SAFETENSORS),
-                        help="compute dtype (default float32)")
-    parser.add_argument("--atol", type=float, help="largest allowed |logit diff| (default: from the merged dtype's "
-                        "rounding)")
-    parser.add_argument("--max-kl", type=float, help="largest allowed KL per position, nats (default: from the "
-                        "merged dtype's rounding)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=tuple(TORCH_NAME_TO_SAFETENSORS), help="compute dtype (default float32)"
+    )
+    parser.add_argument(
+        "--atol", type=float, help="largest allowed |logit diff| (default: from the merged dtype's rounding)"
+    )
+    parser.add_argument(
+        "--max-kl", type=float, help="largest allowed KL per position, nats (default: from the merged dtype's rounding)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts and the rounding draw")
     add_threads_argument(parser)
     return parser
@@ -44,9 +47,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nibblora.verify.check import verify_merge
 
     try:
-        report = verify_merge(args.base, args.adapter, args.merged, prompts=args.prompt,
-                              dtype=torch_dtype(TORCH_NAME_TO_SAFETENSORS[args.dtype]), atol=args.atol,
-                              kl_tol=args.max_kl, seed=args.seed)
+        report = verify_merge(
+            args.base,
+            args.adapter,
+            args.merged,
+            prompts=args.prompt,
+            dtype=torch_dtype(TORCH_NAME_TO_SAFETENSORS[args.dtype]),
+            atol=args.atol,
+            kl_tol=args.max_kl,
+            seed=args.seed,
+        )
     except (NibbloraError, ValueError, FileNotFoundError, KeyError) as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         print(f"nibblora.verify: error: {message}", file=sys.stderr)
