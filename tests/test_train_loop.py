@@ -170,9 +170,9 @@ def test_fused_chunked_loss_follows_the_plain_loss_curve_for_50_steps(model_dir,
 
     rows = tiny_rows(16, min_len=4, max_len=24)
     settings = {"data": {"batch_size": 2}, "train": {"max_steps": 50, "mode": mode}}
-    monkeypatch.setattr(llama, "loss_chunk_tokens", lambda vocab: 7)  # several chunks per micro-batch
+    monkeypatch.setattr(llama, "DEFAULT_LOSS_CHUNK_TOKENS", 7)  # several chunks per micro-batch
     fused = train(tiny_config(model_dir, tmp_path / "fused", **settings), rows, quiet=True)
-    monkeypatch.setattr(llama, "loss_chunk_tokens", lambda vocab: 0)  # new models take the plain path
+    monkeypatch.setattr(llama, "DEFAULT_LOSS_CHUNK_TOKENS", 0)  # new models take the plain path
     plain = train(tiny_config(model_dir, tmp_path / "plain", **settings), rows, quiet=True)
     assert sorted(fused.losses) == sorted(plain.losses) == list(range(1, 51))
     for step in range(1, 51):

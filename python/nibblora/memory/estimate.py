@@ -182,7 +182,7 @@ def loss_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, lm_head_train
     only, never next to both), the selected hidden states and their gradient; with a trainable lm_head its float32
     gradient."""
     e = dtype_bytes
-    chunk = min(tokens, loss_chunk_tokens(shape.vocab_size))
+    chunk = min(tokens, loss_chunk_tokens(tokens, shape.hidden_size, shape.vocab_size))
     working = chunk * shape.vocab_size * 8 + 2 * tokens * shape.hidden_size * e
     return working + (shape.vocab_size * shape.hidden_size * 4 if lm_head_trainable else 0)
 

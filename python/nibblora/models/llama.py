@@ -30,7 +30,10 @@ from torch.utils.checkpoint import checkpoint
 from nibblora.lora.group import project_group, swiglu_mlp
 from nibblora.models.config import ModelConfig
 from nibblora.models.loss import IGNORE_INDEX, linear_cross_entropy, shift_labels
-from nibblora.models.loss_chunks import loss_chunk_tokens
+
+# Tokens per chunk of the fused lm_head + cross-entropy: None sizes it per batch (models/loss_chunks.py), 0 takes
+# the plain path through full logits.
+DEFAULT_LOSS_CHUNK_TOKENS: int | None = None
 
 
 class RMSNorm(nn.Module):
@@ -349,8 +352,9 @@ class LlamaForCausalLM(nn.Module):
         if not self.lm_head.weight.is_meta:
             self.init_weights()
         self.model.gradient_checkpointing = gradient_checkpointing
-        # Tokens per chunk of the fused lm_head + cross-entropy when forward gets labels; 0: plain full logits.
-        self.loss_chunk_tokens = loss_chunk_tokens(config.vocab_size)
+        # Tokens per chunk of the fused lm_head + cross-entropy when forward gets labels (None: sized per batch;
+        # 0: plain full logits).
+        self.loss_chunk_tokens = DEFAULT_LOSS_CHUNK_TOKENS
 
     def tie_weights(self) -> None:
         """Share one matrix between the input embedding and the output head (tie_word_embeddings)."""
@@ -413,7 +417,8 @@ class LlamaForCausalLM(nn.Module):
         labels: int64 [batch, seq], -100 where the loss must not look. Instead of logits, return (sum of the
             next-token cross-entropy over supervised positions as a float32 scalar, their number), computed in
             chunks by `linear_cross_entropy` (no [tokens, vocab] logits kept for backward) while the lm_head is a
-            plain nn.Linear and `loss_chunk_tokens` > 0, else from full logits.
+            plain nn.Linear and `loss_chunk_tokens` is not 0 (None: sized per batch by `loss_chunk_tokens`),
+            else from full logits.
         loss_rows: `supervised_rows(shift_labels(labels))` computed ahead on the CPU (spares CUDA a host sync).
         Returns logits [batch, seq (or logits_to_keep), vocab].
         """
@@ -433,7 +438,7 @@ class LlamaForCausalLM(nn.Module):
         self, hidden: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None
     ) -> tuple[torch.Tensor, int]:
         targets = shift_labels(labels)
-        if self.loss_chunk_tokens > 0 and type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+        if self.loss_chunk_tokens != 0 and type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
             return linear_cross_entropy(
                 hidden, self.lm_head.weight, targets, rows=rows, chunk_tokens=self.loss_chunk_tokens
             )

@@ -101,18 +101,19 @@ def linear_cross_entropy(
     hidden [..., hidden] in the compute dtype; weight [vocab, hidden] (the lm_head's, frozen or trainable);
     labels [...] int64 aligned with hidden row for row (use `shift_labels` for next-token prediction).
     rows: `supervised_rows(labels)` computed ahead (on the CPU, to avoid a device sync); found here if None.
-    chunk_tokens: tokens per chunk; default `loss_chunk_tokens(vocab)`, about 32 MiB of float32 logits.
+    chunk_tokens: tokens per chunk; default `loss_chunk_tokens` (float32 logits of a chunk no larger than the
+        supervised rows' hidden states in float32).
     Equal to `F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index, reduction="sum")` to float
     rounding, with gradients for hidden and for weight when it requires them.
     """
-    if chunk_tokens is None:
-        chunk_tokens = loss_chunk_tokens(weight.shape[0])
-    if chunk_tokens < 1:
+    if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not pair row for row")
     if rows is None:
         rows = supervised_rows(labels, ignore_index)
+    if chunk_tokens is None:
+        chunk_tokens = loss_chunk_tokens(rows.shape[0], weight.shape[1], weight.shape[0])
     rows = rows.to(hidden.device, non_blocking=True)
     loss = _LinearCrossEntropy.apply(hidden, weight, labels, rows, chunk_tokens)
     return loss, rows.shape[0]
