@@ -205,3 +205,30 @@ def test_estimate_holds_on_a_small_grid_of_real_runs(tmp_path):
     for point in memory_grid.QUICK[1:]:  # the full-FT point is the test above
         result = memory_grid.run_point(point, tmp_path, threads=1)
         assert 0.85 <= result["ratio"] <= 1.15, result
+
+
+def test_meters_never_leave_sampler_threads_behind(tmp_path):
+    """A stopped meter's sampler ends, and so does an unstopped one once the meter is garbage: a process that
+    trains many times (a test session, a sweep) must not collect threads that poll /proc every 2 ms."""
+    import gc
+    import threading
+    import time
+
+    import torch
+
+    from nibblora.memory.measure import MemoryMeter
+
+    def samplers() -> int:
+        return sum(t.name == "nibblora-memory-sampler" and t.is_alive() for t in threading.enumerate())
+
+    before = samplers()
+    stopped = MemoryMeter(torch.device("cpu"))
+    forgotten = MemoryMeter(torch.device("cpu"))
+    assert samplers() == before + 2
+    stopped.stop()
+    del forgotten
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while samplers() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert samplers() == before

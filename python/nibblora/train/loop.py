@@ -159,7 +159,10 @@ def _train_recorded(
         with _StopSignal() as stop_signal:
             setup = setup_training(config, info, log, log.event, train_dataset, eval_datasets)
             result.step, result.trainable_params = setup.start_step, setup.trainable_count
-            run_steps(setup, result, writer, log, stop_signal)
+            try:
+                run_steps(setup, result, writer, log, stop_signal)
+            finally:
+                setup.meter.stop()  # its sampler thread polls every 2 ms; left running it slows the process
         if writer is not None:
             writer.finish(result.status, f"{result.status} at step {result.step}", result.step)
         return result
