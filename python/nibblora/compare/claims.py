@@ -40,7 +40,13 @@ class Verdict:
         return f"- **{self.claim}**: {self.label}. {self.evidence}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "claim": self.claim, "holds": self.holds, "verdict": self.label, "evidence": self.evidence}
+        return {
+            "key": self.key,
+            "claim": self.claim,
+            "holds": self.holds,
+            "verdict": self.label,
+            "evidence": self.evidence,
+        }
 
 
 def noise_points(p1: float, p2: float, n1: int, n2: int) -> float:

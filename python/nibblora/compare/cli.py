@@ -28,14 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help=f"{quick.steps} steps per run, {quick.lr_count} learning rates per method, ranks "
-        f"{', '.join(map(str, quick.ranks))}, {len(quick.mitigations)} mitigations ({quick.run_count()} runs, under "
-        f"10 min on 2 cores); default: {full.steps} steps, {full.lr_count} rates, ranks "
-        f"{', '.join(map(str, full.ranks))}, {len(full.mitigations)} mitigations ({full.run_count()} runs, under 60 min)",
+        f"{', '.join(map(str, quick.ranks))}, {len(quick.mitigations)} mitigations ({quick.run_count()} runs, "
+        f"under 10 min on 2 cores); default: {full.steps} steps, {full.lr_count} rates, ranks "
+        f"{', '.join(map(str, full.ranks))}, {len(full.mitigations)} mitigations ({full.run_count()} runs, "
+        "under 60 min)",
     )
     parser.add_argument(
         "--base",
         type=Path,
-        help="a tiny base nibblora.demo pretrained (default: OUT/base or build/demo/base when valid, else pretrain one)",
+        help="a tiny base nibblora.demo pretrained (default: OUT/base or build/demo/base when valid, "
+        "else pretrain one)",
     )
     parser.add_argument("--pretrain-steps", type=int, default=1200, help="when pretraining a base (default 1200)")
     parser.add_argument(
@@ -43,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma list, a subset of {','.join(METHODS)} (default: all; without full there is no quality column)",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps per run (overrides the plan's)")
-    parser.add_argument("--test-rows", type=int, default=300, help="held-out prompts scored by generation (default 300)")
+    parser.add_argument(
+        "--test-rows", type=int, default=300, help="held-out prompts scored by generation (default 300)"
+    )
     parser.add_argument(
         "--fresh", action="store_true", help="retrain every run (default: reuse finished runs of the same config)"
     )

@@ -84,7 +84,9 @@ def time_against_base(
     return out
 
 
-def variant_loaders(spec: RunSpec, ws: Workspace, weights_dir: Path, scratch: Path) -> dict[str, Callable[[], nn.Module]]:
+def variant_loaders(
+    spec: RunSpec, ws: Workspace, weights_dir: Path, scratch: Path
+) -> dict[str, Callable[[], nn.Module]]:
     """How to build each inference variant of this run's model (see the module docstring)."""
     unmerged = lambda: load_trained(spec, ws, weights_dir)  # noqa: E731
     if spec.mode == "full":

@@ -82,7 +82,7 @@ class Plan:
 
     steps: int
     batch_size: int
-    lr_count: int  # learning rates per method: the middle one of LR_GRID, or all three
+    lr_count: int  # learning rates per method: 1 (the middle of LR_GRID) or all of LR_GRID
     ranks: tuple[int, ...]
     mitigations: tuple[str, ...]
     methods: tuple[str, ...] = tuple(METHODS)
@@ -90,25 +90,24 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
+        """One learning rate per method (the middle of its grid), three ranks, one strength per mitigation."""
         return cls(
-            steps=150,
+            steps=80,
             batch_size=16,
-            lr_count=2,
+            lr_count=1,
             ranks=(1, 4, 16, 64),
             mitigations=("full + general 25%", "full + l2sp 1", "full + ewc 1"),
+            eval_every=20,
         )
 
     @classmethod
     def full(cls) -> Plan:
-        return cls(steps=400, batch_size=16, lr_count=3, ranks=RANKS, mitigations=tuple(MITIGATIONS))
+        return cls(steps=200, batch_size=16, lr_count=3, ranks=RANKS, mitigations=tuple(MITIGATIONS), eval_every=40)
 
     def learning_rates(self, method: str) -> tuple[float, ...]:
+        """The whole grid, or its middle rate alone when lr_count is 1."""
         grid = LR_GRID[method]
-        if self.lr_count >= len(grid):
-            return grid
-        if self.lr_count == 1:
-            return (grid[len(grid) // 2],)
-        return grid[len(grid) - self.lr_count :] if method != "full" else grid[: self.lr_count]
+        return grid if self.lr_count >= len(grid) else (grid[len(grid) // 2],)
 
     def sweep(self) -> list[RunSpec]:
         """Phase 1: every method at each of its learning rates (LoRA-family methods with LORA_RECIPE)."""

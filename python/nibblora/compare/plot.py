@@ -32,8 +32,9 @@ def plot_report(report: Mapping[str, Any], path: Path) -> Path:
     fig, (scatter, train_loss, general) = plt.subplots(1, 3, figsize=(18, 5.5))
     for r in rows:
         scatter.scatter(r["forgetting"], 100 * r["exact_match"], marker=MARKERS[r["group"]], s=40)
-        scatter.annotate(r["name"], (r["forgetting"], 100 * r["exact_match"]), fontsize=7, xytext=(3, 3),
-                         textcoords="offset points")
+        scatter.annotate(
+            r["name"], (r["forgetting"], 100 * r["exact_match"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     scatter.set_xlabel("forgetting: general-text loss after - before")
     scatter.set_ylabel("test exact match (%)")
     scatter.set_title("learn vs forget (o method, ^ LoRA rank, s full FT + mitigation)")

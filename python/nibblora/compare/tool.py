@@ -27,7 +27,7 @@ from nibblora.compare.plot import plot_report
 from nibblora.compare.report import console_table, write_json, write_markdown
 from nibblora.compare.runner import run_training
 from nibblora.compare.workspace import Workspace, prepare_workspace
-from nibblora.errors import ExportError
+from nibblora.errors import ConfigError, ExportError
 from nibblora.threads import apply_threads
 
 # What the trainer's MemoryMeter reports on a CPU (nibblora/memory/measure.py).
@@ -183,7 +183,17 @@ def compare_methods(
         raise ExportError("full fine-tuning failed at every learning rate; nothing to compare against")
     follow = plan.follow_ups({m: o["lr"] for m, o in best.items()})
     specs.update({s.run_id: s for s in follow})
-    phase2 = [progress.run(s, lambda s=s: run_training(s, plan, ws, runs_dir, threads, reuse)) for s in follow]
+    phase2, skipped = [], []
+    for spec in follow:
+        try:
+            phase2.append(progress.run(spec, lambda s=spec: run_training(s, plan, ws, runs_dir, threads, reuse)))
+        except ConfigError as err:
+            if spec.group != "mitigation":
+                raise
+            # A trainer without the mitigation's keys (data.general_fraction, train.l2sp, train.ewc) refuses the
+            # config before anything trains: the row is left out, and the report says which and why.
+            log(f"{spec.row}: skipped, the trainer refused its config ({err})")
+            skipped.append({"row": spec.row, "reason": str(err)})
     train_seconds = time.perf_counter() - start
 
     log(f"timing inference and adding the calculator's figures ({progress.elapsed()} elapsed)")
@@ -237,6 +247,7 @@ def compare_methods(
             for o in phase1
         ],
         "claims": [v.to_dict() for v in verdicts],
+        "skipped": skipped,
         "curves": {o["run_id"]: o["curves"] for o in (*phase1, *phase2)},
     }
     report["notes"] = notes(report, rows)
