@@ -72,7 +72,7 @@ def test_each_mode_lowers_the_training_loss(model_dir, tmp_path, mode):
     )
     result = train(config, rows, {"task": rows}, quiet=True)
     assert result.losses[12] < result.losses[1] - 0.1
-    assert set(result.eval) == {"eval_task_loss"}
+    assert set(result.eval) == {"eval_task_loss", "eval_task_exact_match"}
     expected = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "qlora": "adapter_model.safetensors"}
     assert (result.weights_dir / expected[mode]).is_file()
 

@@ -1,6 +1,7 @@
 """The dashboard headless (App.run_test + Pilot): job list, job screen, compare, stop, start, hardware panel."""
 
 import json
+import re
 
 import pytest
 from helpers_tui import NVMLError, drive, h200, monitor, settle, synthetic_runs, table_rows, trained_runs, utc, wait_for
@@ -38,6 +39,7 @@ def test_job_list_and_job_screen_of_a_real_run(real_root):
         assert [s.label for s in memory.series] == ["peak", "alloc", "est"]
         info = str(screen.query_one("#info", Static).render())
         assert "tiny-lora" in info and "step 6/6" in info and "calculator's estimate" in info
+        assert re.search(r"eval val \d+\.\d+ \(exact \d+\.\d%\)", info)  # the real run's exact match
         log = "\n".join(line.text for line in screen.query_one("#log", RichLog).lines)
         assert "step 6/6 loss" in log
         await pilot.press("escape")

@@ -29,7 +29,15 @@ from torch.utils.checkpoint import checkpoint
 
 from nibblora.lora.group import project_group, swiglu_mlp
 from nibblora.models.config import ModelConfig
-from nibblora.models.loss import IGNORE_INDEX, linear_cross_entropy, shift_labels
+from nibblora.models.loss import (
+    IGNORE_INDEX,
+    TokenScores,
+    exact_rows,
+    linear_cross_entropy,
+    logits_scores,
+    score_tokens,
+    shift_labels,
+)
 
 # Tokens per chunk of the fused lm_head + cross-entropy: None sizes it per batch (models/loss_chunks.py), 0 takes
 # the plain path through full logits.
@@ -405,7 +413,8 @@ class LlamaForCausalLM(nn.Module):
         logits_to_keep: int = 0,
         labels: torch.Tensor | None = None,
         loss_rows: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, KVCache] | tuple[torch.Tensor, int]:
+        score: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCache] | tuple[torch.Tensor, int] | TokenScores:
         """Next-token logits, or with `labels` the training loss.
 
         input_ids: int64 [batch, seq].
@@ -420,11 +429,15 @@ class LlamaForCausalLM(nn.Module):
             plain nn.Linear and `loss_chunk_tokens` is not 0 (None: sized per batch by `loss_chunk_tokens`),
             else from full logits.
         loss_rows: `supervised_rows(shift_labels(labels))` computed ahead on the CPU (spares CUDA a host sync).
+        score: with labels, evaluate instead (no autograd): return TokenScores (the loss sum, the supervised token
+            count, and per sequence whether every supervised token was the greedy choice).
         Returns logits [batch, seq (or logits_to_keep), vocab].
         """
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        if labels is not None and score:
+            return self._scores(hidden, labels, loss_rows)
         if labels is not None:
             return self._loss_sum(hidden, labels, loss_rows)
         if logits_to_keep > 0:
@@ -445,6 +458,18 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(hidden).float()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return loss, int((targets != IGNORE_INDEX).sum())
+
+    @torch.no_grad()
+    def _scores(self, hidden: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None) -> TokenScores:
+        targets = shift_labels(labels)
+        if self.loss_chunk_tokens != 0 and type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            loss, rows, hits = score_tokens(
+                hidden, self.lm_head.weight, targets, rows=rows, chunk_tokens=self.loss_chunk_tokens
+            )
+        else:
+            loss, rows, hits = logits_scores(self.lm_head(hidden), targets)
+        exact, scored = exact_rows(rows, hits, *targets.shape)
+        return TokenScores(loss, rows.shape[0], exact, scored)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """`generate(self, input_ids, **kwargs)`: see the function below."""

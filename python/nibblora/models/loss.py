@@ -14,11 +14,23 @@ indices there and hand them over (`rows=`), and the function then never waits fo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 
 from nibblora.models.loss_chunks import loss_chunk_tokens
 
 IGNORE_INDEX = -100
+
+
+class TokenScores(NamedTuple):
+    """What evaluation needs from one batch (see `LlamaForCausalLM.forward(..., score=True)`)."""
+
+    loss_sum: torch.Tensor  # float32 scalar: next-token cross-entropy summed over the supervised tokens
+    tokens: int  # how many supervised tokens
+    exact: torch.Tensor  # bool [batch]: every supervised token of the sequence is the argmax of its logits
+    scored: torch.Tensor  # bool [batch]: the sequence has a supervised token at all
 
 
 def supervised_rows(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -117,3 +129,56 @@ def linear_cross_entropy(
     rows = rows.to(hidden.device, non_blocking=True)
     loss = _LinearCrossEntropy.apply(hidden, weight, labels, rows, chunk_tokens)
     return loss, rows.shape[0]
+
+
+@torch.no_grad()
+def score_tokens(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Evaluation's twin of `linear_cross_entropy` (no autograd): (loss sum as a float32 scalar, the flat indices
+    of the supervised tokens int64 [n], and for each of them whether the label is the argmax of its logits, bool
+    [n]). Logits are computed chunk by chunk, as in training; ties go to the lowest id, as greedy decoding does."""
+    if rows is None:
+        rows = supervised_rows(labels, ignore_index)
+    if chunk_tokens is None:
+        chunk_tokens = loss_chunk_tokens(rows.shape[0], weight.shape[1], weight.shape[0])
+    rows = rows.to(hidden.device, non_blocking=True)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    targets = labels.reshape(-1).index_select(0, rows)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
+    hits = torch.empty(rows.shape[0], dtype=torch.bool, device=hidden.device)
+    for start in range(0, picked.shape[0], max(chunk_tokens, 1)):
+        y = targets[start : start + chunk_tokens]
+        logits = (picked[start : start + chunk_tokens] @ weight.t()).to(acc)
+        loss += (torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
+        hits[start : start + chunk_tokens] = logits.argmax(dim=-1) == y
+    return loss, rows, hits
+
+
+def logits_scores(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`score_tokens` for a model that returns logits [batch, seq, vocab] (labels [batch, seq], aligned with the
+    logits row for row, i.e. already shifted)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = supervised_rows(labels, ignore_index).to(logits.device)
+    targets = labels.reshape(-1).to(logits.device).index_select(0, rows)
+    picked = flat.index_select(0, rows).float()
+    loss = F.cross_entropy(picked, targets, reduction="sum")
+    return loss, rows, picked.argmax(dim=-1) == targets
+
+
+def exact_rows(rows: torch.Tensor, hits: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence of a [batch, seq] batch: (every supervised token was the argmax, bool [batch]; the sequence has
+    a supervised token at all, bool [batch]). `rows` are flat indices into [batch, seq], `hits` their results."""
+    sequence = torch.div(rows, seq, rounding_mode="floor")
+    misses = torch.zeros(batch, dtype=torch.int64, device=rows.device).index_add_(0, sequence, (~hits).long())
+    scored = torch.bincount(sequence, minlength=batch)[:batch] > 0
+    return (misses == 0) & scored, scored

@@ -12,7 +12,8 @@
 A damaged runs.sqlite raises RunStoreError (an InputError) naming the file and saying what is wrong with it.
 
 Metric names are stable and flat: loss, lr, grad_norm, tokens_per_s, mem_allocated_bytes, mem_reserved_bytes,
-mem_peak_bytes, mem_estimate_bytes, eval_<set>_loss, eval_<set>_tokens.
+mem_peak_bytes, mem_estimate_bytes, penalty (L2-SP / EWC runs), eval_<set>_loss, eval_<set>_tokens,
+eval_<set>_exact_match.
 """
 
 from nibblora.runs.read import (

@@ -107,6 +107,8 @@ class DataSection:
     batch_size: int = option(4, ge=1)  # sequences per micro-batch on each device
     max_length: int = option(0, ge=0)  # truncate longer rows (0: keep them whole)
     pad_token_id: int = option(0, ge=0)  # id used to pad a micro-batch to its longest row (labels there are -100)
+    general: str = option("")  # general-domain rows (a dataset like data.train): general_fraction and train.ewc
+    general_fraction: float = option(0.0, ge=0, lt=1)  # share of every step's rows drawn from data.general
 
 
 @dataclass
@@ -131,6 +133,9 @@ class TrainSection:
     log_every: int = option(1, ge=1)
     threads: int = option(0, ge=0, le=4096)  # torch CPU threads; 0: OMP_NUM_THREADS, else the CPUs / local ranks
     nan_policy: str = option("stop", choices=NAN_POLICIES)  # a non-finite loss: stop the run, or skip the step
+    l2sp: float = option(0.0, ge=0)  # L2-SP: penalty l2sp/2 * sum((w - w_start)^2) over the trained weights
+    ewc: float = option(0.0, ge=0)  # EWC: penalty ewc/2 * sum(F * (w - w_start)^2), F the mean-1 diagonal Fisher
+    ewc_samples: int = option(64, ge=1, le=INT_MAX)  # rows of data.general the Fisher is estimated on
 
 
 @dataclass

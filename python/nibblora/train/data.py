@@ -11,6 +11,7 @@ the rows an uninterrupted single-process run would.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -154,22 +155,73 @@ def index_stream(num_rows: int, seed: int, start: int) -> Iterator[int]:
 
 
 def step_micro_batches(
-    dataset: TokenizedDataset, step: int, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int
+    dataset: TokenizedDataset,
+    step: int,
+    batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    general_rows: int = 0,
+    general_fraction: float = 0.0,
 ) -> list[list[int]]:
     """Row indices of this rank's micro-batches for optimizer step `step` (0-based).
 
     A step consumes global_batch = batch_size * grad_accum * world_size consecutive stream positions; micro-batch
     j of rank r takes the slice starting at (j * world_size + r) * batch_size. So one process with
     batch_size * world_size rows per micro-batch sees the same rows as world_size processes together.
+    With `general_rows` > 0 and `general_fraction` > 0 some of those positions hold general-domain rows instead
+    (see step_rows); their indices are len(dataset) + i for general row i.
     """
     global_batch = batch_size * grad_accum * world_size
-    stream = index_stream(len(dataset), seed, step * global_batch)
-    positions = [next(stream) for _ in range(global_batch)]
+    positions = step_rows(len(dataset), step, global_batch, seed, general_rows, general_fraction)
     micro = []
     for j in range(grad_accum):
         begin = (j * world_size + rank) * batch_size
         micro.append(positions[begin : begin + batch_size])
     return micro
+
+
+def step_rows(
+    num_rows: int, step: int, global_batch: int, seed: int, general_rows: int = 0, general_fraction: float = 0.0
+) -> list[int]:
+    """The global batch of optimizer step `step`: `global_batch` row indices, a pure function of its arguments.
+
+    Without general rows: the next positions of the task stream. With them, steps 0 .. s-1 have drawn exactly
+    floor(s * global_batch * general_fraction) general rows in all (so every step takes its share, rounded so the
+    total never drifts), each source from its own endless stream (task rows where the task stream left off,
+    general rows from a stream seeded apart), and the general rows sit at positions of the batch drawn from
+    (seed, step). General row i is returned as num_rows + i.
+    """
+    if general_rows <= 0 or general_fraction <= 0:
+        stream = index_stream(num_rows, seed, step * global_batch)
+        return [next(stream) for _ in range(global_batch)]
+    general_before = math.floor(step * global_batch * general_fraction)
+    general_now = math.floor((step + 1) * global_batch * general_fraction) - general_before
+    task_stream = index_stream(num_rows, seed, step * global_batch - general_before)
+    general_stream = index_stream(general_rows, seed + 1, general_before)
+    slots = torch.randperm(global_batch, generator=torch.Generator().manual_seed(seed * 7919 + step))
+    general_slots = set(slots[:general_now].tolist())
+    return [num_rows + next(general_stream) if i in general_slots else next(task_stream) for i in range(global_batch)]
+
+
+class MixedRows:
+    """The task rows followed by the general rows, as one dataset (what step_rows' indices point into)."""
+
+    def __init__(self, task: TokenizedDataset, general: TokenizedDataset):
+        self.task, self.general = task, general
+
+    def __len__(self) -> int:
+        return len(self.task) + len(self.general)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        n = len(self.task)
+        return self.task[index] if index < n else self.general[index - n]
+
+    def describe(self, index: int) -> str:
+        """How an error names row `index`."""
+        n = len(self.task)
+        return str(index) if index < n else f"{index - n} of data.general"
 
 
 def eval_batches(

@@ -55,7 +55,7 @@ class TrainResult:
     status: str  # finished | stopped
     step: int
     losses: dict[int, float] = field(default_factory=dict)  # this process's steps only (after a resume: from there)
-    eval: dict[str, float] = field(default_factory=dict)  # last eval metrics
+    eval: dict[str, float] = field(default_factory=dict)  # last eval_<set>_loss and eval_<set>_exact_match
     trainable_params: int = 0
     peak_memory_bytes: int = 0
     estimated_memory_bytes: int = 0
@@ -115,10 +115,11 @@ def train(
     train_dataset: TokenizedDataset | None = None,
     eval_datasets: dict[str, TokenizedDataset] | None = None,
     *,
+    general_dataset: TokenizedDataset | None = None,
     quiet: bool = False,
 ) -> TrainResult:
-    """Fine-tune as `config` says; datasets given here replace data.train / data.eval. Resumes from the newest
-    intact checkpoint in output_dir when checkpoint.resume is on. Run under torchrun for DDP.
+    """Fine-tune as `config` says; datasets given here replace data.train / data.eval / data.general. Resumes from
+    the newest intact checkpoint in output_dir when checkpoint.resume is on. Run under torchrun for DDP.
 
     Raises OutputDirInUseError when another trainer holds output_dir, RunStoreError for a damaged runs.sqlite,
     NonFiniteLossError when the loss becomes NaN under train.nan_policy "stop"."""
@@ -137,7 +138,9 @@ def train(
                     config=config.to_dict(),
                     total_steps=config.train.max_steps,
                 )
-            return _train_recorded(config, train_dataset, eval_datasets, writer, _Logger(writer, quiet), info)
+            return _train_recorded(
+                config, train_dataset, eval_datasets, general_dataset, writer, _Logger(writer, quiet), info
+            )
     finally:
         shutdown(info)
 
@@ -146,6 +149,7 @@ def _train_recorded(
     config: TrainConfig,
     train_dataset: TokenizedDataset | None,
     eval_datasets: dict[str, TokenizedDataset] | None,
+    general_dataset: TokenizedDataset | None,
     writer: RunWriter | None,
     log: _Logger,
     info: DistInfo,
@@ -157,7 +161,7 @@ def _train_recorded(
             remove_partial_checkpoints(Path(config.output_dir))
             remove_stale_exports(Path(config.output_dir))
         with _StopSignal() as stop_signal:
-            setup = setup_training(config, info, log, log.event, train_dataset, eval_datasets)
+            setup = setup_training(config, info, log, log.event, train_dataset, eval_datasets, general_dataset)
             result.step, result.trainable_params = setup.start_step, setup.trainable_count
             try:
                 run_steps(setup, result, writer, log, stop_signal)
@@ -201,7 +205,9 @@ def run_steps(
         final_step = step == tc.max_steps
         if setup.eval_datasets and ((config.eval.every and step % config.eval.every == 0) or final_step):
             metrics.update(run_evals(setup))
-            result.eval.update({k: v for k, v in metrics.items() if k.startswith("eval_") and k.endswith("_loss")})
+            result.eval.update(
+                {k: v for k, v in metrics.items() if k.startswith("eval_") and not k.endswith("_tokens")}
+            )
         if writer is not None:
             writer.log_metrics(step, metrics)
             if step % tc.log_every == 0 or final_step:
@@ -227,6 +233,8 @@ def _step_metrics(setup: TrainingSetup, out: StepOutput, seconds: float, longest
         "supervised_tokens": out.supervised_tokens,
         **setup.meter.read(),
     }
+    if setup.anchor is not None:
+        metrics["penalty"] = out.penalty
     if config.train.mode not in ESTIMATED_MODES:
         return metrics  # the memory calculator models full, LoRA and QLoRA only
     estimate = estimate_memory(
@@ -243,12 +251,17 @@ def _step_metrics(setup: TrainingSetup, out: StepOutput, seconds: float, longest
         double_quant=config.model.double_quant,
         device="cuda" if setup.info.device.type == "cuda" else "cpu",
     )
-    metrics["mem_estimate_bytes"] = estimate.total_bytes
+    # The L2-SP / EWC copies (w0, F) are not in the calculator's model of a run; they are known exactly.
+    metrics["mem_estimate_bytes"] = estimate.total_bytes + (setup.anchor.bytes if setup.anchor is not None else 0)
     return metrics
 
 
 def _step_line(step: int, max_steps: int, out: StepOutput, metrics: dict[str, float]) -> str:
-    evals = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") and k.endswith("_loss"))
+    evals = "".join(
+        f" {k} {v:.4f}" if k.endswith("_loss") else f" {k} {v:.1%}"
+        for k, v in metrics.items()
+        if k.startswith("eval_") and k.endswith(("_loss", "_exact_match"))
+    )
     return (
         f"step {step}/{max_steps} loss {out.loss:.4f} lr {out.lr:.2e} grad_norm {out.grad_norm:.3f} "
         f"{metrics['tokens_per_s']:.0f} tok/s{evals}"
@@ -292,12 +305,13 @@ def _show(value: float) -> str:
 
 
 def run_evals(setup: TrainingSetup) -> dict[str, float]:
-    """eval_<name>_loss and eval_<name>_tokens of every eval set."""
+    """eval_<name>_loss, eval_<name>_tokens and eval_<name>_exact_match (share of rows whose every supervised
+    token is the greedy choice) of every eval set."""
     config = setup.config
     batch_size = config.eval.batch_size or config.data.batch_size
     metrics: dict[str, float] = {}
     for name, dataset in setup.eval_datasets.items():
-        loss, tokens = evaluate(
+        scores = evaluate(
             setup.model,
             dataset,
             batch_size,
@@ -306,8 +320,9 @@ def run_evals(setup: TrainingSetup) -> dict[str, float]:
             setup.info,
             setup.autocast,
         )
-        metrics[f"eval_{name}_loss"] = loss
-        metrics[f"eval_{name}_tokens"] = tokens
+        metrics[f"eval_{name}_loss"] = scores.loss
+        metrics[f"eval_{name}_tokens"] = scores.tokens
+        metrics[f"eval_{name}_exact_match"] = scores.exact_match
     return metrics
 
 

@@ -34,8 +34,9 @@ from nibblora.train.checkpointing import (
     load_checkpoint,
 )
 from nibblora.train.config import TrainConfig
-from nibblora.train.data import TokenizedDataset, open_dataset
+from nibblora.train.data import MixedRows, TokenizedDataset, open_dataset
 from nibblora.train.distributed import DistInfo, broadcast_int
+from nibblora.train.forgetting import WeightAnchor, estimate_fisher
 from nibblora.train.optim import PagedOptimizerStates, build_optimizer, build_scheduler
 
 # log(message, level) -> None: the run's logger (rank 0 writes; other ranks' calls do nothing).
@@ -62,6 +63,15 @@ class TrainingSetup:
     meter: MemoryMeter
     start_step: int  # optimizer steps already done (0, or the resumed checkpoint's step)
     threads: int  # torch CPU threads in use
+    general_dataset: TokenizedDataset | None = None  # data.general: mixed into steps, and the Fisher's rows
+    anchor: WeightAnchor | None = None  # L2-SP / EWC: the starting weights and the penalty toward them
+
+    @property
+    def step_dataset(self) -> TokenizedDataset:
+        """What step_micro_batches' indices point into: the task rows, then the general rows when mixed."""
+        if self.general_dataset is not None and self.config.data.general_fraction > 0:
+            return MixedRows(self.train_dataset, self.general_dataset)
+        return self.train_dataset
 
     @property
     def vocab_size(self) -> int:
@@ -73,9 +83,13 @@ class TrainingSetup:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """CUDA autocast to the model dtype for 16-bit runs on a GPU; nothing otherwise."""
-        if self.info.device.type == "cuda" and self.config.model.dtype != "float32":
-            return torch.autocast("cuda", dtype=compute_dtype(self.config.model.dtype))
-        return contextlib.nullcontext()
+        return _autocast(self.config, self.info.device)()
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if device.type == "cuda" and config.model.dtype != "float32":
+        return lambda: torch.autocast("cuda", dtype=compute_dtype(config.model.dtype))
+    return contextlib.nullcontext
 
 
 def build_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, int]:
@@ -151,9 +165,13 @@ def inject_method(model: nn.Module, config: TrainConfig) -> None:
 
 
 def load_datasets(
-    config: TrainConfig, train_dataset: TokenizedDataset | None, eval_datasets: dict[str, TokenizedDataset] | None
-) -> tuple[TokenizedDataset, dict[str, TokenizedDataset]]:
-    """The datasets passed in, or the ones data.train / data.eval name."""
+    config: TrainConfig,
+    train_dataset: TokenizedDataset | None,
+    eval_datasets: dict[str, TokenizedDataset] | None,
+    general_dataset: TokenizedDataset | None = None,
+) -> tuple[TokenizedDataset, dict[str, TokenizedDataset], TokenizedDataset | None]:
+    """The datasets passed in, or the ones data.train / data.eval / data.general name. The general rows are
+    loaded only when something uses them (data.general_fraction or train.ewc)."""
     if train_dataset is None:
         if not config.data.train:
             raise ConfigError(
@@ -165,7 +183,49 @@ def load_datasets(
         eval_datasets = {name: open_dataset(path, config.data.max_length) for name, path in config.data.eval.items()}
     if len(train_dataset) == 0:
         raise ValueError("the training set is empty")
-    return train_dataset, eval_datasets
+    needs_general = config.data.general_fraction > 0 or config.train.ewc > 0
+    if general_dataset is None and needs_general:
+        if not config.data.general:
+            key = "data.general_fraction" if config.data.general_fraction > 0 else "train.ewc"
+            raise ConfigError(
+                f"{key} needs general-domain rows: set data.general to a dataset (a prepared folder or a .jsonl of "
+                "tokenized rows), or pass general_dataset to train()"
+            )
+        general_dataset = open_dataset(config.data.general, config.data.max_length)
+    if general_dataset is not None and needs_general and len(general_dataset) == 0:
+        raise ConfigError(f"data.general: the general-domain set {config.data.general or '(passed in)'} is empty")
+    return train_dataset, eval_datasets, general_dataset if needs_general else None
+
+
+def build_anchor(
+    config: TrainConfig,
+    model: nn.Module,
+    params: list[nn.Parameter],
+    general: TokenizedDataset | None,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    log: Log,
+) -> WeightAnchor | None:
+    """L2-SP / EWC at the model's current (starting) weights; the Fisher from the first train.ewc_samples rows of
+    a seeded shuffle of data.general. None when neither is on."""
+    tc = config.train
+    if tc.l2sp <= 0 and tc.ewc <= 0:
+        return None
+    fisher = None
+    if tc.ewc > 0:
+        from nibblora.train.step import model_loss_sum
+
+        assert general is not None  # load_datasets required it
+        order = torch.randperm(len(general), generator=torch.Generator().manual_seed(tc.seed + 2))
+        rows = [general[i] for i in order[: tc.ewc_samples].tolist()]
+        fisher = estimate_fisher(
+            model, params, rows, lambda m, b: model_loss_sum(m, b, b["labels"].cpu()), device, autocast
+        )
+        log(f"EWC: diagonal Fisher estimated on {len(rows)} general rows")
+    anchor = WeightAnchor.build(params, tc.l2sp, tc.ewc, fisher)
+    if anchor is not None:
+        log(f"anchored to the starting weights (l2sp {tc.l2sp}, ewc {tc.ewc}): {anchor.bytes / 2**20:.1f} MiB held")
+    return anchor
 
 
 def find_resume_step(config: TrainConfig, info: DistInfo, log: Log, event: Event) -> int | None:
@@ -269,6 +329,7 @@ def setup_training(
     event: Event,
     train_dataset: TokenizedDataset | None = None,
     eval_datasets: dict[str, TokenizedDataset] | None = None,
+    general_dataset: TokenizedDataset | None = None,
 ) -> TrainingSetup:
     """Build the run: datasets, model (adapters injected), optimizer, schedule, scaler; then load the newest intact
     checkpoint when checkpoint.resume is on, and wrap the model in DDP under torchrun."""
@@ -276,7 +337,7 @@ def setup_training(
     if device.type == "cpu" and config.model.dtype == "float16":
         raise ConfigError("model.dtype float16 needs CUDA; on a CPU use float32 or bfloat16")
     threads = apply_threads(tc.threads)
-    train_dataset, eval_datasets = load_datasets(config, train_dataset, eval_datasets)
+    train_dataset, eval_datasets, general_dataset = load_datasets(config, train_dataset, eval_datasets, general_dataset)
 
     meter = MemoryMeter(device)
     torch.manual_seed(tc.seed)  # the same adapter init on every rank
@@ -292,6 +353,8 @@ def setup_training(
         f"{trainable:,} trainable parameters"
     )
     trainable_params = [p for p in model.parameters() if p.requires_grad]
+    # Before any checkpoint is loaded: the anchor holds the starting weights, on resume too.
+    anchor = build_anchor(config, model, trainable_params, general_dataset, device, _autocast(config, device), log)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.betas[0], tc.betas[1]), tc.eps)
     warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * tc.max_steps)
     scheduler = build_scheduler(optimizer, tc.max_steps, warmup, tc.schedule, tc.min_lr_ratio)
@@ -344,4 +407,6 @@ def setup_training(
         meter,
         start_step,
         threads,
+        general_dataset,
+        anchor,
     )

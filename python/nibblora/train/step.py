@@ -16,6 +16,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,9 @@ from torch import nn
 
 from nibblora.data.encoder import IGNORE_INDEX
 from nibblora.models.llama import LlamaForCausalLM
-from nibblora.models.loss import shift_labels, supervised_rows
+from nibblora.models.loss import TokenScores, exact_rows, logits_scores, shift_labels, supervised_rows
 from nibblora.train.data import (
+    MixedRows,
     TokenizedDataset,
     check_token_ids,
     eval_batches,
@@ -47,6 +49,7 @@ class StepOutput:
     tokens: int  # non-pad tokens over all ranks
     longest: int  # longest padded micro-batch of this rank
     applied: bool
+    penalty: float = 0.0  # the L2-SP / EWC penalty at the step's starting weights (not part of `loss`)
 
     @property
     def finite(self) -> bool:
@@ -90,12 +93,22 @@ def train_step(setup: TrainingSetup, step: int, skip_non_finite: bool) -> StepOu
     the scheduler still advances when `skip_non_finite` (the step is skipped, not retried)."""
     config, info, tc = setup.config, setup.info, setup.config.train
     device = info.device
+    rows = setup.step_dataset  # the task rows, then the general rows when data.general_fraction mixes them in
+    mixed = isinstance(rows, MixedRows)
     micro = step_micro_batches(
-        setup.train_dataset, step, config.data.batch_size, tc.grad_accum, info.world_size, info.rank, tc.seed
+        setup.train_dataset,
+        step,
+        config.data.batch_size,
+        tc.grad_accum,
+        info.world_size,
+        info.rank,
+        tc.seed,
+        general_rows=len(rows.general) if mixed else 0,
+        general_fraction=config.data.general_fraction,
     )
-    batches = [pad_collate([setup.train_dataset[i] for i in idx], config.data.pad_token_id) for idx in micro]
+    batches = [pad_collate([rows[i] for i in idx], config.data.pad_token_id) for idx in micro]
     for idx, batch in zip(micro, batches):
-        check_token_ids(batch, setup.vocab_size, idx)
+        check_token_ids(batch, setup.vocab_size, [rows.describe(i) for i in idx] if mixed else idx)
     n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     n_tokens = int(all_reduce_sum(torch.tensor(n_local, device=device), info).item())
     tokens_local = sum(int((b["input_ids"] != config.data.pad_token_id).sum()) for b in batches)
@@ -113,6 +126,8 @@ def train_step(setup: TrainingSetup, step: int, skip_non_finite: bool) -> StepOu
         loss_total += loss_sum.detach().double()
         del loss_sum
     setup.scaler.unscale_(setup.optimizer)
+    # L2-SP / EWC: their gradients join the loss's before clipping, as a loss term's would.
+    penalty = setup.anchor.add_gradients() if setup.anchor is not None else 0.0
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.trainable_params, max_norm))
     lr = setup.scheduler.get_last_lr()[0]
@@ -135,7 +150,37 @@ def train_step(setup: TrainingSetup, step: int, skip_non_finite: bool) -> StepOu
             setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
     tokens = int(all_reduce_sum(torch.tensor(tokens_local, device=device), info).item())
-    return StepOutput(loss, lr, grad_norm, n_tokens, tokens, longest, finite)
+    return StepOutput(loss, lr, grad_norm, n_tokens, tokens, longest, finite, penalty)
+
+
+class EvalScores(NamedTuple):
+    """One eval set's results (over all ranks)."""
+
+    loss: float  # mean next-token loss over the supervised tokens
+    tokens: int  # supervised tokens
+    exact_match: float  # share of scored rows whose every supervised token is the greedy (argmax) choice
+    rows: int  # rows with at least one supervised token
+
+
+def model_scores(model: nn.Module, batch: dict[str, torch.Tensor], cpu_labels: torch.Tensor) -> TokenScores:
+    """Evaluation's `model_loss_sum`: the loss sum and, per row, whether every supervised token is the model's
+    greedy choice given the tokens before it (teacher forcing). That is exactly "greedy decoding reproduces the
+    answer": if every step's argmax is the label, free-running greedy decoding emits the same tokens; at the
+    first miss it diverges."""
+    inner = model.module if hasattr(model, "module") else model
+    if isinstance(inner, LlamaForCausalLM):
+        return model(
+            batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            labels=batch["labels"],
+            loss_rows=supervised_rows(shift_labels(cpu_labels)),
+            score=True,
+        )
+    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"))
+    targets = batch["labels"][:, 1:]
+    loss, rows, hits = logits_scores(logits[:, :-1], targets)
+    exact, scored = exact_rows(rows, hits, *targets.shape)
+    return TokenScores(loss, rows.shape[0], exact, scored)
 
 
 @torch.no_grad()
@@ -147,20 +192,24 @@ def evaluate(
     pad_token_id: int,
     info: DistInfo,
     autocast: Callable[[], contextlib.AbstractContextManager],
-) -> tuple[float, int]:
-    """(mean next-token loss over the set's supervised tokens, their number), over all ranks."""
+) -> EvalScores:
+    """Loss and exact match of the set (see EvalScores), over all ranks."""
     was_training = model.training
     model.eval()
+    # float64 loss, then three counts: supervised tokens, exactly-matched rows, scored rows
     total = torch.zeros((), dtype=torch.float64, device=info.device)
-    count = torch.zeros((), dtype=torch.int64, device=info.device)
+    counts = torch.zeros(3, dtype=torch.int64, device=info.device)
     for indices in eval_batches(dataset, batch_size, max_batches, info.rank, info.world_size):
         cpu_batch = pad_collate([dataset[i] for i in indices], pad_token_id)
         check_token_ids(cpu_batch, model.config.vocab_size, indices, what="eval row")
         batch = {k: v.to(info.device) for k, v in cpu_batch.items()}
         with autocast():
-            loss_sum = model_loss_sum(model, batch, cpu_batch["labels"])
-        total += loss_sum.double()
-        count += int((cpu_batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            scores = model_scores(model, batch, cpu_batch["labels"])
+        total += scores.loss_sum.double()
+        counts += torch.stack(
+            [torch.tensor(scores.tokens, device=info.device), scores.exact.sum(), scores.scored.sum()]
+        ).to(info.device)
     model.train(was_training)
-    total, count = all_reduce_sum(total, info), all_reduce_sum(count, info)
-    return (total / count.clamp(min=1)).item(), int(count.item())
+    total, counts = all_reduce_sum(total, info), all_reduce_sum(counts, info)
+    tokens, exact, rows = (int(c) for c in counts.tolist())
+    return EvalScores((total / max(tokens, 1)).item(), tokens, exact / rows if rows else 0.0, rows)

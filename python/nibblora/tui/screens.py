@@ -132,6 +132,9 @@ class JobScreen(Screen):
         text.append(f"  {mode}  step {last}{total}  loss {fmt_number(s.latest('loss'))}")
         for name in s.eval_sets():
             text.append(f"  eval {name} {fmt_number(s.latest(f'eval_{name}_loss'))}")
+            exact = s.latest(f"eval_{name}_exact_match")
+            if exact is not None:
+                text.append(f" (exact {exact:.1%})")
         peak = max(s.metrics.get("mem_peak_bytes", {}).values(), default=None)
         estimate = s.latest("mem_estimate_bytes")
         text.append(f"\nmemory: measured peak {fmt_bytes(peak)}, calculator's estimate {fmt_bytes(estimate)}")
