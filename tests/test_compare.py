@@ -100,6 +100,19 @@ def test_the_full_plan_sweeps_three_rates_per_method_then_ranks_and_mitigations(
     assert LORA_RECIPE["r"] == 16
 
 
+def test_the_best_rate_is_the_lowest_validation_loss_and_a_diverged_run_never_wins():
+    from nibblora.compare.tool import best_by_task_loss
+
+    outcomes = [
+        {"method": "lora", "run_id": "a", "task_loss": 0.9},
+        {"method": "lora", "run_id": "b", "task_loss": 0.7},
+        {"method": "lora", "run_id": "c", "task_loss": float("nan")},
+        {"method": "full", "run_id": "d", "task_loss": float("inf")},
+    ]
+    best = best_by_task_loss(outcomes)
+    assert best["lora"]["run_id"] == "b" and "full" not in best
+
+
 # --- the memory calculator's exact trainable counts -------------------------------------------------------------------
 
 
@@ -177,20 +190,22 @@ def comparison(tiny_base, tmp_path_factory):
         batch_size=4,
         lr_count=1,
         ranks=(4, 16),
-        mitigations=(),
+        mitigations=("full + ewc 1",),
         methods=("full", "lora", "prefix"),
         eval_every=3,
+        timing_rounds=2,
     )
     out = tmp_path_factory.mktemp("compare")
     lines: list[str] = []
-    summary = compare_methods(out, base=tiny_base, plan=plan, test_rows=6, threads=1, log=lines.append)
+    # Two runs at a time in worker processes: the pool path, and everything a worker is sent, is exercised.
+    summary = compare_methods(out, base=tiny_base, plan=plan, test_rows=6, threads=1, jobs=2, log=lines.append)
     return summary, lines
 
 
 def test_the_json_has_every_column_for_every_row(comparison):
     summary, _ = comparison
     report = json.loads(summary.files["json"].read_text())
-    assert [r["name"] for r in report["rows"]] == ["full", "lora", "prefix", "lora r4", "lora r16"]
+    assert [r["name"] for r in report["rows"]] == ["full", "lora", "prefix", "lora r4", "lora r16", "full + ewc 1"]
     for r in report["rows"]:
         assert set(ROW_KEYS) <= set(r), set(ROW_KEYS) - set(r)
         assert 0 <= r["exact_match"] <= 1 and r["test_rows"] == 6
@@ -235,9 +250,13 @@ def test_markdown_png_run_stores_and_progress_lines_are_written(comparison):
     assert "## The lesson's claims" in markdown and "Biderman" in markdown and ".478" in markdown
     assert summary.files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = list_runs(summary.out / "runs")
-    assert {run.status for run in runs} == {"finished"} and len(runs) == 4
+    assert {run.status for run in runs} == {"finished"} and len(runs) == 5
     progress = [line for line in lines if line.startswith("run ")]
-    assert progress[0].startswith("run 1/4 full lr") and "elapsed" in progress[0]
+    assert [line.split()[1] for line in progress] == [f"{i}/5" for i in range(1, 6)]
+    assert all(" lr " in line and "exact match" in line and "elapsed)" in line for line in progress)
+    ewc = next(run for run in runs if run.run_id.startswith("full-ewc"))
+    assert ewc.config["train"]["ewc"] == 1.0 and ewc.config["data"]["general"].endswith("general.jsonl")
+    assert not summary.report["skipped"]
     assert "claims:" in summary.format()
 
 

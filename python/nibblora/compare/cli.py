@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fresh", action="store_true", help="retrain every run (default: reuse finished runs of the same config)"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        metavar="N",
+        help="runs trained at once, each in its own process (default 2: on 2 cores, two single-threaded runs "
+        "finish sooner than one two-threaded run)",
+    )
     add_threads_argument(parser)
     return parser
 
@@ -86,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan=plan,
             reuse=not args.fresh,
             threads=args.threads,
+            jobs=args.jobs,
             log=lambda line: print(f"nibblora.compare: {line}", flush=True),
         ),
     )

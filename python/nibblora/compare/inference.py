@@ -1,6 +1,6 @@
 """Inference overhead: greedy generation tokens/s of each fine-tuned model against the base model.
 
-    timing = measure_inference(spec, ws, weights_dir, scratch)
+    timing = measure_inference(spec, ws, weights_dir, scratch, rounds=5)
     timing["variants"]["merged"] == {"tokens_per_s": ..., "slowdown": 0.004, "noise": 0.01}
 
 Variants: "unmerged" is the base with the method applied at run time (LoRA / DoRA / IA3 layers, prompt tuning's
@@ -34,7 +34,7 @@ from nibblora.compare.workspace import Workspace
 from nibblora.demo import tasks
 from nibblora.models import generate, load_model
 
-PROMPTS, NEW_TOKENS, ROUNDS = 8, 24, 7
+PROMPTS, NEW_TOKENS = 8, 24
 
 
 def prompt_batch(ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ def generation_seconds(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) 
 
 
 def time_against_base(
-    base: nn.Module, variants: dict[str, nn.Module], ids: torch.Tensor, mask: torch.Tensor, rounds: int = ROUNDS
+    base: nn.Module, variants: dict[str, nn.Module], ids: torch.Tensor, mask: torch.Tensor, rounds: int
 ) -> dict[str, Any]:
     """tokens/s of the base and of each variant, and each variant's slowdown and its noise (fractions)."""
     for model in (base, *variants.values()):
@@ -144,10 +144,10 @@ def overhead_note(spec: RunSpec) -> str:
     return "the base's architecture"
 
 
-def measure_inference(spec: RunSpec, ws: Workspace, weights_dir: Path, scratch: Path) -> dict[str, Any]:
+def measure_inference(spec: RunSpec, ws: Workspace, weights_dir: Path, scratch: Path, rounds: int) -> dict[str, Any]:
     ids, mask = prompt_batch(ws)
     base = load_model(ws.base_dir, torch.float32).eval()
     variants = {name: build() for name, build in variant_loaders(spec, ws, weights_dir, scratch).items()}
-    timing = time_against_base(base, variants, ids, mask)
+    timing = time_against_base(base, variants, ids, mask, rounds)
     timing["note"] = overhead_note(spec)
     return timing

@@ -110,6 +110,10 @@ def run_training(
     start = time.perf_counter()
     result = train(config, quiet=True)
     seconds = time.perf_counter() - start
+    if result.status != "finished":
+        # SIGTERM or Ctrl-C: the trainer stopped gracefully (checkpoint written); the comparison stops too, and a
+        # rerun retrains this run (its folder holds no outcome.json) and reuses the finished ones.
+        raise KeyboardInterrupt(f"{spec.run_id} stopped at step {result.step}")
     weights_dir = result.weights_dir or run_dir / ("model" if spec.mode == "full" else "adapter")
     model = load_trained(spec, ws, weights_dir)
     before = ws.general_before["nf4" if four_bit(spec) else "dense"]

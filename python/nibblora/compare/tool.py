@@ -22,13 +22,13 @@ from typing import Any
 from nibblora.compare import estimates
 from nibblora.compare.claims import judge_claims
 from nibblora.compare.inference import measure_inference
+from nibblora.compare.jobs import Progress, train_runs
 from nibblora.compare.plan import LORA_RECIPE, Plan, RunSpec
 from nibblora.compare.plot import plot_report
 from nibblora.compare.report import console_table, write_json, write_markdown
-from nibblora.compare.runner import run_training
 from nibblora.compare.workspace import Workspace, prepare_workspace
-from nibblora.errors import ConfigError, ExportError
-from nibblora.threads import apply_threads
+from nibblora.errors import ExportError
+from nibblora.threads import apply_threads, default_threads
 
 # What the trainer's MemoryMeter reports on a CPU (nibblora/memory/measure.py).
 MEMORY_METHOD = "peak bytes in live malloc allocations, sampled every 2 ms, from before the model loads"
@@ -69,32 +69,6 @@ class CompareSummary:
         )
 
 
-def _elapsed(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
-class _Progress:
-    """Prints "run i/N method lr ... (elapsed)" per run."""
-
-    def __init__(self, total: int, log: Callable[[str], None]):
-        self.total, self.done, self.log, self.start = total, 0, log, time.perf_counter()
-
-    def elapsed(self) -> str:
-        return _elapsed(time.perf_counter() - self.start)
-
-    def run(self, spec: RunSpec, train: Callable[[], dict]) -> dict:
-        self.done += 1
-        head = f"run {self.done}/{self.total} {spec.row} lr {spec.lr:.0e}"
-        self.log(f"{head}: training ({self.elapsed()} elapsed)")
-        outcome = train()
-        how = "reused" if outcome.get("reused") else f"{outcome['train_seconds']:.0f} s"
-        self.log(
-            f"{head}: {how}, validation loss {outcome['task_loss']:.4f}, exact match "
-            f"{100 * outcome['exact_match']:.1f}%, forgetting {outcome['forgetting']:+.3f} ({self.elapsed()} elapsed)"
-        )
-        return outcome
-
-
 def best_by_task_loss(outcomes: list[dict]) -> dict[str, dict]:
     """Per method, the phase-1 outcome with the lowest validation task loss (non-finite losses never win)."""
     best: dict[str, dict] = {}
@@ -111,7 +85,7 @@ def build_row(
     name: str, group: str, spec: RunSpec, outcome: dict, ws: Workspace, plan: Plan, scratch: Path
 ) -> dict[str, Any]:
     """One table row: the run's outcome, its inference timing and the calculator's figures."""
-    timing = measure_inference(spec, ws, Path(outcome["weights_dir"]), scratch)
+    timing = measure_inference(spec, ws, Path(outcome["weights_dir"]), scratch, plan.timing_rounds)
     as_trained = outcome["estimated_memory_bytes"] or estimates.as_trained_bytes(
         spec, ws.base_config, plan.batch_size, ws.longest_train_row
     )
@@ -153,6 +127,7 @@ def compare_methods(
     plan: Plan | None = None,
     reuse: bool = True,
     threads: int = 0,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> CompareSummary:
     """Train and measure every method (see the module docstring); returns the summary and writes compare.json,
@@ -162,38 +137,35 @@ def compare_methods(
     base: a tiny base nibblora.demo pretrained (default: out/base or build/demo/base when valid, else pretrain
     one for `pretrain_steps` steps). test_rows: held-out prompts scored by generation. reuse: keep the outcome of
     a run whose folder already holds one for the same config (a rerun after an interruption continues).
-    threads: torch CPU threads for every run and timing (0: nibblora.threads' default, resolved once).
-    Raises ExportError for a bad --base or a missing matplotlib, and the trainer's errors for a failed run."""
+    threads: torch CPU threads for every run and timing (0: nibblora.threads' default divided by jobs, resolved
+    once). jobs: runs trained at once, each in its own process (nibblora.compare.jobs).
+    Raises ExportError for a bad --base or a missing matplotlib, the trainer's errors for a failed run, and
+    KeyboardInterrupt when a run was stopped (SIGTERM, Ctrl-C): finished runs are kept for the next call."""
     start = time.perf_counter()
     out = Path(out)
     plan = plan or (Plan.quick() if quick else Plan.full())
     if test_rows < 1:
         raise ExportError(f"test_rows must be >= 1, got {test_rows}")
-    threads = apply_threads(threads)
+    if jobs < 1:
+        raise ExportError(f"jobs must be >= 1, got {jobs}")
+    # Every run (and the inference timing) uses the same thread count, so their speeds compare; parallel runs
+    # share the default between them.
+    threads = apply_threads(threads or max(1, default_threads() // jobs))
     out.mkdir(parents=True, exist_ok=True)
     runs_dir, scratch = out / "runs", out / "scratch"
     scratch.mkdir(exist_ok=True)
     ws = prepare_workspace(out, Path(base) if base is not None else None, pretrain_steps, test_rows, log)
-    progress = _Progress(plan.run_count(), log)
+    progress = Progress(plan.run_count(), log)
+    batch = dict(threads=threads, reuse=reuse, jobs=jobs, progress=progress)
     sweep = plan.sweep()
     specs = {s.run_id: s for s in sweep}
-    phase1 = [progress.run(s, lambda s=s: run_training(s, plan, ws, runs_dir, threads, reuse)) for s in sweep]
+    phase1, _ = train_runs(sweep, plan, ws, runs_dir, **batch)  # only mitigations are ever skipped
     best = best_by_task_loss(phase1)
     if "full" in plan.methods and "full" not in best:
         raise ExportError("full fine-tuning failed at every learning rate; nothing to compare against")
     follow = plan.follow_ups({m: o["lr"] for m, o in best.items()})
     specs.update({s.run_id: s for s in follow})
-    phase2, skipped = [], []
-    for spec in follow:
-        try:
-            phase2.append(progress.run(spec, lambda s=spec: run_training(s, plan, ws, runs_dir, threads, reuse)))
-        except ConfigError as err:
-            if spec.group != "mitigation":
-                raise
-            # A trainer without the mitigation's keys (data.general_fraction, train.l2sp, train.ewc) refuses the
-            # config before anything trains: the row is left out, and the report says which and why.
-            log(f"{spec.row}: skipped, the trainer refused its config ({err})")
-            skipped.append({"row": spec.row, "reason": str(err)})
+    phase2, skipped = train_runs(follow, plan, ws, runs_dir, **batch)
     train_seconds = time.perf_counter() - start
 
     log(f"timing inference and adding the calculator's figures ({progress.elapsed()} elapsed)")
@@ -224,6 +196,7 @@ def compare_methods(
             "runs": len(phase1) + len(phase2),
             "device": "cpu",
             "threads": threads,
+            "jobs": jobs,
             "base_dir": str(ws.base_dir),
             "base_params": ws.base_params,
             "test_rows": len(ws.test_examples),

@@ -53,7 +53,8 @@ def general_rows(tokenizer: Tokenizer, n_rows: int = 48, seq_len: int = 64, held
     (for measuring forgetting); else the pretraining files themselves (for replay during fine-tuning)."""
     pretraining, unseen = tiny_base.stdlib_files()
     files = unseen if held_out else pretraining
-    ids = tokenizer.encode(tiny_base.read_text(files, 200_000 * max(1, n_rows // 48)), add_special_tokens=False).ids
+    chars = max(200_000, 4 * n_rows * seq_len)  # ~3 characters per token of source code, with a margin
+    ids = tokenizer.encode(tiny_base.read_text(files, chars), add_special_tokens=False).ids
     rows = [{"input_ids": ids[i : i + seq_len]} for i in range(0, n_rows * seq_len, seq_len)]
     return TokenizedRows([r for r in rows if len(r["input_ids"]) == seq_len])
 

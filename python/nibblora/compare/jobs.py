@@ -1,0 +1,111 @@
+"""Running a batch of runs, one at a time or several in parallel processes, with a progress line per run.
+
+    progress = Progress(total=34, log=print)
+    outcomes, skipped = train_runs(specs, plan, ws, runs_dir, threads=1, reuse=True, jobs=2, progress=progress)
+
+With jobs > 1 the runs go to a pool of `spawn`ed worker processes (each imports torch once and trains runs one
+after another with `threads` CPU threads): on a machine with more cores than one small run can use, or a shared
+one, several single-threaded runs finish sooner than one run at a time. Each run's memory is still measured in
+its own process. Outcomes come back in the order of `specs`, whatever order they finish in.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from nibblora.compare.plan import Plan, RunSpec
+from nibblora.compare.runner import run_training
+from nibblora.compare.workspace import Workspace
+from nibblora.errors import ConfigError
+
+
+def elapsed_text(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+class Progress:
+    """Prints "run i/N row lr ...: result (elapsed)" as each run finishes (and when it starts, one at a time)."""
+
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.done, self.log, self.start = total, 0, log, time.perf_counter()
+
+    def elapsed(self) -> str:
+        return elapsed_text(time.perf_counter() - self.start)
+
+    def started(self, spec: RunSpec) -> None:
+        self.log(f"run {self.done + 1}/{self.total} {spec.row} lr {spec.lr:.0e}: training ({self.elapsed()} elapsed)")
+
+    def finished(self, spec: RunSpec, outcome: dict) -> None:
+        self.done += 1
+        how = "reused" if outcome.get("reused") else f"trained in {outcome['train_seconds']:.0f} s"
+        self.log(
+            f"run {self.done}/{self.total} {spec.row} lr {spec.lr:.0e}: {how}, validation loss "
+            f"{outcome['task_loss']:.4f}, exact match {100 * outcome['exact_match']:.1f}%, forgetting "
+            f"{outcome['forgetting']:+.3f} ({self.elapsed()} elapsed)"
+        )
+
+    def skipped(self, spec: RunSpec, reason: str) -> None:
+        self.done += 1
+        self.log(f"run {self.done}/{self.total} {spec.row}: skipped, the trainer refused its config ({reason})")
+
+
+def _refused_mitigation(spec: RunSpec, err: BaseException) -> bool:
+    """A trainer without a mitigation's keys (data.general_fraction, train.l2sp, train.ewc) refuses its config
+    before anything trains: that row is left out and reported, not the whole comparison failed."""
+    return isinstance(err, ConfigError) and spec.group == "mitigation"
+
+
+def train_runs(
+    specs: Sequence[RunSpec],
+    plan: Plan,
+    ws: Workspace,
+    runs_dir: Path,
+    *,
+    threads: int,
+    reuse: bool,
+    jobs: int,
+    progress: Progress,
+) -> tuple[list[dict], list[dict]]:
+    """Train every spec; returns (outcomes in the order of specs, [{"row", "reason"}] of refused mitigations)."""
+    outcomes: dict[str, dict] = {}
+    skipped: list[dict] = []
+    if jobs <= 1 or len(specs) <= 1:
+        for spec in specs:
+            progress.started(spec)
+            try:
+                outcomes[spec.run_id] = run_training(spec, plan, ws, runs_dir, threads, reuse)
+            except ConfigError as err:
+                if not _refused_mitigation(spec, err):
+                    raise
+                progress.skipped(spec, str(err))
+                skipped.append({"row": spec.row, "reason": str(err)})
+                continue
+            progress.finished(spec, outcomes[spec.run_id])
+    else:
+        progress.log(f"training {len(specs)} runs, {jobs} at a time ({progress.elapsed()} elapsed)")
+        context = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads already run
+        with ProcessPoolExecutor(min(jobs, len(specs)), mp_context=context) as pool:
+            futures: dict[Future, RunSpec] = {
+                pool.submit(run_training, spec, plan, ws, runs_dir, threads, reuse): spec for spec in specs
+            }
+            try:
+                for future in as_completed(futures):
+                    spec = futures[future]
+                    err = future.exception()
+                    if err is None:
+                        outcomes[spec.run_id] = future.result()
+                        progress.finished(spec, outcomes[spec.run_id])
+                    elif _refused_mitigation(spec, err):
+                        progress.skipped(spec, str(err))
+                        skipped.append({"row": spec.row, "reason": str(err)})
+                    else:
+                        raise err
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    return [outcomes[s.run_id] for s in specs if s.run_id in outcomes], skipped
