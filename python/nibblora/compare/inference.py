@@ -9,17 +9,16 @@ into the weights, which has the base's architecture (LoRA, QLoRA and DoRA merged
 IA3 by merge_ia3; full fine-tuning is already a plain model). QLoRA's unmerged variant runs over the 4-bit base,
 so "4-bit base" times that base alone to show what the adapter adds on top.
 
-The base and the variants are timed in interleaved rounds (so a neighbour's load hits both alike); the slowdown is
-the median over rounds of time(variant) / time(base) - 1, and its noise the 95% half-width of that median
-(from the rounds' median absolute deviation). A tiny model on a CPU is dominated by per-layer overhead, so the
-numbers say what each method adds per decoder step, not what it costs a 7B model on a GPU.
+The base and the variants are timed in interleaved rounds (so a neighbour's load hits all alike); each model's
+time is its fastest round, the slowdown is time(variant) / time(base) - 1, and the noise is an A/A comparison:
+the base timed a second time in every round, judged by the same estimator. A tiny model on a CPU is dominated by
+per-layer overhead, so the numbers say what each method adds per decoder step, not what it costs a 7B model on a
+GPU.
 """
 
 from __future__ import annotations
 
-import math
 import shutil
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,29 +58,32 @@ def generation_seconds(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) 
 def time_against_base(
     base: nn.Module, variants: dict[str, nn.Module], ids: torch.Tensor, mask: torch.Tensor, rounds: int
 ) -> dict[str, Any]:
-    """tokens/s of the base and of each variant, and each variant's slowdown and its noise (fractions)."""
-    for model in (base, *variants.values()):
+    """tokens/s of the base and of each variant, each variant's slowdown against the base and the timing noise
+    (fractions). Every round times the base twice and each variant once, in a rotating order; each model's time
+    is its fastest round (a busy neighbour only ever adds time), and the noise is how far the base's second
+    timing lands from its first: an A/A comparison, measured with the same estimator."""
+    models = {"base": base, **variants, "base again": base}  # the two base timings as far apart as a round allows
+    for model in models.values():
         generation_seconds(model, ids, mask)  # warm-up: first-call allocations and caches
-    base_times: list[float] = []
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        base_times.append(generation_seconds(base, ids, mask))
-        for name, model in variants.items():
-            times[name].append(generation_seconds(model, ids, mask))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            times[name].append(generation_seconds(models[name], ids, mask))
+    fastest = {name: min(t) for name, t in times.items()}
     tokens = ids.shape[0] * NEW_TOKENS
-    out: dict[str, Any] = {"base_tokens_per_s": tokens / statistics.median(base_times), "variants": {}}
-    for name, seconds in times.items():
-        ratios = [t / b - 1 for t, b in zip(seconds, base_times)]
-        median = statistics.median(ratios)
-        mad = statistics.median(abs(r - median) for r in ratios)
-        # 95% half-width of a median: 1.96 x 1.253 x sigma / sqrt(n), sigma estimated as 1.4826 x MAD.
-        noise = 1.96 * 1.253 * 1.4826 * mad / math.sqrt(len(ratios))
-        out["variants"][name] = {
-            "tokens_per_s": tokens / statistics.median(seconds),
-            "slowdown": median,
-            "noise": noise,
-        }
-    return out
+    noise = abs(fastest["base again"] / fastest["base"] - 1)
+    return {
+        "base_tokens_per_s": tokens / fastest["base"],
+        "variants": {
+            name: {
+                "tokens_per_s": tokens / fastest[name],
+                "slowdown": fastest[name] / fastest["base"] - 1,
+                "noise": noise,
+            }
+            for name in variants
+        },
+    }
 
 
 def variant_loaders(

@@ -37,7 +37,7 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "qlora": (1e-3, 3e-3, 1e-2),
     "dora": (1e-3, 3e-3, 1e-2),
     "ia3": (3e-3, 1e-2, 3e-2),
-    "prompt": (3e-3, 1e-2, 3e-2),
+    "prompt": (1e-2, 3e-2, 1e-1),
     "prefix": (3e-3, 1e-2, 3e-2),
     "adapter": (1e-3, 3e-3, 1e-2),
 }
@@ -98,7 +98,7 @@ class Plan:
             ranks=(1, 16, 64),
             mitigations=("full + general 25%", "full + l2sp 1", "full + ewc 1"),
             eval_every=20,
-            timing_rounds=3,
+            timing_rounds=5,
         )
 
     @classmethod
@@ -110,7 +110,7 @@ class Plan:
             ranks=RANKS,
             mitigations=tuple(MITIGATIONS),
             eval_every=40,
-            timing_rounds=5,
+            timing_rounds=9,
         )
 
     def learning_rates(self, method: str) -> tuple[float, ...]:

@@ -47,9 +47,9 @@ NOTES = """\
   components; for DoRA, IA3, prompt, prefix and adapters the trainable parameters and their optimizer states are
   exact and the activations approximated (python/nibblora/memory/methods.py). Calculator on the tiny base, as
   trained, against the measured peak: {tiny_check}.
-- Inference: tokens/s of greedy generation ({prompts} prompts x {new_tokens} new tokens, KV cache) on a CPU,
-  timed in interleaved rounds against the base model; on a 1.1 M-parameter model per-layer overhead dominates, so
-  these are per-step overheads, not a 7B GPU's."""
+- Inference: tokens/s of greedy generation ({prompts} prompts x {new_tokens} new tokens, KV cache) on a CPU, the
+  fastest of {rounds} interleaved rounds per model; the noise is an A/A comparison (the base timed twice). On a
+  1.1 M-parameter model per-layer overhead dominates, so these are per-step overheads, not a 7B GPU's."""
 
 
 @dataclass
@@ -197,6 +197,7 @@ def compare_methods(
             "device": "cpu",
             "threads": threads,
             "jobs": jobs,
+            "timing_rounds": plan.timing_rounds,
             "base_dir": str(ws.base_dir),
             "base_params": ws.base_params,
             "test_rows": len(ws.test_examples),
@@ -242,4 +243,10 @@ def notes(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         for r in rows
         if r["group"] == "method" and r["peak_memory_bytes"] > 0
     )
-    return NOTES.format(noise=noise_points(0.5, 0.5, n, n), tiny_check=tiny, prompts=PROMPTS, new_tokens=NEW_TOKENS)
+    return NOTES.format(
+        noise=noise_points(0.5, 0.5, n, n),
+        tiny_check=tiny,
+        prompts=PROMPTS,
+        new_tokens=NEW_TOKENS,
+        rounds=report["settings"]["timing_rounds"],
+    )
