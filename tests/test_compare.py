@@ -182,7 +182,7 @@ def tiny_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def comparison(tiny_base, tmp_path_factory):
-    from nibblora.compare import compare_methods
+    from nibblora.compare import compare_methods, workspace
 
     plan = replace(
         Plan.quick(),
@@ -197,8 +197,14 @@ def comparison(tiny_base, tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("compare")
     lines: list[str] = []
-    # Two runs at a time in worker processes: the pool path, and everything a worker is sent, is exercised.
-    summary = compare_methods(out, base=tiny_base, plan=plan, test_rows=6, threads=1, jobs=2, log=lines.append)
+    # Smaller data than the real comparison's (prepared here, in the parent: workers only read it).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(workspace, "TRAIN_ROWS", 240)
+        patch.setattr(workspace, "VAL_ROWS", 12)
+        patch.setattr(workspace, "GENERAL_EVAL_ROWS", 8)
+        patch.setattr(workspace, "GENERAL_TRAIN_ROWS", 24)
+        # Two runs at a time in worker processes: the pool path, and everything a worker is sent, is exercised.
+        summary = compare_methods(out, base=tiny_base, plan=plan, test_rows=6, threads=1, jobs=2, log=lines.append)
     return summary, lines
 
 
@@ -236,7 +242,8 @@ def test_trainable_counts_and_sizes_equal_the_models_and_files(comparison):
         _, trainable = build_model(config_from_dict(outcome["config"]), torch.device("cpu"))
         assert r["trainable_params"] == trainable, r["name"]
         weights = Path(outcome["weights_dir"])
-        assert r["artifact_bytes"] == sum(p.stat().st_size for p in weights.rglob("*") if p.is_file())
+        shipped = [p for p in weights.rglob("*") if p.is_file() and p.name != "trainable.safetensors"]
+        assert r["artifact_bytes"] == sum(p.stat().st_size for p in shipped) > 0
         assert (weights / ("model.safetensors" if r["mode"] == "full" else "adapter_model.safetensors")).is_file()
 
 
@@ -260,12 +267,37 @@ def test_markdown_png_run_stores_and_progress_lines_are_written(comparison):
     assert "claims:" in summary.format()
 
 
-def test_a_rerun_reuses_finished_runs(comparison, tiny_base):
-    from nibblora.compare.runner import run_training
-    from nibblora.compare.workspace import prepare_workspace
+def test_a_rerun_reuses_finished_runs(comparison):
+    from nibblora.compare.runner import OUTCOME_NAME, run_training
 
     summary, _ = comparison
-    plan = replace(Plan.quick(), steps=3, batch_size=4, lr_count=1, methods=("lora",), eval_every=3)
-    ws = prepare_workspace(summary.out, tiny_base, 0, 6, lambda line: None)
+    lora = next(r for r in summary.report["rows"] if r["name"] == "lora")
+    saved = json.loads((Path(lora["run_dir"]) / OUTCOME_NAME).read_text())
+    plan = replace(Plan.quick(), steps=3, batch_size=4, lr_count=1, methods=("lora",), eval_every=3, timing_rounds=2)
+    ws = workspace_of(summary)
     again = run_training(plan.sweep()[0], plan, ws, summary.out / "runs", threads=1)
-    assert again["reused"] is True
+    assert again["reused"] is True and again["config"] == saved["config"]
+    changed = replace(plan, steps=4)  # another config: not reused (not run here either: only the check is)
+    from nibblora.compare.runner import training_config
+
+    assert training_config(plan.sweep()[0], changed, ws, Path(lora["run_dir"]), 1) != saved["config"]
+
+
+def workspace_of(summary):
+    """The Workspace the comparison used, rebuilt from its files without preparing anything again."""
+    from tokenizers import Tokenizer
+
+    from nibblora.compare.workspace import Workspace
+
+    s = summary.report["settings"]
+    base, data = Path(s["base_dir"]), summary.out / "data"
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    ws = Workspace(base, data, tokenizer, tokenizer.token_to_id("<pad>"))
+    ws.data = {
+        "train": data / "train",
+        "task": data / "task",
+        "general": data / "general_eval.jsonl",
+        "general_train": data / "general.jsonl",
+    }
+    ws.test_examples = [None] * s["test_rows"]
+    return ws

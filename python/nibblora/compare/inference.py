@@ -1,4 +1,4 @@
-"""Inference overhead: greedy generation tokens/s of each fine-tuned model against the base model.
+"""Inference overhead: greedy generation speed (tokens per CPU-second) of each fine-tuned model against the base.
 
     timing = measure_inference(spec, ws, weights_dir, scratch, rounds=5)
     timing["variants"]["merged"] == {"tokens_per_s": ..., "slowdown": 0.004, "noise": 0.01}
@@ -9,16 +9,17 @@ into the weights, which has the base's architecture (LoRA, QLoRA and DoRA merged
 IA3 by merge_ia3; full fine-tuning is already a plain model). QLoRA's unmerged variant runs over the 4-bit base,
 so "4-bit base" times that base alone to show what the adapter adds on top.
 
-The base and the variants are timed in interleaved rounds (so a neighbour's load hits all alike); each model's
-time is its fastest round, the slowdown is time(variant) / time(base) - 1, and the noise is an A/A comparison:
-the base timed a second time in every round, judged by the same estimator. A tiny model on a CPU is dominated by
-per-layer overhead, so the numbers say what each method adds per decoder step, not what it costs a 7B model on a
-GPU.
+The base and the variants are timed in interleaved rounds, in CPU seconds of this process (a neighbour's load
+does not count); each model's time is its median round, the slowdown is time(variant) / time(base) - 1, and the
+noise is an A/A comparison: the base timed a second time in every round, judged by the same estimator. A tiny
+model on a CPU is dominated by per-layer overhead, so the numbers say what each method adds per decoder step, not
+what it costs a 7B model on a GPU.
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,19 +50,21 @@ def prompt_batch(ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def generation_seconds(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> float:
-    """Wall time of greedy generation of exactly NEW_TOKENS tokens per prompt (no end-of-turn stop)."""
-    start = time.perf_counter()
+    """CPU seconds this process spends on greedy generation of exactly NEW_TOKENS tokens per prompt (no
+    end-of-turn stop). CPU time, not wall time: on a shared machine the wall clock also counts the time other
+    processes held the cores, which differs from one timing to the next; the work a model costs does not."""
+    start = time.process_time()
     generate(model, ids, max_new_tokens=NEW_TOKENS, attention_mask=mask, eos_token_id=[])
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def time_against_base(
     base: nn.Module, variants: dict[str, nn.Module], ids: torch.Tensor, mask: torch.Tensor, rounds: int
 ) -> dict[str, Any]:
-    """tokens/s of the base and of each variant, each variant's slowdown against the base and the timing noise
-    (fractions). Every round times the base twice and each variant once, in a rotating order; each model's time
-    is its fastest round (a busy neighbour only ever adds time), and the noise is how far the base's second
-    timing lands from its first: an A/A comparison, measured with the same estimator."""
+    """tokens per CPU-second of the base and of each variant, each variant's slowdown against the base and the
+    timing noise (fractions). Every round times the base twice and each variant once, in a rotating order; each
+    model's time is its median round, and the noise is how far the base's second timing lands from its first: an
+    A/A comparison, measured with the same estimator."""
     models = {"base": base, **variants, "base again": base}  # the two base timings as far apart as a round allows
     for model in models.values():
         generation_seconds(model, ids, mask)  # warm-up: first-call allocations and caches
@@ -70,15 +73,15 @@ def time_against_base(
     for i in range(rounds):
         for name in names[i % len(names) :] + names[: i % len(names)]:
             times[name].append(generation_seconds(models[name], ids, mask))
-    fastest = {name: min(t) for name, t in times.items()}
+    typical = {name: statistics.median(t) for name, t in times.items()}
     tokens = ids.shape[0] * NEW_TOKENS
-    noise = abs(fastest["base again"] / fastest["base"] - 1)
+    noise = abs(typical["base again"] / typical["base"] - 1)
     return {
-        "base_tokens_per_s": tokens / fastest["base"],
+        "base_tokens_per_s": tokens / typical["base"],
         "variants": {
             name: {
-                "tokens_per_s": tokens / fastest[name],
-                "slowdown": fastest[name] / fastest["base"] - 1,
+                "tokens_per_s": tokens / typical[name],
+                "slowdown": typical[name] / typical["base"] - 1,
                 "noise": noise,
             }
             for name in variants

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from nibblora.compare.plan import Plan, RunSpec
-from nibblora.compare.runner import run_training
+from nibblora.compare.runner import run_training, saved_outcome
 from nibblora.compare.workspace import Workspace
 from nibblora.errors import ConfigError
 
@@ -70,14 +70,22 @@ def train_runs(
     """Train every spec; returns (outcomes in the order of specs, [{"row", "reason"}] of refused mitigations)."""
     outcomes: dict[str, dict] = {}
     skipped: list[dict] = []
-    progress.log(f"training {len(specs)} runs, {jobs} at a time ({progress.elapsed()} elapsed)")
+    for spec in specs:  # finished runs of the same config are read here, not in a worker that imports torch
+        saved = saved_outcome(spec, plan, ws, runs_dir, threads) if reuse else None
+        if saved is not None:
+            outcomes[spec.run_id] = saved
+            progress.finished(spec, saved)
+    specs_to_train = [s for s in specs if s.run_id not in outcomes]
+    if not specs_to_train:
+        return [outcomes[s.run_id] for s in specs], skipped
+    progress.log(f"training {len(specs_to_train)} runs, {jobs} at a time ({progress.elapsed()} elapsed)")
     # spawn: no fork of a process whose torch threads already run. One run per process: the trainer's memory meter
     # (and the calculator's "framework" term it is checked against) assume a fresh process; a second run in the
     # same process would find PyTorch's one-time allocations already made and measure less.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(jobs, len(specs)), mp_context=context, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(min(jobs, len(specs_to_train)), mp_context=context, max_tasks_per_child=1) as pool:
         futures: dict[Future, RunSpec] = {
-            pool.submit(run_training, spec, plan, ws, runs_dir, threads, reuse): spec for spec in specs
+            pool.submit(run_training, spec, plan, ws, runs_dir, threads, False): spec for spec in specs_to_train
         }
         try:
             for future in as_completed(futures):

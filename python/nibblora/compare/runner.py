@@ -82,13 +82,36 @@ def load_trained(spec: RunSpec, ws: Workspace, weights_dir: Path) -> nn.Module:
     return model.eval()
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+# The trainer also leaves this copy of every trainable parameter in the exported folder of nibblora.methods' modes
+# (it is what a resume reads); loading the adapter does not need it, so it is not part of what is shipped.
+RESUME_COPY = "trainable.safetensors"
+
+
+def artifact_bytes(folder: Path) -> int:
+    """Bytes on disk of what a user ships: every file of the exported folder but the trainer's RESUME_COPY."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and p.name != RESUME_COPY)
 
 
 def read_curves(run_dir: Path) -> dict[str, list[list[float]]]:
     with open_run(run_dir) as store:
         return {name: [[step, value] for step, value in store.metric(name)] for name in CURVES}
+
+
+def saved_outcome(spec: RunSpec, plan: Plan, ws: Workspace, runs_dir: Path, threads: int) -> dict[str, Any] | None:
+    """The outcome a finished run of exactly this config left in its folder (marked "reused"), or None."""
+    path = runs_dir / spec.run_id / OUTCOME_NAME
+    if not path.is_file():
+        return None
+    try:
+        outcome = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a damaged outcome: train the run again
+    config = training_config(spec, plan, ws, runs_dir / spec.run_id, threads)
+    if not isinstance(outcome, dict) or outcome.get("config") != config:
+        return None
+    if outcome.get("test_rows") != len(ws.test_examples):
+        return None
+    return {**outcome, "reused": True}
 
 
 def run_training(
@@ -98,12 +121,9 @@ def run_training(
     and return the outcome dict."""
     run_dir = runs_dir / spec.run_id
     config_dict = training_config(spec, plan, ws, run_dir, threads)
-    saved = run_dir / OUTCOME_NAME
-    if reuse and saved.is_file():
-        outcome = json.loads(saved.read_text())
-        if outcome.get("config") == config_dict and outcome.get("test_rows") == len(ws.test_examples):
-            outcome["reused"] = True
-            return outcome
+    saved = saved_outcome(spec, plan, ws, runs_dir, threads) if reuse else None
+    if saved is not None:
+        return saved
     shutil.rmtree(run_dir, ignore_errors=True)
     config = config_from_dict(config_dict)
     gc.collect()  # the memory meter measures from before the model loads: old garbage must not be freed inside
@@ -134,7 +154,7 @@ def run_training(
         "trainable_params": result.trainable_params,
         "peak_memory_bytes": result.peak_memory_bytes,
         "estimated_memory_bytes": result.estimated_memory_bytes or None,
-        "artifact_bytes": folder_bytes(weights_dir),
+        "artifact_bytes": artifact_bytes(weights_dir),
         "task_loss": result.eval["eval_task_loss"],
         "task_exact_match_teacher_forced": result.eval.get("eval_task_exact_match"),
         "exact_match": exact_match(model, ws.tokenizer, ws.test_examples),
@@ -145,7 +165,7 @@ def run_training(
         "curves": read_curves(run_dir),
         "reused": False,
     }
-    saved.write_text(json.dumps(outcome, indent=1) + "\n")
+    (run_dir / OUTCOME_NAME).write_text(json.dumps(outcome, indent=1) + "\n")
     del model
     gc.collect()
     return outcome

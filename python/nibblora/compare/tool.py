@@ -13,6 +13,7 @@ claims judged, and compare.json, compare.md and compare.png written to <out>.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from nibblora.compare.jobs import Progress, train_runs
 from nibblora.compare.plan import LORA_RECIPE, Plan, RunSpec
 from nibblora.compare.plot import plot_report
 from nibblora.compare.report import console_table, write_json, write_markdown
+from nibblora.compare.runner import artifact_bytes
 from nibblora.compare.workspace import Workspace, prepare_workspace
 from nibblora.errors import ExportError
 from nibblora.threads import apply_threads, default_threads
@@ -47,9 +49,10 @@ NOTES = """\
   components; for DoRA, IA3, prompt, prefix and adapters the trainable parameters and their optimizer states are
   exact and the activations approximated (python/nibblora/memory/methods.py). Calculator on the tiny base, as
   trained, against the measured peak: {tiny_check}.
-- Inference: tokens/s of greedy generation ({prompts} prompts x {new_tokens} new tokens, KV cache) on a CPU, the
-  fastest of {rounds} interleaved rounds per model; the noise is an A/A comparison (the base timed twice). On a
-  1.1 M-parameter model per-layer overhead dominates, so these are per-step overheads, not a 7B GPU's."""
+- Inference: tokens per CPU-second of greedy generation ({prompts} prompts x {new_tokens} new tokens, KV cache,
+  {threads} thread(s)), the median of {rounds} interleaved rounds per model, in this process's CPU time so other
+  processes' load does not count; the noise is an A/A comparison (the base timed twice). On a 1.1 M-parameter
+  model per-layer overhead dominates, so these are per-step overheads, not a 7B GPU's."""
 
 
 @dataclass
@@ -100,7 +103,7 @@ def build_row(
         "peak_memory_bytes": outcome["peak_memory_bytes"],
         "estimated_memory_bytes": as_trained,
         "memory_7b_bytes": estimates.seven_b_bytes(spec),
-        "artifact_bytes": outcome["artifact_bytes"],
+        "artifact_bytes": artifact_bytes(Path(outcome["weights_dir"])),
         "base_tokens_per_s": timing["base_tokens_per_s"],
         "inference": timing["variants"],
         "inference_note": timing["note"],
@@ -141,7 +144,7 @@ def compare_methods(
     once). jobs: runs trained at once, each in its own process (nibblora.compare.jobs).
     Raises ExportError for a bad --base or a missing matplotlib, the trainer's errors for a failed run, and
     KeyboardInterrupt when a run was stopped (SIGTERM, Ctrl-C): finished runs are kept for the next call."""
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), _load_average()
     out = Path(out)
     plan = plan or (Plan.quick() if quick else Plan.full())
     if test_rows < 1:
@@ -206,7 +209,12 @@ def compare_methods(
             "general_loss_before_nf4": ws.general_before["nf4"],
             "memory_method": MEMORY_METHOD,
         },
-        "timing": {"train_seconds": train_seconds, "total_seconds": total},
+        # The machine's 1-minute load average at the start and the end: other work slows every run alike.
+        "timing": {
+            "train_seconds": train_seconds,
+            "total_seconds": total,
+            "load_average": [load_before, _load_average()],
+        },
         "rows": rows,
         "lr_sweep": [
             {
@@ -233,6 +241,13 @@ def compare_methods(
     return CompareSummary(out, report, files)
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def notes(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     from nibblora.compare.claims import noise_points
     from nibblora.compare.inference import NEW_TOKENS, PROMPTS
@@ -249,4 +264,5 @@ def notes(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         prompts=PROMPTS,
         new_tokens=NEW_TOKENS,
         rounds=report["settings"]["timing_rounds"],
+        threads=report["settings"]["threads"],
     )
