@@ -212,6 +212,9 @@ def compare_methods(
         # The machine's 1-minute load average at the start and the end: other work slows every run alike.
         "timing": {
             "train_seconds": train_seconds,
+            # Each run's own training time, summed; runs reused from an earlier invocation keep theirs.
+            "runs_train_seconds": sum(o["train_seconds"] for o in (*phase1, *phase2)),
+            "runs_reused": sum(bool(o.get("reused")) for o in (*phase1, *phase2)),
             "total_seconds": total,
             "load_average": [load_before, _load_average()],
         },
