@@ -45,8 +45,8 @@ def plot_report(report: Mapping[str, Any], path: Path) -> Path:
         curves = report["curves"][r["run_id"]]
         steps, values = zip(*curves["loss"]) if curves["loss"] else ((), ())
         train_loss.plot(steps, values, label=r["name"], linewidth=1)
-        if curves["eval_general_loss"]:
-            steps, values = zip(*curves["eval_general_loss"])
+        if curves["eval_general_loss"]:  # from step 0: the loss before fine-tuning
+            steps, values = zip([0, r["general_loss_before"]], *curves["eval_general_loss"])
             general.plot(steps, values, label=r["name"], marker=".", linewidth=1)
     train_loss.set_xlabel("step")
     train_loss.set_ylabel("training loss (task)")
