@@ -113,6 +113,31 @@ def test_the_best_rate_is_the_lowest_validation_loss_and_a_diverged_run_never_wi
     assert best["lora"]["run_id"] == "b" and "full" not in best
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "lora,nope"], "--methods: unknown nope"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_one_usage_line_and_exit_2(argv, message, capsys):
+    from nibblora.compare.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_base_that_is_not_a_tiny_base_is_one_error_line(tmp_path, capsys):
+    from nibblora.compare.cli import main
+
+    assert main(["--out", str(tmp_path / "out"), "--base", str(tmp_path), "--methods", "lora"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nibblora.compare: error: --base ") and err.count("\n") == 1
+
+
 # --- the memory calculator's exact trainable counts -------------------------------------------------------------------
 
 

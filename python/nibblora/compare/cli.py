@@ -63,24 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan_from_args(args: argparse.Namespace) -> Plan:
+def plan_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
+    """The plan --quick chooses, narrowed by --methods and --steps (a bad value is a usage error, exit 2)."""
     plan = Plan.quick() if args.quick else Plan.full()
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
-            raise SystemExit(f"nibblora.compare: error: --methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+            parser.error(f"--methods: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(METHODS)}")
         plan = replace(plan, methods=methods)
     if args.steps is not None:
         if args.steps < 1:
-            raise SystemExit(f"nibblora.compare: error: --steps must be >= 1, got {args.steps}")
+            parser.error(f"--steps must be >= 1, got {args.steps}")
         plan = replace(plan, steps=args.steps, eval_every=max(1, min(plan.eval_every, args.steps)))
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     return plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    plan = plan_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    plan = plan_from_args(parser, args)
     from nibblora.compare.tool import compare_methods  # torch loads after the arguments are read
 
     return run_tool(

@@ -10,10 +10,10 @@ IA3 by merge_ia3; full fine-tuning is already a plain model). QLoRA's unmerged v
 so "4-bit base" times that base alone to show what the adapter adds on top.
 
 The base and the variants are timed in interleaved rounds, in CPU seconds of this process (a neighbour's load
-does not count); each model's time is its median round, the slowdown is time(variant) / time(base) - 1, and the
-noise is an A/A comparison: the base timed a second time in every round, judged by the same estimator. A tiny
-model on a CPU is dominated by per-layer overhead, so the numbers say what each method adds per decoder step, not
-what it costs a 7B model on a GPU.
+does not count, though it still changes how fast the cores run, from one minute to the next); the slowdown is the
+median over rounds of time(variant) / time(base) within the round, and the noise an A/A comparison: the base timed
+a second time in every round, judged the same way. A tiny model on a CPU is dominated by per-layer overhead, so
+the numbers say what each method adds per decoder step, not what it costs a 7B model on a GPU.
 """
 
 from __future__ import annotations
@@ -62,10 +62,11 @@ def time_against_base(
     base: nn.Module, variants: dict[str, nn.Module], ids: torch.Tensor, mask: torch.Tensor, rounds: int
 ) -> dict[str, Any]:
     """tokens per CPU-second of the base and of each variant, each variant's slowdown against the base and the
-    timing noise (fractions). Every round times the base twice and each variant once, in a rotating order; each
-    model's time is its median round, and the noise is how far the base's second timing lands from its first: an
-    A/A comparison, measured with the same estimator."""
-    models = {"base": base, **variants, "base again": base}  # the two base timings as far apart as a round allows
+    timing noise (fractions). Every round times the base, each variant, and the base again, in a rotating order;
+    a variant's slowdown is the median over rounds of its time over the mean of that round's two base times (so a
+    machine that speeds up or slows down between rounds cancels out), and the noise is the same statistic for the
+    base's second timing against its first: an A/A comparison."""
+    models = {"base": base, **variants, "base again": base}
     for model in models.values():
         generation_seconds(model, ids, mask)  # warm-up: first-call allocations and caches
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -73,15 +74,15 @@ def time_against_base(
     for i in range(rounds):
         for name in names[i % len(names) :] + names[: i % len(names)]:
             times[name].append(generation_seconds(models[name], ids, mask))
-    typical = {name: statistics.median(t) for name, t in times.items()}
+    base_per_round = [(a + b) / 2 for a, b in zip(times["base"], times["base again"])]
     tokens = ids.shape[0] * NEW_TOKENS
-    noise = abs(typical["base again"] / typical["base"] - 1)
+    noise = abs(statistics.median(b / a for a, b in zip(times["base"], times["base again"])) - 1)
     return {
-        "base_tokens_per_s": tokens / typical["base"],
+        "base_tokens_per_s": tokens / statistics.median(base_per_round),
         "variants": {
             name: {
-                "tokens_per_s": tokens / typical[name],
-                "slowdown": typical[name] / typical["base"] - 1,
+                "tokens_per_s": tokens / statistics.median(times[name]),
+                "slowdown": statistics.median(t / b for t, b in zip(times[name], base_per_round)) - 1,
                 "noise": noise,
             }
             for name in variants

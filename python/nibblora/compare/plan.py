@@ -98,7 +98,7 @@ class Plan:
             ranks=(1, 16, 64),
             mitigations=("full + general 25%", "full + l2sp 1", "full + ewc 1"),
             eval_every=20,
-            timing_rounds=5,
+            timing_rounds=7,
         )
 
     @classmethod

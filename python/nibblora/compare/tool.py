@@ -50,9 +50,9 @@ NOTES = """\
   exact and the activations approximated (python/nibblora/memory/methods.py). Calculator on the tiny base, as
   trained, against the measured peak: {tiny_check}.
 - Inference: tokens per CPU-second of greedy generation ({prompts} prompts x {new_tokens} new tokens, KV cache,
-  {threads} thread(s)), the median of {rounds} interleaved rounds per model, in this process's CPU time so other
-  processes' load does not count; the noise is an A/A comparison (the base timed twice). On a 1.1 M-parameter
-  model per-layer overhead dominates, so these are per-step overheads, not a 7B GPU's."""
+  {threads} thread(s)) in this process's CPU time, over {rounds} interleaved rounds; each slowdown is the median of
+  the per-round ratios to the base timed in the same round, the noise an A/A comparison (the base timed twice).
+  On a 1.1 M-parameter model per-layer overhead dominates, so these are per-step overheads, not a 7B GPU's."""
 
 
 @dataclass
