@@ -143,6 +143,11 @@ def prompt_tuning_weak(rows: Mapping[str, Row]) -> Verdict:
     )
 
 
+def _speed_words(slowdown: float) -> str:
+    """+0.327 -> "32.7% slower", -0.036 -> "3.6% faster"."""
+    return f"{100 * abs(slowdown):.1f}% {'slower' if slowdown > 0 else 'faster'}"
+
+
 def _slowdown(row: Row, variant: str) -> tuple[float, float] | None:
     """(slowdown, timing noise) of one inference variant against the base, both fractions; None if unmeasured."""
     overhead = (row.get("inference") or {}).get(variant)
@@ -163,7 +168,7 @@ def adapters_add_latency(rows: Mapping[str, Row]) -> Verdict:
         "adapters_add_latency",
         claim,
         slowdown > threshold,
-        f"generation with bottleneck adapters is {100 * slowdown:+.1f}% slower than the base model (counts above "
+        f"generation with bottleneck adapters is {_speed_words(slowdown)} than the base model (counts above "
         f"{100 * threshold:.1f}%: max of {100 * LATENCY_THRESHOLD:.0f}% and the timing noise).",
     )
 
@@ -177,12 +182,12 @@ def merged_lora_adds_none(rows: Mapping[str, Row]) -> Verdict:
         return Verdict("merged_lora_adds_none", claim, None, "needs the lora row's merged inference timing.")
     slowdown, noise = merged
     threshold = max(LATENCY_THRESHOLD, noise)
-    also = f"; unmerged: {100 * unmerged[0]:+.1f}%" if unmerged is not None else ""
+    also = f"; unmerged: {_speed_words(unmerged[0])}" if unmerged is not None else ""
     return Verdict(
         "merged_lora_adds_none",
         claim,
         slowdown <= threshold,
-        f"merged LoRA generates {100 * slowdown:+.1f}% slower than the base model{also} (none means at most "
+        f"merged LoRA generates {_speed_words(slowdown)} than the base model{also} (none means at most "
         f"{100 * threshold:.1f}%: max of {100 * LATENCY_THRESHOLD:.0f}% and the timing noise).",
     )
 

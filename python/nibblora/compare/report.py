@@ -179,8 +179,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
 Columns: trainable parameters (count, and share of the base's {s["base_params"]:,}); training peak memory as
 measured by the trainer's meter ({s["memory_method"]}); the memory calculator's figure for the same method on
 Llama-2-7B (batch 1 x 512 tokens, bf16, gradient checkpointing; see the notes below); the exported weights on disk
-(adapter folder, or the whole model for full fine-tuning); greedy generation speed as a multiple of the base
-model's tokens/s (merged: folded into the weights; unmerged: applied at run time); exact match on the test split;
+(adapter folder, or the whole model for full fine-tuning, without the trainer's resume copy); greedy generation
+speed as a multiple of the base model's, per CPU-second (merged: folded into the weights; unmerged: applied at run
+time); exact match on the test split;
 that exact match as a share of full fine-tuning's; forgetting.
 
 ## The lesson's claims, judged from these numbers
