@@ -103,6 +103,7 @@ def make_nibblora_model(
     )
     if args.checkpointing:
         model.gradient_checkpointing_enable()
+    model.model.keep_mlp_layers = args.keep_mlp_layers
     if args.loss_chunk:
         model.loss_chunk_tokens = args.loss_chunk
     if not fused:
@@ -360,6 +361,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on, for everyone")
+    parser.add_argument(
+        "--keep-mlp-layers",
+        type=int,
+        default=0,
+        help="own model, with --checkpointing: this many layers (-1: all) keep their MLP activations and recompute "
+        "only attention (selective checkpointing)",
+    )
     parser.add_argument(
         "--loss-chunk",
         type=int,

@@ -111,3 +111,46 @@ def test_peft_adapter_keys_name_our_modules(tmp_path):
     assert len(modules) == 7 * 2
     for name in modules:
         assert isinstance(ours.get_submodule(name), torch.nn.Linear), name
+
+
+def test_selective_checkpointing_gives_the_same_gradients_as_full_and_none():
+    """keep_mlp_layers changes what is recomputed, never the numbers: gradients equal full checkpointing's and no
+    checkpointing's (float32, LoRA on every projection and a trainable base both)."""
+    import torch
+
+    from nibblora.lora import inject_lora
+    from nibblora.models import LlamaForCausalLM, ModelConfig
+
+    hf = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=90,
+    )
+    torch.manual_seed(0)
+    ids = torch.randint(0, 90, (2, 17))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    for lora in (True, False):
+        grads = []
+        for checkpointing, keep in ((False, 0), (True, 0), (True, 1), (True, -1)):
+            torch.manual_seed(1)
+            model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf), gradient_checkpointing=checkpointing)
+            if lora:
+                inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+                with torch.no_grad():  # B = 0 would make every A gradient 0: give B values
+                    for name, p in model.named_parameters():
+                        if "lora_B" in name:
+                            p.normal_(0, 0.1)
+            model.model.keep_mlp_layers = keep
+            model.train()
+            loss, _ = model(ids, labels=labels)
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        for other in grads[1:]:
+            assert other.keys() == grads[0].keys()
+            for name in grads[0]:
+                torch.testing.assert_close(other[name], grads[0][name], rtol=1e-5, atol=1e-6)

@@ -24,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument(
+        "--keep-mlp-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="selective checkpointing: N layers (-1: all) keep their MLP activations and recompute only attention",
+    )
+    parser.add_argument(
         "--pure-16bit",
         dest="mixed_precision",
         action="store_false",
@@ -56,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             optimizer=args.optimizer,
             gradient_checkpointing=args.gradient_checkpointing,
+            keep_mlp_layers=args.keep_mlp_layers,
             mixed_precision=args.mixed_precision,
             paged_optimizer=args.paged_optimizer,
             device=args.device,

@@ -293,7 +293,16 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return self.mlp_block(self.attention_block(x, cos, sin, mask, cache))
+
+    def attention_block(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        """x + attention(norm(x)): the first half of the layer."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        """x + mlp(norm(x)): the second half, two thirds of a Llama layer's matmul FLOPs."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -311,6 +320,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # Selective checkpointing: with gradient_checkpointing, the first this-many layers (-1: all) recompute only
+        # their attention half in backward and keep their MLP's activations: a third of the recompute FLOPs for
+        # tokens x (2 x intermediate + ...) saved elements per such layer.
+        self.keep_mlp_layers = 0
 
     def forward(
         self,
@@ -333,9 +346,14 @@ class LlamaModel(nn.Module):
         }
         # Recomputing a layer in backward must not append to the cache twice, so checkpointing skips cached runs.
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for layer in self.layers:
+        keep_mlp = len(self.layers) if self.keep_mlp_layers < 0 else self.keep_mlp_layers
+        for i, layer in enumerate(self.layers):
             mask = masks[layer.self_attn.sliding_window]
-            if recompute:
+            if recompute and i < keep_mlp:
+                # Selective: recompute the attention half, keep what the MLP saves (its matmuls are not redone).
+                x = checkpoint(layer.attention_block, x, cos, sin, mask, None, use_reentrant=False)
+                x = layer.mlp_block(x)
+            elif recompute:
                 # Keep only each layer's input; its activations are recomputed in backward. use_reentrant=False
                 # so gradients reach parameters even when the input (frozen embeddings) needs no grad.
                 x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)

@@ -60,6 +60,7 @@ class ModelSection:
     path: str = option("", nonempty=True)
     dtype: str = option("bfloat16", choices=DTYPES)  # weights and compute (float16: CUDA only)
     gradient_checkpointing: bool = option(True)  # recompute each decoder layer in backward
+    keep_mlp_layers: int = option(0, ge=-1, le=INT_MAX)  # selective: N layers (-1: all) recompute attention only
     quant_type: str = option("nf4", choices=QUANT_TYPES)  # qlora only
     double_quant: bool = option(True)  # qlora only: quantize the block scales too (4.127 instead of 4.5 bits/param)
     load_in_4bit: bool = option(False)  # any adapter mode: the frozen base in 4-bit (quant_type); qlora always is

@@ -246,6 +246,7 @@ def _step_metrics(setup: TrainingSetup, out: StepOutput, seconds: float, longest
         target_modules=config.lora.target_modules,
         dtype=config.model.dtype,
         gradient_checkpointing=config.model.gradient_checkpointing,
+        keep_mlp_layers=config.model.keep_mlp_layers,
         mixed_precision=False,
         paged_optimizer=setup.paged.active,
         double_quant=config.model.double_quant,

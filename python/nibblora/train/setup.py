@@ -108,6 +108,7 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, i
         double_quant=config.model.double_quant,
         gradient_checkpointing=config.model.gradient_checkpointing,
     )
+    model.model.keep_mlp_layers = config.model.keep_mlp_layers
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
