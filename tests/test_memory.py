@@ -303,3 +303,11 @@ def test_keeping_mlp_layers_costs_their_mlp_activations_in_the_estimate():
     # Each kept layer adds its MLP half per token: gate(x) and up(x) in bf16 (2 x 2 x 11008 bytes), the norm's
     # float32 input and bf16 output (6 x 4096), the adapters' A(x) (3 x 2 x 16) and 8 bytes: 68,708 bytes, x 2048.
     assert (two - none) / 2 == 2048 * 68_708
+
+
+def test_a_document_mask_adds_one_batch_by_seq_squared_mask():
+    from nibblora.memory import estimate_memory
+
+    plain = estimate_memory("llama-2-7b", "qlora", batch_size=2, seq_len=1024).components["activations"]
+    masked = estimate_memory("llama-2-7b", "qlora", batch_size=2, seq_len=1024, document_mask=True)
+    assert masked.components["activations"] - plain == 2 * 1024 * 1024 * 2  # bf16

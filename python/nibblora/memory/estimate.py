@@ -230,6 +230,7 @@ def estimate_memory(
     blocksize: int = 64,
     device: str = "cpu",
     keep_mlp_layers: int = 0,
+    document_mask: bool = False,
 ) -> MemoryEstimate:
     """Estimate training memory by component.
 
@@ -300,6 +301,8 @@ def estimate_memory(
         keep_mlp_layers=keep_mlp_layers,
         mlp_rank_sum=mlp_rank_sum,
     )
+    if document_mask:
+        c["activations"] += batch_size * seq_len * seq_len * e
     c["loss"] = loss_bytes(shape, tokens, e, lm_head_trainable=full)
     c["backward_temporaries"] = backward_temporary_bytes(shape, tokens, e)
     # AdamW one parameter at a time (foreach=False): the denominator and the update, each the size of the largest.
@@ -315,6 +318,7 @@ def estimate_memory(
         optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing,
         keep_mlp_layers=keep_mlp_layers,
+        document_mask=document_mask,
         mixed_precision=mixed_precision,
         paged_optimizer=paged_optimizer,
         device=device,
