@@ -311,3 +311,13 @@ def test_a_document_mask_adds_one_batch_by_seq_squared_mask():
     plain = estimate_memory("llama-2-7b", "qlora", batch_size=2, seq_len=1024).components["activations"]
     masked = estimate_memory("llama-2-7b", "qlora", batch_size=2, seq_len=1024, document_mask=True)
     assert masked.components["activations"] - plain == 2 * 1024 * 1024 * 2  # bf16
+
+
+def test_an_explicit_loss_chunk_sizes_the_loss_component():
+    from nibblora.memory import estimate_memory
+
+    auto = estimate_memory("llama-3-8b", "qlora", batch_size=1, seq_len=512)
+    wide = estimate_memory("llama-3-8b", "qlora", batch_size=1, seq_len=512, loss_chunk_tokens=512)
+    # Auto: 512 tokens at hidden 4096 and vocabulary 128,256 -> chunks of 16; one chunk of 512 holds 32x the logits.
+    vocab = 128_256
+    assert wide.components["loss"] - auto.components["loss"] == (512 - 16) * vocab * 8

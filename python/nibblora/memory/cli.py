@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="full FT without fp32 master weights (what nibblora.train does)",
     )
+    parser.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens per chunk of the fused loss (default: the model's rule, sized per batch)",
+    )
     parser.add_argument("--paged-optimizer", action="store_true", help="optimizer states in host memory")
     parser.add_argument(
         "--device",
@@ -64,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             optimizer=args.optimizer,
             gradient_checkpointing=args.gradient_checkpointing,
             keep_mlp_layers=args.keep_mlp_layers,
+            loss_chunk_tokens=args.loss_chunk_tokens,
             mixed_precision=args.mixed_precision,
             paged_optimizer=args.paged_optimizer,
             device=args.device,

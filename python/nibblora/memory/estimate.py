@@ -196,13 +196,15 @@ def activation_bytes(
     return layers + model
 
 
-def loss_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, lm_head_trainable: bool) -> int:
+def loss_bytes(
+    shape: DecoderShape, tokens: int, dtype_bytes: int, lm_head_trainable: bool, chunk_tokens: int | None = None
+) -> int:
     """The chunked lm_head + cross-entropy's working set at the end of forward: one chunk of float32 logits and the
     log-sum-exp's temporary of the same size (a 16-bit dtype's logits and gradient live next to the float32 logits
     only, never next to both), the selected hidden states and their gradient; with a trainable lm_head its float32
-    gradient."""
+    gradient. chunk_tokens: the chunk (None: `loss_chunk_tokens`' rule, what the model uses by default)."""
     e = dtype_bytes
-    chunk = min(tokens, loss_chunk_tokens(tokens, shape.hidden_size, shape.vocab_size))
+    chunk = min(tokens, chunk_tokens or loss_chunk_tokens(tokens, shape.hidden_size, shape.vocab_size))
     working = chunk * shape.vocab_size * 8 + 2 * tokens * shape.hidden_size * e
     return working + (shape.vocab_size * shape.hidden_size * 4 if lm_head_trainable else 0)
 
@@ -231,6 +233,7 @@ def estimate_memory(
     device: str = "cpu",
     keep_mlp_layers: int = 0,
     document_mask: bool = False,
+    loss_chunk_tokens: int | None = None,
 ) -> MemoryEstimate:
     """Estimate training memory by component.
 
@@ -303,7 +306,7 @@ def estimate_memory(
     )
     if document_mask:
         c["activations"] += batch_size * seq_len * seq_len * e
-    c["loss"] = loss_bytes(shape, tokens, e, lm_head_trainable=full)
+    c["loss"] = loss_bytes(shape, tokens, e, lm_head_trainable=full, chunk_tokens=loss_chunk_tokens)
     c["backward_temporaries"] = backward_temporary_bytes(shape, tokens, e)
     # AdamW one parameter at a time (foreach=False): the denominator and the update, each the size of the largest.
     c["optimizer_temporaries"] = 2 * largest * state_bytes if states_per_param else 0
@@ -319,6 +322,7 @@ def estimate_memory(
         gradient_checkpointing=gradient_checkpointing,
         keep_mlp_layers=keep_mlp_layers,
         document_mask=document_mask,
+        loss_chunk_tokens=loss_chunk_tokens,
         mixed_precision=mixed_precision,
         paged_optimizer=paged_optimizer,
         device=device,

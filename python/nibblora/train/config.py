@@ -62,6 +62,7 @@ class ModelSection:
     dtype: str = option("bfloat16", choices=DTYPES)  # weights and compute (float16: CUDA only)
     gradient_checkpointing: bool = option(True)  # recompute each decoder layer in backward
     keep_mlp_layers: int = option(0, ge=-1, le=INT_MAX)  # selective: N layers (-1: all) recompute attention only
+    loss_chunk_tokens: int = option(0, ge=0, le=INT_MAX)  # tokens per chunk of the fused loss; 0: sized per batch
     quant_type: str = option("nf4", choices=QUANT_TYPES)  # qlora only
     double_quant: bool = option(True)  # qlora only: quantize the block scales too (4.127 instead of 4.5 bits/param)
     load_in_4bit: bool = option(False)  # any adapter mode: the frozen base in 4-bit (quant_type); qlora always is

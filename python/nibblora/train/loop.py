@@ -248,6 +248,7 @@ def _step_metrics(setup: TrainingSetup, out: StepOutput, seconds: float, longest
         gradient_checkpointing=config.model.gradient_checkpointing,
         keep_mlp_layers=config.model.keep_mlp_layers,
         document_mask=setup.packed and config.data.packed_attention == "document",
+        loss_chunk_tokens=config.model.loss_chunk_tokens or None,
         mixed_precision=False,
         paged_optimizer=setup.paged.active,
         double_quant=config.model.double_quant,

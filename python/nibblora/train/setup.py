@@ -115,6 +115,7 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, i
     )
     model.model.keep_mlp_layers = config.model.keep_mlp_layers
     model.model.separate_documents = config.data.packed_attention == "document"
+    model.loss_chunk_tokens = config.model.loss_chunk_tokens or None  # None: the per-batch rule
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
