@@ -26,7 +26,9 @@ def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 # ("segment", 96): a KV cache smaller than the batch wants, so sequences are preempted and recomputed.
-@pytest.mark.parametrize("kernel,kv_tokens", [("auto", None), ("segment", 96), ("gathered", None)])
+@pytest.mark.parametrize(
+    "kernel,kv_tokens", [("auto", None), ("segment", 96), ("gathered", None), ("native", None), ("native", 96)]
+)
 def test_mixed_batches_equal_each_adapter_alone(tmp_path, kernel, kv_tokens):
     torch.set_num_threads(1)
     base = tiny_model(seed=3)

@@ -96,7 +96,7 @@ class AdapterStore:
             )
         if self.device.type == "cuda":
             for m in weights.modules.values():  # pinned, so the copy to a slot can overlap compute
-                m.lora_A, m.lora_B = m.lora_A.pin_memory(), m.lora_B.pin_memory()
+                m.lora_A, m.lora_B = m.lora_A.pin_memory(), m.lora_B.t().pin_memory().t()
         return weights
 
     def register(self, name: str, path: str | Path) -> AdapterRef:

@@ -10,8 +10,13 @@ Two ways to add the low-rank terms of a batch whose tokens belong to different a
   The cost is one gather + two bmm per module whatever the number of adapters: it can win for decode steps
   (one row per sequence, many distinct adapters), where per-segment overhead dominates.
 
-Which is cheaper depends on the shape (tokens, segments) and the machine, so `KernelChooser` times both on the
-real slot tensors the first time a shape bucket is seen and keeps the winner.
+- native (CPU, float32): the segment layout done by one Rust call per module (`nibblora._native.
+  add_lora_segments`, GIL released): every segment at its own rank, tokens four at a time, AVX2/FMA where the CPU
+  has it. Its cost does not grow with the number of segments the way a Python loop of small matmuls does, which
+  is what made CPU throughput fall as a batch held more distinct adapters.
+
+Which is cheaper depends on the shape (tokens, segments) and the machine, so `KernelChooser` times the candidates
+on the real slot tensors the first time a shape bucket is seen and keeps the winner.
 """
 
 from __future__ import annotations
@@ -19,10 +24,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-KERNELS = ("auto", "segment", "gathered")
+KERNELS = ("auto", "segment", "gathered", "native")
+
+
+def _native_kernel():
+    """The Rust batched-LoRA function, or None when the built extension predates it."""
+    from nibblora import _native
+
+    return getattr(_native, "add_lora_segments", None)
 
 
 @dataclass
@@ -30,8 +43,9 @@ class LoRASlots:
     """Device-resident adapters of one linear module, in `num_slots` slots padded to `max_rank`.
 
     lora_A: [S, r_max, in]; lora_Bt: [S, r_max, out] (B transposed, so a slot's first r rows are B.T);
-    rows past a slot's rank are zero. ranks: the true rank per slot (0: the adapter does not adapt this module).
-    scaling: float [S] on the device (0 where rank is 0), plus the same values as Python floats.
+    rows past a slot's rank are always zero. ranks: the true rank per slot (0: the adapter does not adapt this
+    module), as a list and as int64 [S] (`rank_tensor`). scaling: float [S] on the device (0 where rank is 0), plus
+    the same values as Python floats.
     """
 
     lora_A: torch.Tensor
@@ -41,6 +55,9 @@ class LoRASlots:
     scaling_list: list[float] = field(default_factory=list)
     # Per slot: (A[:r].T [in, r], B.T [r, out], scaling) views, made once at write time, not every step.
     views: list[tuple[torch.Tensor, torch.Tensor, float] | None] = field(default_factory=list)
+    rank_tensor: torch.Tensor | None = None
+    # CPU: flat numpy views of (lora_A, lora_Bt, rank_tensor, scaling) for the native kernel (no copy).
+    _flat: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def empty(
@@ -59,24 +76,63 @@ class LoRASlots:
             [0] * num_slots,
             [0.0] * num_slots,
             [None] * num_slots,
+            torch.zeros(num_slots, dtype=torch.long, device=device),
         )
 
+    @property
+    def max_rank(self) -> int:
+        return self.lora_A.shape[1]
+
+    def native_ok(self) -> bool:
+        """Whether the Rust kernel can run on these slots (CPU, float32, and an extension that has it)."""
+        return self.lora_A.device.type == "cpu" and self.lora_A.dtype == torch.float32 and _native_kernel() is not None
+
+    def flat_views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(lora_A, lora_Bt, ranks, scaling) as 1-D numpy views of the slot tensors (CPU only; made once)."""
+        if self._flat is None:
+            assert self.rank_tensor is not None
+            self._flat = (
+                self.lora_A.view(-1).numpy(),
+                self.lora_Bt.view(-1).numpy(),
+                self.rank_tensor.numpy(),
+                self.scaling.numpy(),
+            )
+        return self._flat
+
     def write(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float) -> None:
-        """Put one adapter's A [r, in] / B [out, r] (host tensors) into `slot`; None clears the slot."""
+        """Put one adapter's A [r, in] / B [out, r] (host tensors; B ideally the transposed view of a contiguous
+        [r, out] tensor, as adapter_files stores it) into `slot`; None clears the slot.
+
+        Only the rows that change are touched: the new adapter's r rows, and the rows between r and the old
+        rank, which are zeroed (rows past every rank are zero already). A slot write is on the path of every
+        request whose adapter is not resident, so with many adapters it is paid all the time."""
         non_blocking = self.lora_A.device.type == "cuda"
-        self.lora_A[slot].zero_()
-        self.lora_Bt[slot].zero_()
-        if lora_A is None:
+        old = self.ranks[slot]
+        r = 0 if lora_A is None else lora_A.shape[0]
+        if old > r:
+            self.lora_A[slot, r:old].zero_()
+            self.lora_Bt[slot, r:old].zero_()
+        if lora_A is None or lora_B is None:
             self.ranks[slot], self.scaling_list[slot] = 0, 0.0
-            self.scaling[slot] = 0.0
             self.views[slot] = None
+            self._set_scalars(slot, 0, 0.0)
             return
-        r = lora_A.shape[0]
-        self.lora_A[slot, :r].copy_(lora_A, non_blocking=non_blocking)
-        self.lora_Bt[slot, :r].copy_(lora_B.t(), non_blocking=non_blocking)
+        a_rows, bt_rows = self.lora_A[slot][:r], self.lora_Bt[slot][:r]
+        a_rows.copy_(lora_A, non_blocking=non_blocking)
+        bt_rows.copy_(lora_B.t(), non_blocking=non_blocking)  # a memory copy when B is stored transposed
         self.ranks[slot], self.scaling_list[slot] = r, float(scaling)
-        self.scaling[slot] = float(scaling)
-        self.views[slot] = (self.lora_A[slot, :r].t(), self.lora_Bt[slot, :r], float(scaling))
+        self._set_scalars(slot, r, float(scaling))
+        self.views[slot] = (a_rows.t(), bt_rows, float(scaling))
+
+    def _set_scalars(self, slot: int, rank: int, scaling: float) -> None:
+        if self.lora_A.device.type == "cpu" and self.rank_tensor is not None:
+            # Through numpy views: a torch item assignment costs microseconds each, and this runs per module.
+            _, _, ranks, scales = self.flat_views()
+            ranks[slot], scales[slot] = rank, scaling
+            return
+        self.scaling[slot] = scaling
+        if self.rank_tensor is not None:
+            self.rank_tensor[slot] = rank
 
 
 @dataclass
@@ -85,13 +141,14 @@ class LoRABatch:
 
     segments: (start, end, slot) for each run of tokens that use an adapter (base-only tokens appear in none).
     token_slots: int64 [T] on the device, the slot of each token or -1 (base only).
-    kernel: "segment" or "gathered".
+    kernel: "segment", "gathered" or "native".
     """
 
     segments: list[tuple[int, int, int]]
     token_slots: torch.Tensor
     kernel: str = "segment"
     _rows: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
+    _segment_array: np.ndarray | None = None
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """(token indices that use an adapter [n], their slots [n], the distinct slots), built once per step."""
@@ -99,6 +156,12 @@ class LoRABatch:
             rows = torch.nonzero(self.token_slots >= 0).flatten()
             self._rows = (rows, self.token_slots[rows], sorted({slot for _, _, slot in self.segments}))
         return self._rows
+
+    def segment_array(self) -> np.ndarray:
+        """The segments as flat int64 [3 * segments] (start, end, slot), built once per step (native kernel)."""
+        if self._segment_array is None:
+            self._segment_array = np.array(self.segments, dtype=np.int64).reshape(-1)
+        return self._segment_array
 
 
 def add_lora_segments(y: torch.Tensor, x: torch.Tensor, slots: LoRASlots, batch: LoRABatch) -> None:
@@ -129,6 +192,28 @@ def add_lora_gathered(y: torch.Tensor, x: torch.Tensor, slots: LoRASlots, batch:
     y.index_add_(0, rows, torch.bmm(xa.transpose(1, 2), bt)[:, 0])
 
 
+def add_lora_native(y: torch.Tensor, x: torch.Tensor, slots: LoRASlots, batch: LoRABatch) -> None:
+    """y [T, out] += the same update as add_lora_segments, every segment in one Rust call (CPU float32 only)."""
+    kernel = _native_kernel()
+    assert kernel is not None, "the native LoRA kernel is missing from this build of nibblora._native"
+    lora_a, lora_bt, ranks, scaling = slots.flat_views()
+    kernel(
+        y.view(-1).numpy(),
+        x.contiguous().view(-1).numpy(),
+        lora_a,
+        lora_bt,
+        ranks,
+        scaling,
+        batch.segment_array(),
+        slots.max_rank,
+        x.shape[1],
+        y.shape[1],
+    )
+
+
+KERNEL_FUNCTIONS = {"segment": add_lora_segments, "gathered": add_lora_gathered, "native": add_lora_native}
+
+
 class BatchedLoRALinear(nn.Module):
     """A frozen base linear (nn.Linear or NF4Linear) plus the LoRA terms of whichever adapters the batch uses.
 
@@ -151,10 +236,7 @@ class BatchedLoRALinear(nn.Module):
             return y
         shape = y.shape
         y2, x2 = y.reshape(-1, shape[-1]), x.reshape(-1, x.shape[-1]).to(y.dtype)
-        if batch.kernel == "gathered":
-            add_lora_gathered(y2, x2, self.slots, batch)
-        else:
-            add_lora_segments(y2, x2, self.slots, batch)
+        KERNEL_FUNCTIONS[batch.kernel](y2, x2, self.slots, batch)
         return y2.view(shape)
 
 
@@ -166,16 +248,24 @@ class LoRAContext:
 
 
 class KernelChooser:
-    """Picks segment or gathered per step shape by timing both once per (tokens, segments) bucket.
+    """Picks the LoRA kernel per step shape by timing the candidates once per (tokens, segments) bucket.
 
-    forced: "segment" or "gathered" skips the measurement (tests use it to check both paths).
+    forced: "segment", "gathered" or "native" skips the measurement (tests use it to check each path).
+    native: whether the Rust kernel may run (CPU float32 slots and a build that has it); it is then a candidate,
+    and forcing "native" without it is an error.
     """
 
-    def __init__(self, forced: str = "auto", repeats: int = 3) -> None:
+    def __init__(self, forced: str = "auto", repeats: int = 3, native: bool = False) -> None:
         if forced not in KERNELS:
             raise ValueError(f"lora kernel must be one of {KERNELS}, got {forced!r}")
+        if forced == "native" and not native:
+            raise ValueError(
+                "lora kernel 'native' runs on the CPU in float32 only, with a nibblora build that has it; "
+                "use 'auto', 'segment' or 'gathered'"
+            )
         self.forced = forced
         self.repeats = repeats
+        self.candidates = ("segment", "gathered", "native") if native else ("segment", "gathered")
         self.choices: dict[tuple[int, int], str] = {}
 
     @staticmethod
@@ -196,21 +286,21 @@ class KernelChooser:
         return choice
 
     def _measure(self, batch: LoRABatch, slots: LoRASlots) -> str:
-        """Time both kernels on the real slot tensors at this step's shape; the faster one wins the bucket."""
+        """Time the kernels on the real slot tensors at this step's shape; the fastest wins the bucket. The
+        candidates take turns within each repeat, so a burst of load from a neighbour hits them alike."""
         num_tokens = batch.token_slots.shape[0]
         x = torch.randn(num_tokens, slots.lora_A.shape[2], dtype=slots.lora_A.dtype, device=slots.lora_A.device)
         y = torch.zeros(num_tokens, slots.lora_Bt.shape[2], dtype=x.dtype, device=x.device)
-        best = {}
-        for name, fn in (("segment", add_lora_segments), ("gathered", add_lora_gathered)):
-            fn(y, x, slots, batch)  # warm-up (allocator, one-hot)
-            _sync(x.device)
-            times = []
-            for _ in range(self.repeats):
+        best = dict.fromkeys(self.candidates, float("inf"))
+        for name in self.candidates:
+            KERNEL_FUNCTIONS[name](y, x, slots, batch)  # warm-up (allocator, one-hot)
+        _sync(x.device)
+        for _ in range(self.repeats):
+            for name in self.candidates:
                 start = time.perf_counter()
-                fn(y, x, slots, batch)
+                KERNEL_FUNCTIONS[name](y, x, slots, batch)
                 _sync(x.device)
-                times.append(time.perf_counter() - start)
-            best[name] = min(times)
+                best[name] = min(best[name], time.perf_counter() - start)
         return min(best, key=best.get)
 
 
