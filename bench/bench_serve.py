@@ -65,6 +65,7 @@ class Result:
     latencies: list[float]
     peak_bytes: int
     memory: dict
+    cpu_seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -82,6 +83,7 @@ class Result:
             "p50 s": round(lat[len(lat) // 2], 3),
             "p99 s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
             "peak MB": round(self.peak_bytes / 2**20, 1),
+            "tok/cpu-s": round(self.output_tokens / self.cpu_seconds, 1) if self.cpu_seconds else None,
             "memory": self.memory,
         }
 
@@ -267,11 +269,12 @@ def run_nibblora(args, base_folder, adapter_folders, prompts, outputs, adapter_i
     engine.generate(prompts[:2], params[:2], names[:2])  # warm-up (allocator, kernel choice for small shapes)
     best = None
     for _ in range(args.repeat):
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.process_time()
         results = engine.generate(prompts, params, names)
         _sync(device)
         seconds = time.monotonic() - start
-        run = (seconds, sum(len(r.token_ids) for r in results), [r.finished_at - start for r in results])
+        tokens = sum(len(r.token_ids) for r in results)
+        run = (seconds, tokens, [r.finished_at - start for r in results], time.process_time() - cpu)
         best = run if best is None or run[0] < best[0] else best
     engine.close()
     return best
@@ -320,7 +323,7 @@ def run_peft(args, base_folder, adapter_folders, prompts, outputs, adapter_ids, 
     best = None
     for _ in range(args.repeat):
         latencies = [0.0] * len(prompts)
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.process_time()
         for batch in batches:
             kwargs = {}
             if mixed:
@@ -333,7 +336,7 @@ def run_peft(args, base_folder, adapter_folders, prompts, outputs, adapter_ids, 
             for i in batch:
                 latencies[i] = done
         seconds = time.monotonic() - start
-        run = (seconds, sum(outputs), latencies)
+        run = (seconds, sum(outputs), latencies, time.process_time() - cpu)
         best = run if best is None or run[0] < best[0] else best
     return best
 
@@ -486,7 +489,7 @@ def run_spec(args: argparse.Namespace, spec: dict) -> Result:
     _import_contender(spec["contender"])  # so the memory baseline holds the code, and the peak only the data
     memory = PeakMemory(device)
     memory.start()
-    seconds, tokens, latencies = run_contender(
+    seconds, tokens, latencies, cpu_seconds = run_contender(
         spec["contender"],
         cell_args,
         Path(spec["base"]),
@@ -509,10 +512,13 @@ def run_spec(args: argparse.Namespace, spec: dict) -> Result:
         latencies,
         report["peak_bytes"],
         report,
+        cpu_seconds,
     )
 
 
 def _import_contender(contender: str) -> None:
+    import torch._dynamo  # noqa: F401  (loading a model pulls it in, with sympy: ~150 MB of code, not data)
+
     if contender in ("nibblora", "merged"):
         import nibblora.lora
         import nibblora.models

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent CUDA machine. It builds nothing: it installs wheels carried in .whl/ (nibblora's
 # abi3 wheel, built here with `make gpu-wheels`, and bitsandbytes), runs the CUDA tests and the GPU benchmarks,
-# and prints a short table. Whole run: under 5 minutes on one H200.
+# and prints a short table. Whole run: under 8 minutes on one H200.
 #
 #   run: bash bench/gpu_check.sh        (carry: [".whl"])
 set -uo pipefail
@@ -28,7 +28,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 
 # Tests run against the installed wheel: copy them out of the tree so `python/` is not imported instead.
 rm -rf /tmp/nibblora_tests && cp -r tests /tmp/nibblora_tests
-# Budget: the step limits below add up to 285 s (plus installing, about 20 s): under 5 minutes on one H200.
+# Budget: the step limits below add up to 455 s (plus installing, about 20 s): under 8 minutes on one H200.
 step "cuda tests" 75 python3 -m pytest -q -m cuda -p no:cacheprovider /tmp/nibblora_tests -W ignore::DeprecationWarning
 # Issue 12: nibblora's own model (group-level LoRA functions, fused RMSNorm, explicit SDPA backends, chunked loss)
 # against peft + bitsandbytes, checkpointing on and off, Llama-style layers at batch 4 x 2048.
@@ -43,8 +43,15 @@ step "chunked loss 128k" 20 python3 bench/bench_loss.py --device cuda --batch 4 
     --vocab 128256 --dtype bf16 --repeat 3
 # The memory calculator against real bf16 runs on the GPU (the quick share of the grid).
 step "memory grid (cuda)" 50 python3 bench/memory_grid.py --device cuda --quick
+# Issue 10: the serving engine (its CUDA tests ran with the others above). Throughput from 8 to 512 adapters
+# (Punica's workloads, 256 requests, rank 16 on every linear), and distinct-64 against the PEFT baseline and
+# identical against the merged model; every cell in its own process, with its allocator peak (peak MB).
+SERVE="python3 bench/bench_serve.py --device cuda --hidden 1024 --intermediate 2816 --layers 2 --heads 8 --kv-heads 8
+    --vocab 8192 --requests 256 --batch 64 --max-loras 64 --prompt-len 16 128 --output-len 8 64"
+step "serve 8-512 (cuda)" 100 $SERVE --n 8 512 --contenders nibblora
+step "serve vs peft (cuda)" 70 $SERVE --n 64 --workloads identical distinct --contenders nibblora peft-per-adapter merged
 
 echo; echo "=== summary ==="
 for k in "${!STATUS[@]}"; do printf '%-24s %s\n' "$k" "${STATUS[$k]}"; done
 echo; echo "=== ratios ==="
-grep -E "^(nibblora .*/ |chunked / plain|\| [a-z0-9]+-)" "$LOG" || true
+grep -E "^(nibblora .*/ |chunked / plain|\| [a-z0-9]+-|(uniform|skewed|distinct|identical)[: ])" "$LOG" || true

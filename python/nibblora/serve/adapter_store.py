@@ -134,6 +134,14 @@ class AdapterStore:
         with self._lock:
             return sum(w.nbytes for w in self._host.values())
 
+    def device_bytes(self) -> int:
+        """Bytes of the device slots of every module: fixed at construction (max_loras x max_rank), never grown."""
+        total = 0
+        for module_slots in self.slots.values():
+            tensors = (module_slots.lora_A, module_slots.lora_Bt, module_slots.scaling, module_slots.rank_tensor)
+            total += sum(t.nbytes for t in tensors if t is not None)
+        return total
+
     def _put_host(self, ref: AdapterRef, weights: AdapterWeights) -> None:
         self._host[ref] = weights
         self._host.move_to_end(ref)

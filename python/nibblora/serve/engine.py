@@ -386,6 +386,7 @@ class Engine:
             "nibblora_adapters_host": self.store.host_count(),
             "nibblora_adapters_device": self.store.loaded_on_device(),
             "nibblora_adapter_host_bytes": self.store.host_bytes(),
+            "nibblora_adapter_device_bytes": self.store.device_bytes(),
             "nibblora_kv_blocks_total": self.cache.allocator.num_blocks,
             "nibblora_kv_blocks_free": self.cache.allocator.num_free,
         }
