@@ -390,10 +390,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan_cells(args: argparse.Namespace) -> list[tuple[int, str, str]]:
-    """(n, workload, contender) in sweep order; merged runs once (identical, the first n)."""
+    """(n, workload, contender) in sweep order, workload by workload, so the n of one workload run back to back
+    (their ratio is then taken under the same load); merged runs once (identical, the first n)."""
     cells, done_merged = [], False
-    for n in args.n:
-        for kind in args.workloads:
+    for kind in args.workloads:
+        for n in args.n:
             if kind != "identical" and n == 1:
                 continue  # every workload is "identical" with one adapter
             for contender in args.contenders:
@@ -418,6 +419,7 @@ def main() -> None:
     outputs = [rng.randint(*args.output_len) for _ in range(args.requests)]
     cells = plan_cells(args)
     best: dict[tuple[int, str, str], Result] = {}
+    history: dict[tuple[int, str, str], list[Result]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = build_checkpoint(args, Path(tmp) / "base")
         adapters = write_adapters(base, Path(tmp) / "adapters", max(args.n), args.rank)
@@ -444,6 +446,7 @@ def main() -> None:
                 }
                 result = run_cell(args, spec, Path(tmp) / "cell.json")
                 key = (n, kind, contender)
+                history.setdefault(key, []).append(result)
                 if key not in best or result.seconds < best[key].seconds:
                     if key in best:  # the peak is a property of the cell, not of the fastest round
                         result.peak_bytes = max(result.peak_bytes, best[key].peak_bytes)
@@ -452,6 +455,8 @@ def main() -> None:
     rows = [best[key].row() for key in cells]
     print()
     print(_summary(rows))
+    if args.rounds > 1:
+        print(_paired_ratios(history, args))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
@@ -534,6 +539,36 @@ def run_contender(contender, args, base, adapters, prompts, outputs, ids, device
     if contender in ("peft-per-adapter", "peft-mixed"):
         return run_peft(args, base, adapters, prompts, outputs, ids, device, mixed=contender == "peft-mixed")
     raise ValueError(f"unknown contender {contender!r}: use nibblora, peft-per-adapter, peft-mixed or merged")
+
+
+def _paired_ratios(history: dict[tuple[int, str, str], list[Result]], args: argparse.Namespace) -> str:
+    """Per workload, nibblora's n=max / n=8 ratio taken within each round (the two cells ran back to back), and
+    its median over rounds: on a shared machine steadier than a ratio of two best-of runs."""
+    lines = []
+    small, large = 8, max(args.n)
+    for kind in ("identical", "uniform", "skewed", "distinct"):
+        a, b = history.get((small, kind, "nibblora")), history.get((large, kind, "nibblora"))
+        if not a or not b or large == small:
+            continue
+        wall = sorted(y.tokens_per_s / x.tokens_per_s for x, y in zip(a, b, strict=False))
+        cpu = sorted(
+            (y.output_tokens / y.cpu_seconds) / (x.output_tokens / x.cpu_seconds)
+            for x, y in zip(a, b, strict=False)
+            if x.cpu_seconds and y.cpu_seconds
+        )
+        line = (
+            f"{kind}: n={large} / n={small} per round (wall) {[round(r, 2) for r in wall]}, median {_median(wall):.2f}"
+        )
+        if cpu:
+            line += f"; per CPU-second {[round(r, 2) for r in cpu]}, median {_median(cpu):.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def _format_row(row: dict) -> str:

@@ -98,3 +98,16 @@ def test_kernel_choice_is_measured_once_per_bucket():
     assert chooser.choose(batch, slots) == first and len(chooser.choices) == 1
     assert KernelChooser("gathered").choose(batch, slots) == "gathered"
     assert KernelChooser.bucket(12, 3) == (16, 4) and KernelChooser.bucket(1, 1) == (1, 1)
+
+
+def test_bfloat16_slots_on_the_cpu_take_the_torch_paths():
+    slots = LoRASlots.empty(2, 4, 8, 6, torch.bfloat16, torch.device("cpu"))
+    a, b = torch.randn(3, 8), torch.randn(6, 3)
+    slots.write(1, a, b, 0.5)
+    assert not slots.native_ok()
+    assert slots.ranks == [0, 3] and slots.rank_tensor.tolist() == [0, 3] and slots.scaling.tolist() == [0.0, 0.5]
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    y = torch.zeros(2, 6, dtype=torch.bfloat16)
+    add_lora_segments(y, x, slots, LoRABatch([(0, 2, 1)], torch.tensor([1, 1])))
+    want = 0.5 * (x.float() @ a.bfloat16().float().t()) @ b.bfloat16().float().t()
+    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05)

@@ -125,7 +125,8 @@ class LoRASlots:
         self.views[slot] = (a_rows.t(), bt_rows, float(scaling))
 
     def _set_scalars(self, slot: int, rank: int, scaling: float) -> None:
-        if self.lora_A.device.type == "cpu" and self.rank_tensor is not None:
+        numpy_ok = self.lora_A.dtype in (torch.float32, torch.float64)  # numpy has no bfloat16
+        if self.lora_A.device.type == "cpu" and self.rank_tensor is not None and numpy_ok:
             # Through numpy views: a torch item assignment costs microseconds each, and this runs per module.
             _, _, ranks, scales = self.flat_views()
             ranks[slot], scales[slot] = rank, scaling
