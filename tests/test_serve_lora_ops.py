@@ -97,6 +97,13 @@ def test_kernel_choice_is_measured_once_per_bucket():
     assert chooser.choices == {KernelChooser.bucket(12, 3): first}
     assert chooser.choose(batch, slots) == first and len(chooser.choices) == 1
     assert KernelChooser("gathered").choose(batch, slots) == "gathered"
+    # measured again after remeasure_every uses of the bucket
+    again = KernelChooser("auto", repeats=1, native=True, remeasure_every=3)
+    measured = []
+    again._measure = lambda b, s: measured.append(1) or "segment"
+    for _ in range(7):
+        again.choose(batch, slots)
+    assert len(measured) == 3  # uses 1, 3 and 6
     assert KernelChooser.bucket(12, 3) == (16, 4) and KernelChooser.bucket(1, 1) == (1, 1)
 
 
