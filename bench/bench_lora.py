@@ -83,7 +83,7 @@ def lora_targets() -> list[str]:
 
 
 def make_nibblora_model(
-    args: argparse.Namespace, quantize: bool, fused: bool = True
+    args: argparse.Namespace, quantize: bool, fused: bool = True, keep_mlp_layers: int | None = None
 ) -> tuple[nn.Module, tuple[type, ...]]:
     """The same weights in nibblora's own LlamaForCausalLM (what nibblora.train runs), adapters injected.
     fused=False: every projection runs as its own module (the path before the group-level functions), forced by
@@ -103,6 +103,7 @@ def make_nibblora_model(
     )
     if args.checkpointing:
         model.gradient_checkpointing_enable()
+    model.model.keep_mlp_layers = args.keep_mlp_layers if keep_mlp_layers is None else keep_mlp_layers
     if args.loss_chunk:
         model.loss_chunk_tokens = args.loss_chunk
     if not fused:
@@ -361,6 +362,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on, for everyone")
     parser.add_argument(
+        "--keep-mlp-layers",
+        type=int,
+        default=0,
+        help="own model, with --checkpointing: this many layers (-1: all) keep their MLP activations and recompute "
+        "only attention (selective checkpointing)",
+    )
+    parser.add_argument(
         "--loss-chunk",
         type=int,
         default=0,
@@ -372,7 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="contenders to run: nibblora-model-qlora nibblora-model-lora nibblora-qlora "
         "nibblora-lora peft peft-bnb (default: these), nibblora-model-qlora-unfused "
-        "nibblora-model-lora-unfused (the own model without the group-level functions)",
+        "nibblora-model-lora-unfused (the own model without the group-level functions), "
+        "nibblora-model-qlora-keepmlp (the own model, every layer keeping its MLP activations: selective "
+        "checkpointing with --checkpointing)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     args = parser.parse_args(argv)
@@ -387,6 +397,10 @@ CONTENDERS = {
     "nibblora-model-lora": ("nibblora LoRA (own model)", lambda a: make_nibblora_model(a, False)),
     "nibblora-model-qlora-unfused": ("nibblora QLoRA (own, unfused)", lambda a: make_nibblora_model(a, True, False)),
     "nibblora-model-lora-unfused": ("nibblora LoRA (own, unfused)", lambda a: make_nibblora_model(a, False, False)),
+    "nibblora-model-qlora-keepmlp": (
+        "nibblora QLoRA (own, MLP kept)",
+        lambda a: make_nibblora_model(a, True, keep_mlp_layers=-1),
+    ),
     "nibblora-qlora": ("nibblora QLoRA", lambda a: make_nibblora(a, True)),
     "peft-bnb": ("peft+bnb QLoRA", make_peft_bnb),
     "nibblora-lora": ("nibblora LoRA", lambda a: make_nibblora(a, False)),
@@ -407,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
     )
     contenders: list[Contender] = []
     for key, (name, factory) in CONTENDERS.items():
-        if (key not in args.only) if args.only else key.endswith("-unfused"):
+        if (key not in args.only) if args.only else key.endswith(("-unfused", "-keepmlp")):
             continue
         try:
             contenders.append(Contender(name, factory, args))

@@ -18,10 +18,15 @@ drawn once), greedy decoding, EOS off, all requests arriving at t = 0:
   merged          one adapter merged into the weights, served by the same nibblora engine as base-only requests
                   (the upper bound for identical: no LoRA work at all)
 Static-batch contenders generate up to the longest output of their batch; only requested tokens are counted.
-With --repeat R each contender's workload runs R times (after a warm-up) and the fastest run is reported: on a
-shared machine the slowest runs measure the neighbours.
-Reports output tokens/s, requests/s, p50/p99 request latency and peak memory above the start (CUDA: allocator
-peak; CPU: resident-set peak sampled every 5 ms).
+Each (n, workload, contender) cell runs in its own subprocess, so one contender's memory peak cannot hide
+another's and every contender starts from a clean allocator. Inside it the workload runs --repeat times after a
+warm-up; with --rounds K the whole sweep is run K times over, cells interleaved, so a burst of load from a
+neighbour on a shared machine falls on different cells each round. The fastest run of a cell is reported (the
+slow ones measure the neighbours).
+Reports output tokens/s, requests/s, p50/p99 request latency and peak memory: on the CPU the process's resident
+set high-water mark (VmHWM) minus its resident set after the imports (model, adapters, KV cache, activations);
+on CUDA torch.cuda.max_memory_allocated over the whole cell, plus the device memory in use at the end
+(mem_get_info) in the JSON rows.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ import gc
 import json
 import logging
 import math
+import os
 import random
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
 
 import torch
 
@@ -58,6 +64,8 @@ class Result:
     requests: int
     latencies: list[float]
     peak_bytes: int
+    memory: dict
+    cpu_seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -75,6 +83,8 @@ class Result:
             "p50 s": round(lat[len(lat) // 2], 3),
             "p99 s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
             "peak MB": round(self.peak_bytes / 2**20, 1),
+            "tok/cpu-s": round(self.output_tokens / self.cpu_seconds, 1) if self.cpu_seconds else None,
+            "memory": self.memory,
         }
 
 
@@ -166,40 +176,54 @@ def workload_adapters(kind: str, n: int, requests: int, rng: random.Random) -> l
     raise ValueError(kind)
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A `VmRSS` / `VmHWM` line of /proc/self/status in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 class PeakMemory:
-    """Peak memory above the level at start: CUDA allocator peak, or sampled resident set size on the CPU."""
+    """Peak memory of this process, which runs one contender only (so peaks do not mix).
+
+    start() after the imports and before the model loads; report() at the end. CPU: `peak_bytes` is the resident
+    set high-water mark (VmHWM, or ru_maxrss) minus the resident set at start(). CUDA: the allocator's peak
+    (max_memory_allocated since start(), which resets it), and the device memory in use at the end from
+    mem_get_info (allocator cache, CUDA context and other processes included).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.rss_start = 0
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         gc.collect()
+        self.rss_start = _proc_status_bytes("VmRSS") or 0
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            import psutil
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
 
-            self.proc = psutil.Process()
-            self.start = self.peak = self.proc.memory_info().rss
-            self.stop = threading.Event()
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
+    def report(self) -> dict:
+        hwm = _proc_status_bytes("VmHWM")
+        if hwm is None:
+            import resource
 
-    def _sample(self) -> None:
-        while not self.stop.wait(0.005):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        memory = {"host_peak_rss_bytes": hwm, "host_rss_at_start_bytes": self.rss_start}
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.start
+            torch.cuda.synchronize(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            memory["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            memory["cuda_in_use_at_end_bytes"] = total - free
+            memory["peak_bytes"] = memory["cuda_max_allocated_bytes"]
         else:
-            self.stop.set()
-            self.thread.join()
-            self.bytes = max(0, self.peak - self.start)
+            memory["peak_bytes"] = max(0, hwm - self.rss_start)
+        return memory
 
 
 # ---- contenders ---------------------------------------------------------------------------------------------------
@@ -218,34 +242,39 @@ def run_nibblora(args, base_folder, adapter_folders, prompts, outputs, adapter_i
                 parent, attr = name.rsplit(".", 1)
                 setattr(model.get_submodule(parent), attr, layer.base)
     used = sorted(set(adapter_ids))
+    slots = min(args.max_loras, max(1, len(used)))
     engine = Engine(
         model,
         EngineConfig(
-            max_loras=min(args.max_loras, max(1, len(used))),
-            max_cpu_loras=max(args.max_loras, len(used)),
+            max_loras=slots,
+            # Default: every adapter the workload uses fits in host memory (S-LoRA's setting); --max-cpu-loras
+            # bounds it, and requests for evicted adapters then wait for a background read.
+            max_cpu_loras=max(slots, args.max_cpu_loras or len(used)),
             max_lora_rank=args.rank,
             max_num_seqs=args.batch,
             max_num_batched_tokens=args.token_budget,
             kv_cache_tokens=args.batch * 256,
+            lora_kernel=args.lora_kernel,
             max_model_len=1024,
         ),
     )
-    # Register the adapters the workload uses (peft loads the same set), all held in host memory.
+    # Register the adapters the workload uses (peft loads the same set), or with --known every one of the n.
     names = [None] * len(adapter_ids)
     if not merged:
-        for i in used:
+        known = range(len(adapter_folders)) if args.known_all else used
+        for i in known:
             engine.add_adapter(f"a{i}", adapter_folders[i])
         names = [f"a{i}" for i in adapter_ids]
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in outputs]
     engine.generate(prompts[:2], params[:2], names[:2])  # warm-up (allocator, kernel choice for small shapes)
     best = None
     for _ in range(args.repeat):
-        with PeakMemory(device) as mem:
-            start = time.monotonic()
-            results = engine.generate(prompts, params, names)
-            _sync(device)
-            seconds = time.monotonic() - start
-        run = (seconds, sum(len(r.token_ids) for r in results), [r.finished_at - start for r in results], mem.bytes)
+        start, cpu = time.monotonic(), time.process_time()
+        results = engine.generate(prompts, params, names)
+        _sync(device)
+        seconds = time.monotonic() - start
+        tokens = sum(len(r.token_ids) for r in results)
+        run = (seconds, tokens, [r.finished_at - start for r in results], time.process_time() - cpu)
         best = run if best is None or run[0] < best[0] else best
     engine.close()
     return best
@@ -294,21 +323,20 @@ def run_peft(args, base_folder, adapter_folders, prompts, outputs, adapter_ids, 
     best = None
     for _ in range(args.repeat):
         latencies = [0.0] * len(prompts)
-        with PeakMemory(device) as mem:
-            start = time.monotonic()
-            for batch in batches:
-                kwargs = {}
-                if mixed:
-                    kwargs["adapter_names"] = [f"a{adapter_ids[i]}" for i in batch]
-                else:
-                    model.set_adapter(f"a{adapter_ids[batch[0]]}")
-                _hf_generate(model, [prompts[i] for i in batch], max(outputs[i] for i in batch), device, **kwargs)
-                _sync(device)
-                done = time.monotonic() - start
-                for i in batch:
-                    latencies[i] = done
-            seconds = time.monotonic() - start
-        run = (seconds, sum(outputs), latencies, mem.bytes)
+        start, cpu = time.monotonic(), time.process_time()
+        for batch in batches:
+            kwargs = {}
+            if mixed:
+                kwargs["adapter_names"] = [f"a{adapter_ids[i]}" for i in batch]
+            else:
+                model.set_adapter(f"a{adapter_ids[batch[0]]}")
+            _hf_generate(model, [prompts[i] for i in batch], max(outputs[i] for i in batch), device, **kwargs)
+            _sync(device)
+            done = time.monotonic() - start
+            for i in batch:
+                latencies[i] = done
+        seconds = time.monotonic() - start
+        run = (seconds, sum(outputs), latencies, time.process_time() - cpu)
         best = run if best is None or run[0] < best[0] else best
     return best
 
@@ -319,7 +347,7 @@ def _sync(device: torch.device) -> None:
 
 
 # ---- main -----------------------------------------------------------------------------------------------------------
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small model, 64 requests, n in {1, 8, 64}")
     p.add_argument("--device", default="cpu")
@@ -338,59 +366,171 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="max sequences per batch, every contender")
     p.add_argument("--token-budget", type=int, default=1024, help="nibblora: tokens per step")
     p.add_argument("--max-loras", type=int, default=32, help="nibblora: device slots")
+    p.add_argument(
+        "--max-cpu-loras", type=int, default=None, help="nibblora: host LRU size (default: every adapter used fits)"
+    )
+    p.add_argument("--known-all", action="store_true", help="nibblora: register all n adapters, not only the used ones")
+    p.add_argument("--lora-kernel", default="auto", help="nibblora: auto, segment, gathered or native")
     p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 128])
     p.add_argument("--output-len", type=int, nargs=2, default=[8, 64])
-    p.add_argument("--repeat", type=int, default=1, help="timed runs per contender; the fastest is reported")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per cell and round; the fastest is reported")
+    p.add_argument("--rounds", type=int, default=1, help="sweeps over every cell, interleaved (best of all rounds)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--in-process", action="store_true", help="run every cell in this process (peaks then mix)")
     p.add_argument("--json", help="also write the rows to this file")
-    args = p.parse_args()
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one cell described by this JSON file
+    args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 256, 688, 2, 4, 4
         args.vocab = 2048
         args.requests, args.n = args.requests or 64, args.n or [1, 8, 64]
         args.prompt_len, args.output_len, args.batch = [8, 48], [4, 24], 16
     args.requests, args.n = args.requests or 256, args.n or [1, 8, 64, 512]
-    device = torch.device(args.device)
-    args.dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return args
 
+
+def plan_cells(args: argparse.Namespace) -> list[tuple[int, str, str]]:
+    """(n, workload, contender) in sweep order, workload by workload, so the n of one workload run back to back
+    (their ratio is then taken under the same load); merged runs once (identical, the first n)."""
+    cells, done_merged = [], False
+    for kind in args.workloads:
+        for n in args.n:
+            if kind != "identical" and n == 1:
+                continue  # every workload is "identical" with one adapter
+            for contender in args.contenders:
+                if contender == "merged":
+                    if kind != "identical" or done_merged:
+                        continue
+                    done_merged = True
+                cells.append((n, kind, contender))
+    return cells
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    device = torch.device(args.device)
     rng = random.Random(0)
     prompts = [
         [rng.randrange(1, args.vocab) for _ in range(rng.randint(*args.prompt_len))] for _ in range(args.requests)
     ]
     outputs = [rng.randint(*args.output_len) for _ in range(args.requests)]
-    rows = []
+    cells = plan_cells(args)
+    best: dict[tuple[int, str, str], Result] = {}
+    history: dict[tuple[int, str, str], list[Result]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = build_checkpoint(args, Path(tmp) / "base")
         adapters = write_adapters(base, Path(tmp) / "adapters", max(args.n), args.rank)
         print(
-            f"model hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, {args.dtype}, {device}; "
-            f"{args.requests} requests, prompts {args.prompt_len}, outputs {args.output_len}, rank {args.rank}, "
-            f"batch {args.batch}, threads {torch.get_num_threads()}"
+            f"model hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, {args.dtype or 'default'} on "
+            f"{device}; {args.requests} requests, prompts {args.prompt_len}, outputs {args.output_len}, rank "
+            f"{args.rank}, batch {args.batch}, threads {args.threads or torch.get_num_threads()}, "
+            f"{args.rounds} round(s) x {args.repeat} run(s) per cell, "
+            f"{'in process' if args.in_process else 'one process per cell'}",
+            flush=True,
         )
-        done_merged = False
-        for n in args.n:
-            for kind in args.workloads:
-                if kind != "identical" and n == 1:
-                    continue  # every workload is "identical" with one adapter
+        for round_index in range(args.rounds):
+            for n, kind, contender in cells:
                 ids = workload_adapters(kind, n, args.requests, random.Random(n))
-                for contender in args.contenders:
-                    if contender == "merged":
-                        if kind != "identical" or done_merged:
-                            continue
-                        done_merged = True
-                    seconds, tokens, latencies, peak = run_contender(
-                        contender, args, base, adapters, prompts, outputs, ids, device
-                    )
-                    result = Result(contender, kind, n, len(set(ids)), seconds, tokens, args.requests, latencies, peak)
-                    rows.append(result.row())
-                    print(_format_row(rows[-1]), flush=True)
-                    gc.collect()
+                spec = {
+                    "contender": contender,
+                    "workload": kind,
+                    "n": n,
+                    "base": str(base),
+                    "adapters": [str(a) for a in adapters[:n]],
+                    "prompts": prompts,
+                    "outputs": outputs,
+                    "ids": ids,
+                }
+                result = run_cell(args, spec, Path(tmp) / "cell.json")
+                key = (n, kind, contender)
+                history.setdefault(key, []).append(result)
+                if key not in best or result.seconds < best[key].seconds:
+                    if key in best:  # the peak is a property of the cell, not of the fastest round
+                        result.peak_bytes = max(result.peak_bytes, best[key].peak_bytes)
+                    best[key] = result
+                print(f"[round {round_index + 1}/{args.rounds}] " + _format_row(result.row()), flush=True)
+    rows = [best[key].row() for key in cells]
     print()
     print(_summary(rows))
+    if args.rounds > 1:
+        print(_paired_ratios(history, args))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def run_cell(args: argparse.Namespace, spec: dict, spec_path: Path) -> Result:
+    """One cell: in a fresh subprocess (the default) or here."""
+    if args.in_process:
+        return run_spec(args, spec)
+    spec_path.write_text(json.dumps(spec))
+    argv = [a for a in sys.argv[1:] if a != "--in-process"]
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", str(spec_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"benchmark cell {spec['contender']} / {spec['workload']} / n={spec['n']} failed "
+            f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    return Result(**json.loads(lines[-1].removeprefix("RESULT ")))
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """Subprocess side of run_cell: run one cell and print its Result as one `RESULT {json}` line."""
+    spec = json.loads(Path(args.worker).read_text())
+    result = run_spec(args, spec)
+    print("RESULT " + json.dumps(result.__dict__), flush=True)
+
+
+def run_spec(args: argparse.Namespace, spec: dict) -> Result:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cell_args = argparse.Namespace(**{**vars(args), "dtype": dtype})
+    _import_contender(spec["contender"])  # so the memory baseline holds the code, and the peak only the data
+    memory = PeakMemory(device)
+    memory.start()
+    seconds, tokens, latencies, cpu_seconds = run_contender(
+        spec["contender"],
+        cell_args,
+        Path(spec["base"]),
+        [Path(a) for a in spec["adapters"]],
+        spec["prompts"],
+        spec["outputs"],
+        spec["ids"],
+        device,
+    )
+    report = memory.report()
+    gc.collect()
+    return Result(
+        spec["contender"],
+        spec["workload"],
+        spec["n"],
+        len(set(spec["ids"])),
+        seconds,
+        tokens,
+        len(spec["prompts"]),
+        latencies,
+        report["peak_bytes"],
+        report,
+        cpu_seconds,
+    )
+
+
+def _import_contender(contender: str) -> None:
+    import torch._dynamo  # noqa: F401  (loading a model pulls it in, with sympy: ~150 MB of code, not data)
+
+    if contender in ("nibblora", "merged"):
+        import nibblora.lora
+        import nibblora.models
+        import nibblora.serve  # noqa: F401
+    else:
+        import peft  # noqa: F401
+        from transformers.models.llama import modeling_llama  # noqa: F401
 
 
 def run_contender(contender, args, base, adapters, prompts, outputs, ids, device) -> tuple:
@@ -401,13 +541,43 @@ def run_contender(contender, args, base, adapters, prompts, outputs, ids, device
     raise ValueError(f"unknown contender {contender!r}: use nibblora, peft-per-adapter, peft-mixed or merged")
 
 
+def _paired_ratios(history: dict[tuple[int, str, str], list[Result]], args: argparse.Namespace) -> str:
+    """Per workload, nibblora's n=max / n=8 ratio taken within each round (the two cells ran back to back), and
+    its median over rounds: on a shared machine steadier than a ratio of two best-of runs."""
+    lines = []
+    small, large = 8, max(args.n)
+    for kind in ("identical", "uniform", "skewed", "distinct"):
+        a, b = history.get((small, kind, "nibblora")), history.get((large, kind, "nibblora"))
+        if not a or not b or large == small:
+            continue
+        wall = sorted(y.tokens_per_s / x.tokens_per_s for x, y in zip(a, b, strict=False))
+        cpu = sorted(
+            (y.output_tokens / y.cpu_seconds) / (x.output_tokens / x.cpu_seconds)
+            for x, y in zip(a, b, strict=False)
+            if x.cpu_seconds and y.cpu_seconds
+        )
+        line = (
+            f"{kind}: n={large} / n={small} per round (wall) {[round(r, 2) for r in wall]}, median {_median(wall):.2f}"
+        )
+        if cpu:
+            line += f"; per CPU-second {[round(r, 2) for r in cpu]}, median {_median(cpu):.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def _format_row(row: dict) -> str:
-    return "  ".join(f"{k}={v}" for k, v in row.items())
+    return "  ".join(f"{k}={v}" for k, v in row.items() if k != "memory")
 
 
 def _summary(rows: list[dict]) -> str:
     """Markdown table plus the ratios the issue sets targets for."""
-    keys = list(rows[0])
+    keys = [k for k in rows[0] if k != "memory"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
 

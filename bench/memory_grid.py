@@ -57,6 +57,7 @@ class GridPoint:
     seq: int
     checkpointing: bool
     dtype: str = "float32"
+    keep_mlp_layers: int = 0  # selective checkpointing (model.keep_mlp_layers)
 
     @property
     def name(self) -> str:
@@ -64,6 +65,7 @@ class GridPoint:
             f"{self.model}-{self.mode}-b{self.batch}-s{self.seq}"
             + ("-ckpt" if self.checkpointing else "")
             + ("-bf16" if self.dtype == "bfloat16" else "")
+            + (f"-keepmlp{self.keep_mlp_layers}" if self.keep_mlp_layers else "")
         )
 
 
@@ -79,12 +81,15 @@ GRID = [
     GridPoint("106m", "qlora", 1, 1024, False),
     GridPoint("106m", "qlora", 2, 512, False, "bfloat16"),
     GridPoint("106m", "lora", 4, 256, True, "bfloat16"),
+    GridPoint("106m", "qlora", 4, 512, True, keep_mlp_layers=-1),
+    GridPoint("106m", "full", 2, 256, True, keep_mlp_layers=4),
 ]
 # What `make test` runs (tests/test_memory.py): small and quick, one per mode.
 QUICK = [
     GridPoint("tiny", "full", 2, 128, False),
     GridPoint("tiny", "qlora", 8, 128, False),
     GridPoint("tiny", "lora", 8, 128, True),
+    GridPoint("tiny", "qlora", 8, 128, True, keep_mlp_layers=-1),
 ]
 
 
@@ -129,6 +134,7 @@ output_dir = "{out}"
 path = "{model_dir}"
 dtype = "{point.dtype}"
 gradient_checkpointing = {str(point.checkpointing).lower()}
+keep_mlp_layers = {point.keep_mlp_layers}
 [lora]
 r = 16
 alpha = 32.0

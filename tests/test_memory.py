@@ -232,3 +232,92 @@ def test_meters_never_leave_sampler_threads_behind(tmp_path):
     while samplers() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert samplers() == before
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_saved_activations_of_the_mlp_half_are_counted_tensor_by_tensor(mode, dtype):
+    """mlp_activation_bytes is what a layer's MLP half saves (what selective checkpointing keeps), and the attention
+    half saves the rest of layer_activation_bytes."""
+    import torch
+
+    from nibblora.lora import inject_lora
+    from nibblora.lora.params import DecoderShape
+    from nibblora.memory.estimate import layer_activation_bytes, mlp_activation_bytes
+    from nibblora.models import LlamaForCausalLM, ModelConfig
+
+    hf = dict(
+        model_type="llama",
+        hidden_size=96,
+        intermediate_size=224,
+        num_hidden_layers=1,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    torch_dtype = getattr(torch, dtype)
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).to(dtype=torch_dtype)
+    r = 4
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        inject_lora(model, "all-linear", r=r, alpha=8, dropout=0.1, quantize_base="nf4" if mode == "qlora" else None)
+    model.train()
+    batch, seq = 2, 24
+    x = torch.randn(batch, seq, 96, dtype=torch_dtype, requires_grad=True)
+    cos, sin = model.model.rotary_emb(x, torch.arange(seq)[None].expand(batch, -1))
+    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), cos, sin]}
+
+    def saved_by(run) -> int:
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in resident:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return sum(seen.values())
+
+    layer = model.model.layers[0]
+    e, full = torch.finfo(torch_dtype).bits // 8, mode == "full"
+    shape = DecoderShape.from_config(hf)
+    mlp = mlp_activation_bytes(shape, batch * seq, e, full, 0 if full else 3 * r)
+    assert saved_by(lambda: layer.mlp_block(x)) == mlp
+    whole = layer_activation_bytes(shape, batch * seq, e, full, 0 if full else 7 * r)
+    assert saved_by(lambda: layer.attention_block(x, cos, sin, None, None)) == whole - mlp
+
+
+def test_keeping_mlp_layers_costs_their_mlp_activations_in_the_estimate():
+    from nibblora.memory import estimate_memory
+
+    def activations(keep: int) -> int:
+        return estimate_memory("llama-2-7b", "qlora", r=16, seq_len=2048, keep_mlp_layers=keep).components[
+            "activations"
+        ]
+
+    none, two, every = activations(0), activations(2), activations(-1)
+    assert none < two < every
+    # Each kept layer adds its MLP half per token: gate(x) and up(x) in bf16 (2 x 2 x 11008 bytes), the norm's
+    # float32 input and bf16 output (6 x 4096), the adapters' A(x) (3 x 2 x 16) and 8 bytes: 68,708 bytes, x 2048.
+    assert (two - none) / 2 == 2048 * 68_708
+
+
+def test_a_document_mask_adds_one_batch_by_seq_squared_mask():
+    from nibblora.memory import estimate_memory
+
+    plain = estimate_memory("llama-2-7b", "qlora", batch_size=2, seq_len=1024).components["activations"]
+    masked = estimate_memory("llama-2-7b", "qlora", batch_size=2, seq_len=1024, document_mask=True)
+    assert masked.components["activations"] - plain == 2 * 1024 * 1024 * 2  # bf16
+
+
+def test_an_explicit_loss_chunk_sizes_the_loss_component():
+    from nibblora.memory import estimate_memory
+
+    auto = estimate_memory("llama-3-8b", "qlora", batch_size=1, seq_len=512)
+    wide = estimate_memory("llama-3-8b", "qlora", batch_size=1, seq_len=512, loss_chunk_tokens=512)
+    # Auto: 512 tokens at hidden 4096 and vocabulary 128,256 -> chunks of 16; one chunk of 512 holds 32x the logits.
+    vocab = 128_256
+    assert wide.components["loss"] - auto.components["loss"] == (512 - 16) * vocab * 8

@@ -111,3 +111,117 @@ def test_peft_adapter_keys_name_our_modules(tmp_path):
     assert len(modules) == 7 * 2
     for name in modules:
         assert isinstance(ours.get_submodule(name), torch.nn.Linear), name
+
+
+def test_selective_checkpointing_gives_the_same_gradients_as_full_and_none():
+    """keep_mlp_layers changes what is recomputed, never the numbers: gradients equal full checkpointing's and no
+    checkpointing's (float32, LoRA on every projection and a trainable base both)."""
+    import torch
+
+    from nibblora.lora import inject_lora
+    from nibblora.models import LlamaForCausalLM, ModelConfig
+
+    hf = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=90,
+    )
+    torch.manual_seed(0)
+    ids = torch.randint(0, 90, (2, 17))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    for lora in (True, False):
+        grads = []
+        for checkpointing, keep in ((False, 0), (True, 0), (True, 1), (True, -1)):
+            torch.manual_seed(1)
+            model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf), gradient_checkpointing=checkpointing)
+            if lora:
+                inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+                with torch.no_grad():  # B = 0 would make every A gradient 0: give B values
+                    for name, p in model.named_parameters():
+                        if "lora_B" in name:
+                            p.normal_(0, 0.1)
+            model.model.keep_mlp_layers = keep
+            model.train()
+            loss, _ = model(ids, labels=labels)
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        for other in grads[1:]:
+            assert other.keys() == grads[0].keys()
+            for name in grads[0]:
+                torch.testing.assert_close(other[name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_packed_documents_see_only_themselves_when_separated():
+    """With separate_documents, a row packing two documents (position_ids restarting) gives each document the
+    logits it gets alone, and the summed loss of the packed row is the sum of the documents' losses; without it,
+    the second document attends to the first (transformers' SDPA behaviour, checked in test_models_parity)."""
+    import torch
+
+    from nibblora.models import LlamaForCausalLM, ModelConfig
+
+    hf = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=90,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).eval()
+    first, second = torch.randint(0, 90, (1, 7)), torch.randint(0, 90, (1, 9))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    alone = torch.cat([model(first), model(second)], dim=1)
+    model.model.separate_documents = True
+    together = model(packed, position_ids=positions)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    labels = packed.clone()
+    labels[0, 7] = -100  # the second document's first token is not predicted from the first document
+    loss, n = model(packed, position_ids=positions, labels=labels)
+    loss_first, n_first = model(first, labels=first)
+    loss_second, n_second = model(second, labels=second)
+    assert n == n_first + n_second
+    torch.testing.assert_close(loss, loss_first + loss_second, rtol=1e-5, atol=1e-5)
+    model.model.separate_documents = False
+    crossed = model(packed, position_ids=positions)
+    assert (crossed[:, 7:] - alone[:, 7:]).abs().max() > 1e-3
+
+
+def test_a_document_mask_is_saved_once_for_every_layer():
+    """The additive mask is built once per forward; SDPA saves it as it is, so backward holds one copy, not one per
+    layer."""
+    import torch
+
+    from nibblora.models import LlamaForCausalLM, ModelConfig
+
+    hf = dict(
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=50,
+    )
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).train()
+    model.model.separate_documents = True
+    seq = 64
+    ids = torch.randint(0, 50, (1, seq))
+    positions = torch.cat([torch.arange(30), torch.arange(34)])[None]
+    big = {}
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[-2:] == (seq, seq):
+            big[t.untyped_storage().data_ptr()] = t.shape
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, position_ids=positions)
+    assert len(big) == 1

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import random
 
 import pytest
 import torch
-from helpers_serve import module_shapes, tiny_model, write_adapter
+from helpers_serve import PROJECTIONS, module_shapes, tiny_model, write_adapter
 from safetensors.torch import save_file
 
 from nibblora.errors import AdapterError
 from nibblora.serve import Engine, EngineConfig, read_lora_folder
+from nibblora.serve.adapter_files import AdapterWeights
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,43 @@ def test_host_memory_holds_at_most_max_cpu_loras(tmp_path):
     # an evicted adapter is read back from disk in the background when a request needs it
     [result] = engine.generate([[1, 2, 3]], _greedy(2), adapters=["a0"])
     assert len(result.token_ids) == 2 and engine.store.stats.host_misses == 1
+
+
+def test_adapter_memory_is_bounded_by_the_cache_sizes_not_by_the_adapters_known(tmp_path):
+    """40 adapters registered and all of them used, through a host LRU of 5 and 3 device slots: the host copies
+    alive never exceed the LRU (plus the reads in flight, at most one per slot), their bytes never exceed 5 of the
+    largest, and the device slots keep their size from construction."""
+    base = tiny_model()
+    shapes = module_shapes(base)
+    config = EngineConfig(
+        max_loras=3, max_cpu_loras=5, max_lora_rank=16, max_num_seqs=8, kv_cache_tokens=1024, block_size=4
+    )
+    engine = Engine(copy.deepcopy(base), config)
+    slot_bytes = engine.store.device_bytes()
+    per_module = sum(16 * (fan_in + fan_out) * 4 + 4 + 8 for fan_in, fan_out in shapes.values())
+    assert slot_bytes == 3 * per_module  # max_loras x max_lora_rank, float32, plus scaling and rank per slot
+    folders = [write_adapter(tmp_path / f"a{i}", shapes, 4 + i % 13, list(PROJECTIONS), seed=i) for i in range(40)]
+    for i, folder in enumerate(folders):
+        engine.add_adapter(f"a{i}", folder)
+    largest = max(read_lora_folder(folder, shapes).nbytes for folder in folders)
+    rng = random.Random(0)
+    for i in range(60):
+        prompt = [rng.randrange(128) for _ in range(rng.randint(2, 12))]
+        engine.add_request(prompt, _greedy(rng.randint(1, 4)), adapter=f"a{(i * 7) % 40}")
+
+    peak_host, steps = 0, 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        peak_host = max(peak_host, engine.store.host_bytes())
+        assert engine.store.host_count() <= 5
+        assert engine.store.device_bytes() == slot_bytes
+        alive = sum(type(o) is AdapterWeights for o in gc.get_objects())
+        assert alive <= 5 + 3, f"{alive} adapters' host copies alive after step {steps}"
+    assert peak_host <= 5 * largest
+    assert engine.store.stats.host_misses >= 35  # evicted adapters were read again when their turn came
+    assert engine.metrics.requests_finished == {"length": 60}
+    engine.close()
 
 
 def _greedy(n):

@@ -26,7 +26,9 @@ def _reference_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 # ("segment", 96): a KV cache smaller than the batch wants, so sequences are preempted and recomputed.
-@pytest.mark.parametrize("kernel,kv_tokens", [("auto", None), ("segment", 96), ("gathered", None)])
+@pytest.mark.parametrize(
+    "kernel,kv_tokens", [("auto", None), ("segment", 96), ("gathered", None), ("native", None), ("native", 96)]
+)
 def test_mixed_batches_equal_each_adapter_alone(tmp_path, kernel, kv_tokens):
     torch.set_num_threads(1)
     base = tiny_model(seed=3)
@@ -204,3 +206,37 @@ def test_abort_frees_blocks_and_slot(tmp_path):
     assert [o.finish_reason for o in outs if o.request_id == rid] == ["abort"]
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
     assert engine.store.slot_refs == [0] * 4 and not engine.has_work()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["auto", "segment", "gathered"])
+def test_mixed_batches_on_cuda_equal_each_adapter_alone(tmp_path, kernel):
+    """The CUDA path (pinned host copies, slot copies on a side stream, both kernels) against the single-adapter
+    reference on the same GPU, float32: 12 adapters through 3 slots, so slots are rewritten while in use nearby."""
+    base = tiny_model(seed=4)
+    adapters = random_adapters(tmp_path, module_shapes(base), 12, seed=9)
+    engine = Engine(
+        copy.deepcopy(base).cuda(),
+        EngineConfig(
+            max_loras=3,
+            max_cpu_loras=6,
+            max_num_seqs=8,
+            kv_cache_tokens=2048,
+            block_size=4,
+            max_model_len=64,
+            lora_kernel=kernel,
+        ),
+    )
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    rng = random.Random(5)
+    names = [None, *adapters]
+    requests = [([rng.randrange(128) for _ in range(rng.randint(1, 20))], names[i % len(names)]) for i in range(26)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, return_logits=True, ignore_eos=True)
+    results = engine.generate([p for p, _ in requests], params, [a for _, a in requests])
+    for (prompt, adapter), result in zip(requests, results, strict=True):
+        ref = reference_model(base, None if adapter is None else adapters[adapter]).cuda()
+        want = _reference_logits(ref, prompt, result.token_ids)
+        torch.testing.assert_close(torch.stack(result.logits).to(want.device), want, rtol=0, atol=1e-4)
+    assert engine.store.stats.device_misses > 3
+    engine.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers_train import tiny_checkpoint, tiny_rows
 
+from nibblora.errors import RunStoreError
 from nibblora.runs import open_run, request_stop
 from nibblora.train.lock import OutputDirInUseError, lock_run_folder
 
@@ -48,7 +49,7 @@ def test_a_second_trainer_on_the_same_output_dir_refuses_with_the_first_ones_pid
                 with open_run(tmp_path / "run") as store:
                     if store.metric("loss"):
                         break
-            except (FileNotFoundError, sqlite3.DatabaseError):  # not created yet, or its tables not yet
+            except (FileNotFoundError, sqlite3.DatabaseError, RunStoreError):  # not created yet, or still empty
                 pass
             time.sleep(0.1)
         assert first.poll() is None, first.stderr.read()

@@ -178,3 +178,28 @@ def test_fused_chunked_loss_follows_the_plain_loss_curve_for_50_steps(model_dir,
     for step in range(1, 51):
         assert fused.losses[step] == pytest.approx(plain.losses[step], rel=1e-3), step
     assert fused.losses[50] < fused.losses[1]
+
+
+def test_a_packed_row_trains_like_its_documents_apart(model_dir, tmp_path):
+    """data.packed_attention = "document": the loss of a packed row is that of its documents as separate rows."""
+    docs = [tiny_rows(3, seed=4)[i] for i in range(3)]
+    apart = TokenizedRows([{k: v.tolist() for k, v in d.items()} for d in docs])
+    ids = torch.cat([d["input_ids"] for d in docs])
+    labels = torch.cat([torch.cat([torch.tensor([-100]), d["labels"][1:]]) for d in docs])  # no cross-document target
+    positions = torch.cat([torch.arange(len(d["input_ids"])) for d in docs])
+    packed = TokenizedRows([{"input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": positions.tolist()}])
+    losses = {}
+    for name, rows, batch, attention in (
+        ("apart", apart, 3, "document"),
+        ("packed", packed, 1, "document"),
+        ("row", packed, 1, "row"),
+    ):
+        config = tiny_config(
+            model_dir,
+            tmp_path / name,
+            data={"batch_size": batch, "packed_attention": attention},
+            train={"max_steps": 1},
+        )
+        losses[name] = train(config, rows, quiet=True).losses[1]
+    assert losses["packed"] == pytest.approx(losses["apart"], rel=1e-5)
+    assert abs(losses["row"] - losses["apart"]) > 1e-4  # attending across documents changes the loss

@@ -47,6 +47,7 @@ __all__ = [
     "SafetensorsFile",
     "TEMPLATE_NAMES",
     "__version__",
+    "add_lora_segments",
     "code_table",
     "dequantize_4bit",
     "dequantize_absmax",
@@ -133,6 +134,23 @@ def merge_array(
     dense: np.ndarray | None = None,
     magnitude: np.ndarray | None = None,
 ) -> np.ndarray: ...
+
+# Serving (nibblora.serve.lora_ops wraps this).
+def add_lora_segments(
+    y: npt.NDArray[np.float32],
+    x: npt.NDArray[np.float32],
+    lora_a: npt.NDArray[np.float32],
+    lora_bt: npt.NDArray[np.float32],
+    ranks: npt.NDArray[np.int64],
+    scaling: npt.NDArray[np.float32],
+    segments: npt.NDArray[np.int64],
+    max_rank: int,
+    in_features: int,
+    out_features: int,
+) -> None:
+    """y[tokens*out] += each (start, end, slot) segment's scaling * (x @ A[slot,:r].T) @ Bt[slot,:r], in place.
+    Flat contiguous views: lora_a [slots*max_rank*in], lora_bt [slots*max_rank*out] (B transposed), ranks and
+    scaling [slots], segments [3*segments]. InputError for shapes that disagree; the GIL is released."""
 
 # Data preparation (nibblora.data wraps these).
 TEMPLATE_NAMES: list[str]

@@ -24,10 +24,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument(
+        "--keep-mlp-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="selective checkpointing: N layers (-1: all) keep their MLP activations and recompute only attention",
+    )
+    parser.add_argument(
         "--pure-16bit",
         dest="mixed_precision",
         action="store_false",
         help="full FT without fp32 master weights (what nibblora.train does)",
+    )
+    parser.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens per chunk of the fused loss (default: the model's rule, sized per batch)",
     )
     parser.add_argument("--paged-optimizer", action="store_true", help="optimizer states in host memory")
     parser.add_argument(
@@ -56,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             optimizer=args.optimizer,
             gradient_checkpointing=args.gradient_checkpointing,
+            keep_mlp_layers=args.keep_mlp_layers,
+            loss_chunk_tokens=args.loss_chunk_tokens,
             mixed_precision=args.mixed_precision,
             paged_optimizer=args.paged_optimizer,
             device=args.device,

@@ -147,6 +147,18 @@ def layer_activation_bytes(
     return tokens * per_token
 
 
+def mlp_activation_bytes(
+    shape: DecoderShape, tokens: int, dtype_bytes: int, full: bool, mlp_rank_sum: int = 0, fused_norm: bool = False
+) -> int:
+    """The MLP half's share of `layer_activation_bytes` (its norm, gate(x) and up(x), the adapters' A(x); with a
+    trainable base also silu(gate), the product and down's input): what a layer keeps under selective
+    checkpointing (`keep_mlp_layers`)."""
+    e = dtype_bytes
+    h, i = shape.hidden_size, shape.intermediate_size
+    norm = e * h + 4 if fused_norm else (4 + e) * h
+    return tokens * (norm + 4 + e * ((4 * i + h) if full else (2 * i + mlp_rank_sum)))
+
+
 def activation_bytes(
     shape: DecoderShape,
     batch_size: int,
@@ -156,19 +168,27 @@ def activation_bytes(
     lora_rank_sum: int = 0,
     full: bool = False,
     fused_norm: bool = False,
+    keep_mlp_layers: int = 0,
+    mlp_rank_sum: int = 0,
 ) -> int:
     """Bytes of saved activations for one micro-batch at their peak.
 
     Without checkpointing: every layer's saved tensors (`layer_activation_bytes`). With it: each layer's input, plus
-    one layer's saved tensors while it is recomputed in backward. Both: RoPE's cos and sin, and the final norm's
-    input (float32) and output, and the loss's gradient for the hidden states.
+    one layer's saved tensors while it is recomputed in backward; layers that keep their MLP (`keep_mlp_layers`,
+    -1: all) also hold its activations (`mlp_activation_bytes`, of which `mlp_rank_sum` is the MLP adapters'
+    ranks), and when all do, the recomputed part is the attention half only. Both: RoPE's cos and sin, and the
+    final norm's input (float32) and output, and the loss's gradient for the hidden states.
     """
     tokens = batch_size * seq_len
     e = dtype_bytes
     head_dim = shape.head_dim or shape.hidden_size // shape.num_attention_heads
     layer = layer_activation_bytes(shape, tokens, e, full, lora_rank_sum, fused_norm)
     if gradient_checkpointing:
-        layers = shape.num_hidden_layers * tokens * shape.hidden_size * e + layer
+        n = shape.num_hidden_layers
+        kept = n if keep_mlp_layers < 0 else min(keep_mlp_layers, n)
+        mlp = mlp_activation_bytes(shape, tokens, e, full, mlp_rank_sum, fused_norm)
+        recomputed = layer - mlp if kept == n else layer
+        layers = n * tokens * shape.hidden_size * e + kept * mlp + recomputed
     else:
         layers = shape.num_hidden_layers * layer
     final_norm = e * shape.hidden_size + 4 if fused_norm else (4 + e) * shape.hidden_size
@@ -176,13 +196,15 @@ def activation_bytes(
     return layers + model
 
 
-def loss_bytes(shape: DecoderShape, tokens: int, dtype_bytes: int, lm_head_trainable: bool) -> int:
+def loss_bytes(
+    shape: DecoderShape, tokens: int, dtype_bytes: int, lm_head_trainable: bool, chunk_tokens: int | None = None
+) -> int:
     """The chunked lm_head + cross-entropy's working set at the end of forward: one chunk of float32 logits and the
     log-sum-exp's temporary of the same size (a 16-bit dtype's logits and gradient live next to the float32 logits
     only, never next to both), the selected hidden states and their gradient; with a trainable lm_head its float32
-    gradient."""
+    gradient. chunk_tokens: the chunk (None: `loss_chunk_tokens`' rule, what the model uses by default)."""
     e = dtype_bytes
-    chunk = min(tokens, loss_chunk_tokens(tokens, shape.hidden_size, shape.vocab_size))
+    chunk = min(tokens, chunk_tokens or loss_chunk_tokens(tokens, shape.hidden_size, shape.vocab_size))
     working = chunk * shape.vocab_size * 8 + 2 * tokens * shape.hidden_size * e
     return working + (shape.vocab_size * shape.hidden_size * 4 if lm_head_trainable else 0)
 
@@ -209,6 +231,9 @@ def estimate_memory(
     double_quant: bool = True,
     blocksize: int = 64,
     device: str = "cpu",
+    keep_mlp_layers: int = 0,
+    document_mask: bool = False,
+    loss_chunk_tokens: int | None = None,
 ) -> MemoryEstimate:
     """Estimate training memory by component.
 
@@ -235,7 +260,7 @@ def estimate_memory(
     quantizable = shape.num_hidden_layers * sum(a * b for a, b in projections.values())
     states_per_param = 2 if optimizer == "adamw" else 0
     c = dict.fromkeys(COMPONENTS, 0)
-    rank_sum = 0
+    rank_sum = mlp_rank_sum = 0
     largest = 0  # elements of the largest trainable parameter
     state_bytes = 4
     if mode == "full":
@@ -251,6 +276,7 @@ def estimate_memory(
         names = _targets(target_modules)
         trainable = shape.num_hidden_layers * sum(projection_lora_params(*projections[n], r) for n in names)
         rank_sum = r * len(names)
+        mlp_rank_sum = r * len([n for n in names if n in ("gate_proj", "up_proj", "down_proj")])
         largest = max(projection_lora_params(*projections[n], r) for n in names) // 2
         c["adapter"] = trainable * 4
         c["gradients"] = trainable * 4
@@ -267,9 +293,20 @@ def estimate_memory(
     full = mode == "full"
     tokens = batch_size * seq_len
     c["activations"] = activation_bytes(
-        shape, batch_size, seq_len, e, gradient_checkpointing, rank_sum, full, fused_norm=device == "cuda"
+        shape,
+        batch_size,
+        seq_len,
+        e,
+        gradient_checkpointing,
+        rank_sum,
+        full,
+        fused_norm=device == "cuda",
+        keep_mlp_layers=keep_mlp_layers,
+        mlp_rank_sum=mlp_rank_sum,
     )
-    c["loss"] = loss_bytes(shape, tokens, e, lm_head_trainable=full)
+    if document_mask:
+        c["activations"] += batch_size * seq_len * seq_len * e
+    c["loss"] = loss_bytes(shape, tokens, e, lm_head_trainable=full, chunk_tokens=loss_chunk_tokens)
     c["backward_temporaries"] = backward_temporary_bytes(shape, tokens, e)
     # AdamW one parameter at a time (foreach=False): the denominator and the update, each the size of the largest.
     c["optimizer_temporaries"] = 2 * largest * state_bytes if states_per_param else 0
@@ -283,6 +320,9 @@ def estimate_memory(
         dtype=dtype,
         optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing,
+        keep_mlp_layers=keep_mlp_layers,
+        document_mask=document_mask,
+        loss_chunk_tokens=loss_chunk_tokens,
         mixed_precision=mixed_precision,
         paged_optimizer=paged_optimizer,
         device=device,

@@ -179,19 +179,22 @@ def build_attention_mask(
     past_len: int,
     sliding_window: int | None,
     device: torch.device,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """bool [batch or 1, 1, query_len, past_len + query_len], True where a query may look at a key.
 
-    Returns None when plain causal attention is exact (no padding, no cache, no window reached): then SDPA runs
-    with is_causal=True, which lets it pick its fastest kernel.
+    Returns None when plain causal attention is exact (no padding, no cache, no window reached, one document per
+    row): then SDPA runs with is_causal=True, which lets it pick its fastest kernel.
 
     Key j is visible to query i (at absolute index past_len + i) when it is not in the future, not padding
-    (attention_mask[b, j] == 1) and, with a sliding window w, closer than w: (past_len + i) - j < w.
-    Positions are sequence indices, not position_ids, so packed sequences still attend causally across the row.
+    (attention_mask[b, j] == 1), with a sliding window w closer than w: (past_len + i) - j < w, and, given
+    `documents` (int64 [batch, query_len] document ids of packed rows, no cache), in the query's document.
+    Without `documents`, positions are sequence indices, not position_ids, so packed sequences attend causally
+    across the row (what transformers' SDPA path does).
     """
     kv_len = past_len + query_len
     window_reached = sliding_window is not None and kv_len > sliding_window
-    if attention_mask is None and past_len == 0 and not window_reached:
+    if attention_mask is None and past_len == 0 and not window_reached and documents is None:
         return None
     query_index = torch.arange(past_len, kv_len, device=device)[:, None]
     key_index = torch.arange(kv_len, device=device)[None, :]
@@ -199,6 +202,8 @@ def build_attention_mask(
     if sliding_window is not None:
         allowed = allowed & (key_index > query_index - sliding_window)
     allowed = allowed[None, None]
+    if documents is not None:
+        allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])
     if attention_mask is not None:
         if attention_mask.shape[-1] != kv_len:
             raise ValueError(
@@ -210,6 +215,20 @@ def build_attention_mask(
         # through the backward pass. Let such rows attend everywhere: their outputs are padding, never used.
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     return allowed
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """int64 [batch, seq]: which packed document each token belongs to, counted from 0 per row. A document starts
+    wherever the position does not continue the previous token's (position_ids restart per document)."""
+    starts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return torch.cat([torch.zeros_like(position_ids[:, :1]), starts.long().cumsum(dim=1)], dim=1)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as SDPA's additive float mask (0 where allowed, the dtype's lowest value elsewhere). Built once
+    per forward: SDPA saves a float mask for backward as it is (the same storage for every layer), where a bool
+    mask would be converted, and kept, once per layer."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 class Attention(nn.Module):
@@ -293,7 +312,16 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return self.mlp_block(self.attention_block(x, cos, sin, mask, cache))
+
+    def attention_block(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        """x + attention(norm(x)): the first half of the layer."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        """x + mlp(norm(x)): the second half, two thirds of a Llama layer's matmul FLOPs."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -311,6 +339,14 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # Selective checkpointing: with gradient_checkpointing, the first this-many layers (-1: all) recompute only
+        # their attention half in backward and keep their MLP's activations: a third of the recompute FLOPs for
+        # tokens x (2 x intermediate + ...) saved elements per such layer.
+        self.keep_mlp_layers = 0
+        # Packed rows (position_ids given, restarting per document; no cache, no attention mask): each token
+        # attends only within its own document. Off by default, as in transformers' SDPA path; the trainer turns it
+        # on (data.packed_attention = "document").
+        self.separate_documents = False
 
     def forward(
         self,
@@ -323,19 +359,29 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         batch, seq = input_ids.shape
         past_len = cache.get_seq_length() if cache is not None else 0
+        documents = None
+        if self.separate_documents and position_ids is not None and cache is None and attention_mask is None:
+            documents = document_ids(position_ids)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq, device=x.device).unsqueeze(0).expand(batch, -1)
         cos, sin = self.rotary_emb(x, position_ids)
         # One mask per distinct window (full attention, and the sliding window if any layer uses it).
         masks = {
-            window: build_attention_mask(attention_mask, seq, past_len, window, x.device)
+            window: build_attention_mask(attention_mask, seq, past_len, window, x.device, documents)
             for window in {layer.self_attn.sliding_window for layer in self.layers}
         }
+        if documents is not None:
+            masks = {window: additive_mask(mask, x.dtype) for window, mask in masks.items()}
         # Recomputing a layer in backward must not append to the cache twice, so checkpointing skips cached runs.
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for layer in self.layers:
+        keep_mlp = len(self.layers) if self.keep_mlp_layers < 0 else self.keep_mlp_layers
+        for i, layer in enumerate(self.layers):
             mask = masks[layer.self_attn.sliding_window]
-            if recompute:
+            if recompute and i < keep_mlp:
+                # Selective: recompute the attention half, keep what the MLP saves (its matmuls are not redone).
+                x = checkpoint(layer.attention_block, x, cos, sin, mask, None, use_reentrant=False)
+                x = layer.mlp_block(x)
+            elif recompute:
                 # Keep only each layer's input; its activations are recomputed in backward. use_reentrant=False
                 # so gradients reach parameters even when the input (frozen embeddings) needs no grad.
                 x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)

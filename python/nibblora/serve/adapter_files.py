@@ -25,7 +25,8 @@ _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
 
 @dataclass
 class LoRAModuleWeights:
-    """One adapted linear: lora_A [r, in], lora_B [out, r] (float32 on the host) and scaling (alpha / r or rsLoRA)."""
+    """One adapted linear: lora_A [r, in], lora_B [out, r] (float32 on the host; a transposed view of a contiguous
+    [r, out] tensor) and scaling (alpha / r or rsLoRA)."""
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
@@ -100,7 +101,7 @@ def read_lora_folder(directory: str | Path, targets: dict[str, tuple[int, int]])
     if not pairs:
         raise AdapterError(f"reading adapter: {weights_path} holds no lora_A / lora_B tensors")
 
-    modules: dict[str, LoRAModuleWeights] = {}
+    checked: list[tuple[str, torch.Tensor, torch.Tensor, float]] = []
     for name, pair in sorted(pairs.items()):
         first = next(iter(pair.values()))
         if name not in targets:
@@ -127,9 +128,36 @@ def read_lora_folder(directory: str | Path, targets: dict[str, tuple[int, int]])
                 )
             if not tensor.is_floating_point():
                 raise AdapterError(f"reading adapter: {weights_path}: tensor {key!r} is {tensor.dtype}, not a float")
-        scaling = lora_scaling(r, lora_config.alpha_for(name), lora_config.rslora)
-        modules[name] = LoRAModuleWeights(a.float().contiguous(), b.float().contiguous(), scaling)
-    return AdapterWeights(directory, modules)
+        checked.append((name, a, b, lora_scaling(r, lora_config.alpha_for(name), lora_config.rslora)))
+    return AdapterWeights(directory, _pack(checked))
+
+
+def _pack(checked: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> dict[str, LoRAModuleWeights]:
+    """Copy every module's A [r, in] and B.T [r, out] into ONE float32 buffer and return views of it.
+
+    B is kept as the transpose of a contiguous [r, out] view: the device slots hold B.T, so copying an adapter
+    into a slot is a plain memory copy instead of a strided transpose (5x slower, and paid on every slot miss,
+    which with hundreds of adapters is most admissions); the transpose is done here, in the loader thread.
+    One buffer per adapter (not 2 x modules small tensors): the file's tensors are freed right away and their
+    space reused by the next read, while the buffer, large enough for the allocator to map it on its own, goes
+    back to the system whole when the LRU evicts the adapter. Transposing into separate small tensors instead
+    left the freed originals as holes in the heap: 256 adapters of 152 MB took 247 MB of resident memory.
+    """
+    total = sum(a.numel() + b.numel() for _, a, b, _ in checked)
+    buffer = torch.empty(total, dtype=torch.float32)
+    modules: dict[str, LoRAModuleWeights] = {}
+    offset = 0
+    for name, a, b, scaling in checked:
+        r, fan_in = a.shape
+        fan_out = b.shape[0]
+        a_view = buffer[offset : offset + r * fan_in].view(r, fan_in)
+        offset += r * fan_in
+        bt_view = buffer[offset : offset + r * fan_out].view(r, fan_out)
+        offset += r * fan_out
+        a_view.copy_(a)
+        bt_view.copy_(b.t())
+        modules[name] = LoRAModuleWeights(a_view, bt_view.t(), scaling)
+    return modules
 
 
 def _check_supported(config: dict, path: Path) -> None:

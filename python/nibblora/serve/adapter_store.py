@@ -96,7 +96,7 @@ class AdapterStore:
             )
         if self.device.type == "cuda":
             for m in weights.modules.values():  # pinned, so the copy to a slot can overlap compute
-                m.lora_A, m.lora_B = m.lora_A.pin_memory(), m.lora_B.pin_memory()
+                m.lora_A, m.lora_B = m.lora_A.pin_memory(), m.lora_B.t().pin_memory().t()
         return weights
 
     def register(self, name: str, path: str | Path) -> AdapterRef:
@@ -133,6 +133,14 @@ class AdapterStore:
     def host_bytes(self) -> int:
         with self._lock:
             return sum(w.nbytes for w in self._host.values())
+
+    def device_bytes(self) -> int:
+        """Bytes of the device slots of every module: fixed at construction (max_loras x max_rank), never grown."""
+        total = 0
+        for module_slots in self.slots.values():
+            tensors = (module_slots.lora_A, module_slots.lora_Bt, module_slots.scaling, module_slots.rank_tensor)
+            total += sum(t.nbytes for t in tensors if t is not None)
+        return total
 
     def _put_host(self, ref: AdapterRef, weights: AdapterWeights) -> None:
         self._host[ref] = weights

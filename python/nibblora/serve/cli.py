@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
     p.add_argument(
         "--lora-kernel",
-        choices=("auto", "segment", "gathered"),
+        choices=("auto", "segment", "gathered", "native"),
         default="auto",
-        help="batched LoRA path (default auto: measured per batch shape)",
+        help="batched LoRA path (default auto: measured per batch shape; native: the Rust kernel, CPU float32)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -59,7 +59,7 @@ class EngineConfig:
     max_lora_rank: the largest rank a slot holds; max_num_seqs / max_num_batched_tokens: the per-step caps;
     block_size: tokens per KV block; kv_cache_tokens: KV capacity (None: 80% of free GPU memory, or 1 GiB on
     the CPU); max_model_len: context limit (None: the model's max_position_embeddings);
-    lora_kernel: "auto" (measured per shape), "segment" or "gathered"."""
+    lora_kernel: "auto" (measured per shape), "segment", "gathered" or "native" (the Rust kernel; CPU float32)."""
 
     max_loras: int = 8
     max_cpu_loras: int = 64
@@ -109,7 +109,10 @@ class Engine:
             device=self.device,
         )
         self._probe = max(slots.values(), key=lambda s: s.lora_A.shape[2] * s.lora_Bt.shape[2], default=None)
-        self.kernels = KernelChooser(config.lora_kernel)
+        try:
+            self.kernels = KernelChooser(config.lora_kernel, native=self._probe is not None and self._probe.native_ok())
+        except ValueError as err:
+            raise InputError(f"serving engine: {err}") from None
 
         num_blocks = self._num_blocks(config)
         self.cache = PagedKVCache(model.config, num_blocks, config.block_size, self.dtype, self.device)
@@ -123,7 +126,7 @@ class Engine:
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
         self.wakeup = threading.Event()
-        self._kernel_steps = {"segment": 0, "gathered": 0}
+        self._kernel_steps = {"segment": 0, "gathered": 0, "native": 0}
         self._running_after_step = self._waiting_after_step = 0
 
     # ---- setup --------------------------------------------------------------------------------------------
@@ -383,6 +386,7 @@ class Engine:
             "nibblora_adapters_host": self.store.host_count(),
             "nibblora_adapters_device": self.store.loaded_on_device(),
             "nibblora_adapter_host_bytes": self.store.host_bytes(),
+            "nibblora_adapter_device_bytes": self.store.device_bytes(),
             "nibblora_kv_blocks_total": self.cache.allocator.num_blocks,
             "nibblora_kv_blocks_free": self.cache.allocator.num_free,
         }
@@ -396,6 +400,7 @@ class Engine:
             "nibblora_adapter_host_evictions_total": stats.evictions,
             "nibblora_lora_segment_steps_total": self._kernel_steps["segment"],
             "nibblora_lora_gathered_steps_total": self._kernel_steps["gathered"],
+            "nibblora_lora_native_steps_total": self._kernel_steps["native"],
         }
         return self.metrics.render(gauges, counters)
 

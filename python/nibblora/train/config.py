@@ -29,6 +29,7 @@ DTYPES = COMPUTE_DTYPE_NAMES
 SCHEDULES = ("cosine", "linear", "constant")
 QUANT_TYPES = BNB_QUANT_TYPES
 NAN_POLICIES = ("stop", "skip")
+PACKED_ATTENTION = ("document", "row")
 INT_MAX = 2**31 - 1  # no count in a training config needs more; bigger values are typos or hostile
 MAX_ROWS_PER_STEP = 2**20  # data.batch_size x train.grad_accum
 
@@ -60,6 +61,8 @@ class ModelSection:
     path: str = option("", nonempty=True)
     dtype: str = option("bfloat16", choices=DTYPES)  # weights and compute (float16: CUDA only)
     gradient_checkpointing: bool = option(True)  # recompute each decoder layer in backward
+    keep_mlp_layers: int = option(0, ge=-1, le=INT_MAX)  # selective: N layers (-1: all) recompute attention only
+    loss_chunk_tokens: int = option(0, ge=0, le=INT_MAX)  # tokens per chunk of the fused loss; 0: sized per batch
     quant_type: str = option("nf4", choices=QUANT_TYPES)  # qlora only
     double_quant: bool = option(True)  # qlora only: quantize the block scales too (4.127 instead of 4.5 bits/param)
     load_in_4bit: bool = option(False)  # any adapter mode: the frozen base in 4-bit (quant_type); qlora always is
@@ -107,6 +110,7 @@ class DataSection:
     batch_size: int = option(4, ge=1)  # sequences per micro-batch on each device
     max_length: int = option(0, ge=0)  # truncate longer rows (0: keep them whole)
     pad_token_id: int = option(0, ge=0)  # id used to pad a micro-batch to its longest row (labels there are -100)
+    packed_attention: str = option("document", choices=PACKED_ATTENTION)  # packed rows: attend within a document
     general: str = option("")  # general-domain rows (a dataset like data.train): general_fraction and train.ewc
     general_fraction: float = option(0.0, ge=0, lt=1)  # share of every step's rows drawn from data.general
 

@@ -67,6 +67,11 @@ class TrainingSetup:
     anchor: WeightAnchor | None = None  # L2-SP / EWC: the starting weights and the penalty toward them
 
     @property
+    def packed(self) -> bool:
+        """The training rows are packed documents (they carry position_ids)."""
+        return "position_ids" in self.train_dataset[0]
+
+    @property
     def step_dataset(self) -> TokenizedDataset:
         """What step_micro_batches' indices point into: the task rows, then the general rows when mixed."""
         if self.general_dataset is not None and self.config.data.general_fraction > 0:
@@ -108,6 +113,9 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, i
         double_quant=config.model.double_quant,
         gradient_checkpointing=config.model.gradient_checkpointing,
     )
+    model.model.keep_mlp_layers = config.model.keep_mlp_layers
+    model.model.separate_documents = config.data.packed_attention == "document"
+    model.loss_chunk_tokens = config.model.loss_chunk_tokens or None  # None: the per-batch rule
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 mod data;
 mod errors;
+mod lora;
 mod merge;
 mod pool;
 mod quant;
@@ -17,6 +18,7 @@ mod quant;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     data::register(m)?;
+    lora::register(m)?;
     merge::register(m)?;
     pool::register(m)?;
     quant::register(m)?;
