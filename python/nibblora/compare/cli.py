@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"{quick.steps} steps per run, {quick.lr_count} learning rates per method, ranks "
+        help=f"{quick.steps} steps per run, one learning rate per method (the middle of its grid), ranks "
         f"{', '.join(map(str, quick.ranks))}, {len(quick.mitigations)} mitigations ({quick.run_count()} runs, "
         f"under 10 min on 2 cores); default: {full.steps} steps, {full.lr_count} rates, ranks "
         f"{', '.join(map(str, full.ranks))}, {len(full.mitigations)} mitigations ({full.run_count()} runs, "
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         metavar="N",
         help="runs trained at once, each in its own process (default 2: on 2 cores, two single-threaded runs "
-        "finish sooner than one two-threaded run)",
+        "finish sooner than one two-threaded run); --threads 0 shares the idle CPUs between them",
     )
     add_threads_argument(parser)
     return parser
