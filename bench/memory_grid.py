@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# The demo's model (examples/pretrain_tiny.py) and a 106 M-parameter one; "tiny" is the test suite's share.
+# The demo's model (nibblora.demo.tiny_base) and a 106 M-parameter one; "tiny" is the test suite's share.
 MODELS = {
     "demo": dict(
         vocab_size=1024,

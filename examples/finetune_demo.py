@@ -1,6 +1,6 @@
 """nibblora end to end on two CPU cores, nothing downloaded (`make demo`, a few minutes):
 
-1. pretrain a tiny Llama on the Python standard library's source (examples/pretrain_tiny.py), with its own BPE
+1. pretrain a tiny Llama on the Python standard library's source (nibblora.demo.tiny_base), with its own BPE
 2. generate an instruction set with checkable answers, prepared by nibblora.data (ChatML, prompt masked)
 3. QLoRA fine-tuning with `python -m nibblora.train`, recorded in the run store (watch it with qlora-tui)
 4. exact-match accuracy on held-out tasks and loss on held-out stdlib text, before and after
@@ -19,57 +19,20 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
+from tokenizers import Tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import demo_tasks  # noqa: E402
-import pretrain_tiny  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-
-from nibblora.data import prepare_dataset  # noqa: E402
-from nibblora.lora import load_adapter  # noqa: E402
-from nibblora.merge import merge_checkpoint  # noqa: E402
-from nibblora.models import generate, load_model  # noqa: E402
-from nibblora.quantize import quantize_checkpoint  # noqa: E402
-from nibblora.runs import open_run  # noqa: E402
-from nibblora.train import TokenizedRows, evaluate  # noqa: E402
-from nibblora.train.distributed import DistInfo  # noqa: E402
-from nibblora.verify import verify_merge  # noqa: E402
+from nibblora.data import prepare_dataset
+from nibblora.demo import tasks as demo_tasks
+from nibblora.demo import tiny_base as pretrain_tiny
+from nibblora.demo.evaluation import exact_match, general_rows, mean_loss
+from nibblora.lora import load_adapter
+from nibblora.merge import merge_checkpoint
+from nibblora.models import load_model
+from nibblora.quantize import quantize_checkpoint
+from nibblora.runs import open_run
+from nibblora.verify import verify_merge
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def exact_match(model: nn.Module, tokenizer: Tokenizer, examples: list[dict], batch_size: int = 32) -> float:
-    """Share of held-out prompts whose greedy answer (up to <|im_end|>) is exactly the expected one."""
-    end_id = tokenizer.token_to_id(demo_tasks.IM_END)
-    pad_id = tokenizer.token_to_id("<pad>")
-    correct = 0
-    model.eval()
-    for begin in range(0, len(examples), batch_size):
-        chunk = examples[begin : begin + batch_size]
-        prompts = [tokenizer.encode(demo_tasks.render_prompt(e["prompt"]), add_special_tokens=False).ids for e in chunk]
-        longest = max(map(len, prompts))
-        ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts])  # left-padded
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            out = generate(model, ids, max_new_tokens=16, attention_mask=mask, eos_token_id=end_id, pad_token_id=pad_id)
-        for e, row in zip(chunk, out[:, longest:].tolist()):
-            answer = tokenizer.decode([t for t in row if t not in (end_id, pad_id)], skip_special_tokens=False)
-            correct += answer.strip() == e["answer"]
-    return correct / len(examples)
-
-
-def general_rows(tokenizer: Tokenizer, n_rows: int = 48, seq_len: int = 64) -> TokenizedRows:
-    """Held-out stdlib source (files pretraining never saw), in chunks: the "general distribution"."""
-    _, held_out = pretrain_tiny.stdlib_files()
-    ids = tokenizer.encode(pretrain_tiny.read_text(held_out, 200_000), add_special_tokens=False).ids
-    return TokenizedRows([{"input_ids": ids[i : i + seq_len]} for i in range(0, n_rows * seq_len, seq_len)])
-
-
-def mean_loss(model: nn.Module, rows: TokenizedRows, pad_id: int) -> float:
-    import contextlib
-
-    return evaluate(model, rows, 16, 0, pad_id, DistInfo(0, 1, 0, torch.device("cpu")), contextlib.nullcontext)[0]
 
 
 def main() -> None:
@@ -93,8 +56,7 @@ def main() -> None:
     train_examples = demo_tasks.make_examples(3000, seed=1)
     # Held-out rows are fresh draws; prompts seen in training are dropped, except for the addition table (100
     # prompts in all, every one of them in the training set).
-    seen = {e["prompt"] for e in train_examples}
-    held_out = [e for e in demo_tasks.make_examples(600, seed=2) if e["task"] == "add" or e["prompt"] not in seen][:120]
+    held_out = demo_tasks.held_out_examples(train_examples, 120, seed=2)
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     # nibblora.data (Rust): ChatML rendered once per conversation, tokenized once, labels -100 everywhere but

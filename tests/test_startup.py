@@ -29,6 +29,9 @@ TORCH_FREE_MODULES = [
     "nibblora.lora.config",
     "nibblora.lora.params",
     "nibblora.verify",
+    "nibblora.compare",
+    "nibblora.compare.cli",
+    "nibblora.demo.tasks",
 ]
 
 
@@ -42,6 +45,7 @@ TOOLS = [
     "nibblora.verify",
     "nibblora.train",
     "nibblora.serve",
+    "nibblora.compare",
 ]
 
 PROBE = textwrap.dedent("""

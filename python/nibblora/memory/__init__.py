@@ -2,6 +2,7 @@
 
 from nibblora.memory import estimate_memory
 print(estimate_memory("path/to/config.json", "qlora", r=64, batch_size=4, seq_len=1024).format())
+print(estimate_method_memory("llama-2-7b", "ia3").format())   # dora, ia3, prompt, prefix, adapter (methods.py)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from nibblora.memory.estimate import (
     estimate_memory,
     lesson_table,
 )
+from nibblora.memory.methods import METHOD_MODES, estimate_method_memory, method_trainable_params
 
 if TYPE_CHECKING:
     from nibblora.memory.measure import MemoryMeter
@@ -27,12 +29,15 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), {"MemoryMeter": "nibblo
 __all__ = [
     "COMPONENTS",
     "DTYPE_BYTES",
+    "METHOD_MODES",
     "MemoryEstimate",
     "MemoryMeter",
     "activation_bytes",
     "estimate_memory",
+    "estimate_method_memory",
     "lesson_table",
     "main",
+    "method_trainable_params",
 ]
 
 

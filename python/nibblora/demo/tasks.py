@@ -58,6 +58,15 @@ def make_examples(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def held_out_examples(train: list[dict], n: int, seed: int, exclude: list[dict] = ()) -> list[dict]:
+    """n fresh rows (seed differs from the training set's) whose prompts neither `train` nor `exclude` holds,
+    except the addition table's: all 100 of its prompts are in any training set of a few hundred rows, so those
+    are kept (the model must still learn to answer them)."""
+    seen = {e["prompt"] for e in (*train, *exclude)}
+    fresh = [e for e in make_examples(max(600, 8 * n), seed) if e["task"] == "add" or e["prompt"] not in seen]
+    return fresh[:n]
+
+
 def as_conversation(example: dict) -> dict:
     """The row nibblora.data prepares: system, user prompt, assistant answer."""
     return {

@@ -1,0 +1,3 @@
+from nibblora.compare.cli import main
+
+raise SystemExit(main())
