@@ -49,6 +49,9 @@ def test_trains_exports_and_resumes(model_dir, tmp_path, mode):
     load_adapter(model, result.weights_dir)
     assert method_of(model) == KIND[mode]
     assert _rows_loss(model, rows) < before  # the exported adapter learned something
+    # The export ships the method's own files only; the resume copy of every trainable tensor stays in checkpoints.
+    assert not (result.weights_dir / "trainable.safetensors").exists()
+    assert list((tmp_path / "run" / "checkpoints").rglob("trainable.safetensors"))
     more = tiny_config(model_dir, tmp_path / "run", train={"mode": mode, "lr": lr, "max_steps": 6}, **SECTIONS[mode])
     resumed = train(more, train_dataset=rows)
     assert resumed.step == 6 and set(resumed.losses) == {5, 6}

@@ -134,9 +134,11 @@ def set_rng_state(state: Any, source: Path) -> None:
 # ---- weights ------------------------------------------------------------------------------------------------
 
 
-def save_weights(model: nn.Module, directory: Path, mode: str, base_model_path: str) -> None:
+def save_weights(model: nn.Module, directory: Path, mode: str, base_model_path: str, for_resume: bool = True) -> None:
     """The trained weights into `directory`: the full model as a loadable HF checkpoint (model.safetensors +
-    config.json), or, for LoRA / QLoRA, a peft adapter (adapter_config.json + adapter_model.safetensors)."""
+    config.json), or, for LoRA / QLoRA, a peft adapter (adapter_config.json + adapter_model.safetensors); the other
+    methods' folders (nibblora.methods), plus, when `for_resume` (checkpoints, not the final export),
+    trainable.safetensors."""
     directory.mkdir(parents=True, exist_ok=True)
     if mode == "full":
         # save_model (not save_file) drops the duplicate name of tied weights, as transformers does.
@@ -149,6 +151,8 @@ def save_weights(model: nn.Module, directory: Path, mode: str, base_model_path: 
         from nibblora.methods import trainable_parameters
 
         save_method(model, directory, base_model_name_or_path=base_model_path)
+        if not for_resume:
+            return
         # Every trainable parameter by name, for resume: peft's file lacks some (prefix tuning's MLP).
         save_file(
             {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()},

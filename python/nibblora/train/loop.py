@@ -374,5 +374,5 @@ def export_weights(config: TrainConfig, model: nn.Module) -> Path:
     old one, and a write failure is one OutputError naming the folder (the last checkpoint is kept)."""
     final = Path(config.output_dir) / ("model" if config.train.mode == "full" else "adapter")
     with atomic_output_dir(final) as tmp, torch.no_grad():
-        save_weights(model, tmp, config.train.mode, config.model.path)
+        save_weights(model, tmp, config.train.mode, config.model.path, for_resume=False)
     return final
