@@ -12,10 +12,16 @@ from typing import Any
 from nibblora.errors import NibbloraError
 
 
-def run_tool(prog: str, job: Callable[[], Any], errors: tuple[type[Exception], ...] = (NibbloraError,)) -> int:
+def run_tool(
+    prog: str,
+    job: Callable[[], Any],
+    errors: tuple[type[Exception], ...] = (NibbloraError,),
+    interrupted: str = "nothing was written",
+) -> int:
     """Run a tool's job and print its summary (`.format()`): exit 0, or the summary's `exit_code` when it has one
     (a finished run whose result the user should not ship unread); one of `errors` (bad input, or an output that
-    could not be written) prints one line on stderr and exits 2; Ctrl-C exits 130."""
+    could not be written) prints one line on stderr and exits 2; Ctrl-C exits 130, saying `interrupted` (what an
+    interrupted job leaves behind)."""
     try:
         summary = job()
     except errors as err:
@@ -23,7 +29,7 @@ def run_tool(prog: str, job: Callable[[], Any], errors: tuple[type[Exception], .
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
         return 130
     print(summary.format())
     return int(getattr(summary, "exit_code", 0))

@@ -101,4 +101,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs=args.jobs,
             log=lambda line: print(f"nibblora.compare: {line}", flush=True),
         ),
+        interrupted="finished runs are kept under OUT/runs and reused by the next run (--fresh retrains them)",
     )
