@@ -246,3 +246,20 @@ def test_rows_without_a_supervised_token_are_not_scored(model_dir):
     rows = TokenizedRows([{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}, tiny_rows(1)[0]])
     scores = evaluate(model, rows, 2, 0, 0, CPU, lambda: torch.no_grad())
     assert scores.rows == 1
+
+
+def test_a_missing_or_broken_general_set_is_one_clear_error_and_no_export(model_dir, tmp_path):
+    from nibblora.errors import DataError, DataFileNotFoundError
+
+    missing = tiny_config(
+        model_dir, tmp_path / "missing", data={"general": str(tmp_path / "nope.jsonl"), "general_fraction": 0.2}
+    )
+    with pytest.raises(DataFileNotFoundError, match="nope.jsonl does not exist"):
+        train(missing, tiny_rows(4), quiet=True)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2\n')
+    config = tiny_config(model_dir, tmp_path / "broken", data={"general": str(broken)}, train={"ewc": 1.0})
+    with pytest.raises(DataError, match=r"broken\.jsonl:2: not JSON"):
+        train(config, tiny_rows(4), quiet=True)
+    for run in ("missing", "broken"):
+        assert not (tmp_path / run / "adapter").exists() and not (tmp_path / run / "checkpoints").exists()
