@@ -135,6 +135,57 @@ CPU_AND_CUDA = [
 ]
 
 
+ONE_LAYER = dict(
+    model_type="llama",
+    hidden_size=96,
+    intermediate_size=224,
+    num_hidden_layers=1,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    vocab_size=100,
+)
+RANK = 4
+
+
+def one_layer_inputs(mode: str, dtype: str, device: str = "cpu"):
+    """A one-layer decoder in `mode` (full: every weight trains; lora / qlora: rank-4 adapters everywhere), an input
+    [2, 24, 96] with its RoPE cos / sin, and the storages that are not activations (parameters, buffers, cos, sin)."""
+    import torch
+
+    from nibblora.lora import inject_lora
+    from nibblora.models import LlamaForCausalLM, ModelConfig
+
+    torch_dtype = getattr(torch, dtype)
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(ONE_LAYER)).to(device, torch_dtype)
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        inject_lora(model, "all-linear", r=RANK, alpha=8, dropout=0.1, quantize_base="nf4" if mode == "qlora" else None)
+    model.train()
+    x = torch.randn(2, 24, 96, dtype=torch_dtype, device=device, requires_grad=True)
+    cos, sin = model.model.rotary_emb(x, torch.arange(24, device=device)[None].expand(2, -1))
+    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), cos, sin]}
+    # The model is returned too: freed, its storages' addresses (still in `resident`) could be reused by activations.
+    return model, model.model.layers[0], x, cos, sin, resident
+
+
+def saved_bytes(run, resident: set[int]) -> int:
+    """Bytes of the tensors `run()` saves for backward, each storage once, leaving out `resident` storages."""
+    import torch
+
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in resident:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -143,56 +194,24 @@ def test_saved_activations_of_one_layer_are_counted_tensor_by_tensor(mode, dtype
     excluding parameters (RoPE's cos/sin are the model's, counted once in activation_bytes)."""
     import torch
 
-    from nibblora.lora import inject_lora
     from nibblora.lora.params import DecoderShape
     from nibblora.memory.estimate import layer_activation_bytes
-    from nibblora.models import LlamaForCausalLM, ModelConfig
 
-    hf = dict(
-        model_type="llama",
-        hidden_size=96,
-        intermediate_size=224,
-        num_hidden_layers=1,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    torch_dtype = getattr(torch, dtype)
-    model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).to(device, torch_dtype)
-    r = 4
-    if mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        inject_lora(model, "all-linear", r=r, alpha=8, dropout=0.1, quantize_base="nf4" if mode == "qlora" else None)
-    model.train()
-    batch, seq = 2, 24
-    x = torch.randn(batch, seq, 96, dtype=torch_dtype, device=device, requires_grad=True)
-    cos, sin = model.model.rotary_emb(x, torch.arange(seq, device=device)[None].expand(batch, -1))
-    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), cos, sin]}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in resident:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model.layers[0](x, cos, sin, None)
-    e = torch.finfo(torch_dtype).bits // 8
+    _model, layer, x, cos, sin, resident = one_layer_inputs(mode, dtype, device)
+    seen = saved_bytes(lambda: layer(x, cos, sin, None), resident)
+    e = torch.finfo(x.dtype).bits // 8
     expected = layer_activation_bytes(
-        DecoderShape.from_config(hf),
-        batch * seq,
+        DecoderShape.from_config(ONE_LAYER),
+        2 * 24,
         e,
         mode == "full",
-        0 if mode == "full" else 7 * r,
+        0 if mode == "full" else 7 * RANK,
         fused_norm=device == "cuda",
     )
     if device == "cpu":
-        assert sum(seen.values()) == expected
+        assert seen == expected
     else:  # CUDA attention kernels keep their own small statistics (padded log-sum-exp, RNG state)
-        assert sum(seen.values()) == pytest.approx(expected, rel=0.03)
+        assert seen == pytest.approx(expected, rel=0.03)
 
 
 def test_estimate_holds_on_a_small_grid_of_real_runs(tmp_path):
@@ -241,53 +260,16 @@ def test_saved_activations_of_the_mlp_half_are_counted_tensor_by_tensor(mode, dt
     half saves the rest of layer_activation_bytes."""
     import torch
 
-    from nibblora.lora import inject_lora
     from nibblora.lora.params import DecoderShape
     from nibblora.memory.estimate import layer_activation_bytes, mlp_activation_bytes
-    from nibblora.models import LlamaForCausalLM, ModelConfig
 
-    hf = dict(
-        model_type="llama",
-        hidden_size=96,
-        intermediate_size=224,
-        num_hidden_layers=1,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    torch_dtype = getattr(torch, dtype)
-    model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).to(dtype=torch_dtype)
-    r = 4
-    if mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        inject_lora(model, "all-linear", r=r, alpha=8, dropout=0.1, quantize_base="nf4" if mode == "qlora" else None)
-    model.train()
-    batch, seq = 2, 24
-    x = torch.randn(batch, seq, 96, dtype=torch_dtype, requires_grad=True)
-    cos, sin = model.model.rotary_emb(x, torch.arange(seq)[None].expand(batch, -1))
-    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), cos, sin]}
-
-    def saved_by(run) -> int:
-        seen = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in resident:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            run()
-        return sum(seen.values())
-
-    layer = model.model.layers[0]
-    e, full = torch.finfo(torch_dtype).bits // 8, mode == "full"
-    shape = DecoderShape.from_config(hf)
-    mlp = mlp_activation_bytes(shape, batch * seq, e, full, 0 if full else 3 * r)
-    assert saved_by(lambda: layer.mlp_block(x)) == mlp
-    whole = layer_activation_bytes(shape, batch * seq, e, full, 0 if full else 7 * r)
-    assert saved_by(lambda: layer.attention_block(x, cos, sin, None, None)) == whole - mlp
+    _model, layer, x, cos, sin, resident = one_layer_inputs(mode, dtype)
+    e, full = torch.finfo(x.dtype).bits // 8, mode == "full"
+    shape = DecoderShape.from_config(ONE_LAYER)
+    mlp = mlp_activation_bytes(shape, 2 * 24, e, full, 0 if full else 3 * RANK)
+    assert saved_bytes(lambda: layer.mlp_block(x), resident) == mlp
+    whole = layer_activation_bytes(shape, 2 * 24, e, full, 0 if full else 7 * RANK)
+    assert saved_bytes(lambda: layer.attention_block(x, cos, sin, None, None), resident) == whole - mlp
 
 
 def test_keeping_mlp_layers_costs_their_mlp_activations_in_the_estimate():

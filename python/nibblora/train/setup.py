@@ -10,6 +10,7 @@ steps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -66,9 +67,9 @@ class TrainingSetup:
     general_dataset: TokenizedDataset | None = None  # data.general: mixed into steps, and the Fisher's rows
     anchor: WeightAnchor | None = None  # L2-SP / EWC: the starting weights and the penalty toward them
 
-    @property
+    @functools.cached_property
     def packed(self) -> bool:
-        """The training rows are packed documents (they carry position_ids)."""
+        """The training rows are packed documents (they carry position_ids); read once, not every step."""
         return "position_ids" in self.train_dataset[0]
 
     @property
