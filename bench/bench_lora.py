@@ -18,7 +18,8 @@ for every contender (non-reentrant). For each contender:
   LoRA MB         the part of `saved MB` first saved inside the LoRA layers themselves
   +params MB      the same sum including parameter/buffer storages (weights a contender saves for backward)
   peak MB         allocator peak during one step, above what was allocated before it: CUDA max_memory_allocated,
-                  CPU malloc's in-use bytes (mallinfo2) sampled every 2 ms by nibblora.memory.MemoryMeter
+                  CPU malloc's in-use bytes (mallinfo2) sampled every 2 ms by nibblora.memory.MemoryMeter, with
+                  nibblora's dequantization buffer pool emptied first (what it keeps during the step counts)
   device MB       CUDA only: device memory taken by the step (torch.cuda.mem_get_info before and after, the
                   cache emptied first), which also sees paged / managed allocations the allocator does not
 Ratios compare nibblora QLoRA with peft + bitsandbytes and nibblora LoRA with peft.
@@ -262,7 +263,14 @@ class Contender:
     def peak_bytes(self) -> int | None:
         if not self.args.device.startswith("cuda"):
             from nibblora.memory.measure import MemoryMeter
+            from nibblora.quant import output_pool_stats, set_output_pool_limit
 
+            # Dequantized weights come from the Rust core's buffer pool. Buffers it kept from earlier steps would sit
+            # in the baseline although the step uses them: empty it, so what the step takes (and what the pool keeps
+            # while the step runs) counts toward the step's peak.
+            limit = output_pool_stats()["limit_bytes"]
+            set_output_pool_limit(0)
+            set_output_pool_limit(limit)
             gc.collect()
             meter = MemoryMeter(torch.device("cpu"))  # baseline: what is allocated now (model, inputs)
             try:

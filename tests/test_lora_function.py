@@ -169,3 +169,97 @@ def test_bitsandbytes_kernel_path_equals_quant_api_bit_for_bit(device, quant_typ
     q = quantize_4bit(weight, quant_type, 64, double_quant=True)
     got = dequantize_with_bitsandbytes(q.packed.to(device), q.state.to(device), dtype).cpu()
     assert got.shape == (24, 40) and torch.equal(got, dequantize_4bit(q, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_cpu_4bit_weight_is_used_a_slice_of_rows_at_a_time_with_the_same_results(monkeypatch, dtype):
+    """On a CPU the dequantized base weight is never whole: rows are dequantized into one reused buffer and used at
+    once. Forward, the input gradient and a full QLoRA layer's gradients equal the whole-weight path's."""
+    import nibblora.lora.function as function
+    from nibblora.lora.function import base_grad_input, base_linear
+
+    gen = torch.Generator().manual_seed(3)
+    out_features, in_features = 200, 192  # 192 columns: slices start on 64-element blocks every row
+    q = quantize_4bit(torch.randn(out_features, in_features, generator=gen), "nf4", 64, double_quant=True)
+    x = torch.randn(7, in_features, generator=gen).to(dtype)
+    g = torch.randn(7, out_features, generator=gen).to(dtype)
+    whole_y = base_linear(x, q.packed, q.state, dtype)
+    whole_gx = base_grad_input(g, q.packed, q.state, dtype)
+    dense = dequantize_base(q.packed, q.state, dtype)
+    torch.testing.assert_close(whole_y, x @ dense.t(), rtol=0, atol=0)
+
+    # Slices of 24 rows forward (9 of them), of 64 columns (3) for the input gradient.
+    monkeypatch.setattr(function, "SLICE_BYTES", 24 * in_features * dtype.itemsize)
+    assert function._cpu_slices(q.packed, q.state, dtype, 0) == [(i, min(i + 24, 200)) for i in range(0, 200, 24)]
+    assert function._cpu_slices(q.packed, q.state, dtype, 1) == [(0, 64), (64, 128), (128, 192)]
+
+    def no_whole_weight(*args, **kwargs):
+        raise AssertionError("the whole weight was dequantized")
+
+    monkeypatch.setattr(function, "dequantize_base", no_whole_weight)
+    sliced_y = base_linear(x, q.packed, q.state, dtype)
+    sliced_gx = base_grad_input(g, q.packed, q.state, dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(sliced_y, whole_y, **tol)
+    torch.testing.assert_close(sliced_gx, whole_gx, **tol)
+    into = torch.ones(7, in_features, dtype=dtype)
+    torch.testing.assert_close(base_grad_input(g, q.packed, q.state, dtype, out=into), whole_gx + 1, **tol)
+
+    # A whole QLoRA layer with dropout: loss and every gradient as with the whole weight.
+    results = []
+    for slice_bytes in (24 * in_features * dtype.itemsize, 1 << 40):
+        monkeypatch.setattr(function, "SLICE_BYTES", slice_bytes)
+        if slice_bytes > 1 << 30:
+            monkeypatch.setattr(function, "dequantize_base", dequantize_base)
+        xi = x.clone().requires_grad_(True)
+        a = (torch.randn(4, in_features, generator=torch.Generator().manual_seed(5)) * 0.1).to(dtype).requires_grad_()
+        b = (torch.randn(out_features, 4, generator=torch.Generator().manual_seed(6)) * 0.1).to(dtype).requires_grad_()
+        y = LoRALinearFunction.apply(xi, q.packed, q.state, None, a, b, 2.0, 0.25, 77)
+        (y.float() ** 2).sum().backward()
+        results.append((y, xi.grad, a.grad, b.grad))
+    layer_tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else tol  # sums of 200 rounded terms
+    for sliced, whole in zip(*results):
+        torch.testing.assert_close(sliced, whole, **layer_tol)
+
+
+def test_weight_slices_fall_on_block_boundaries_and_are_skipped_where_they_cannot_be_used(monkeypatch):
+    import nibblora.lora.function as function
+    from nibblora.quant.api import dequantize_4bit_part
+
+    monkeypatch.setattr(function, "SLICE_BYTES", 1)
+    q = quantize_4bit(torch.randn(10, 96), "nf4", 64)  # 96 columns: only even rows start on a block
+    dense = dequantize_base(q.packed, q.state, torch.float32)
+    assert function._cpu_slices(q.packed, q.state, torch.float32, 0) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert function._cpu_slices(q.packed, q.state, torch.float32, 1) is None  # rows do not start on blocks
+    assert dequantize_4bit_part(q, (1, 3), None, torch.float32) is None  # row 1 starts mid-block
+    assert dequantize_4bit_part(q, (0, 11), None, torch.float32) is None
+    assert dequantize_4bit_part(q, (0, 10), (0, 64), torch.float32) is None
+    buffer = torch.full((400,), 7.0)
+    rows = dequantize_4bit_part(q, (2, 4), None, torch.float32, out=buffer)
+    assert rows.data_ptr() == buffer.data_ptr() and torch.equal(rows, dense[2:4])
+    with pytest.raises(ValueError, match="contiguous CPU bfloat16 tensor of at least 192 elements"):
+        dequantize_4bit_part(q, (2, 4), None, torch.bfloat16, out=buffer)
+    wide = quantize_4bit(torch.randn(6, 256), "fp4", 64, double_quant=True)
+    for rows, columns in [((0, 6), (64, 192)), ((1, 4), (0, 64)), ((5, 6), (192, 256))]:
+        block = dequantize_4bit_part(wide, rows, columns, torch.bfloat16)
+        expected = dequantize_base(wide.packed, wide.state, torch.bfloat16)[rows[0] : rows[1], columns[0] : columns[1]]
+        assert torch.equal(block, expected)
+    assert dequantize_4bit_part(wide, (0, 6), (32, 96), torch.float32) is None  # columns off the blocks
+    # Dense weights, float64 (gradcheck goes through float32) and weights that fit one slice are used whole.
+    assert function._cpu_slices(torch.randn(10, 96), None, torch.float32, 0) is None
+    assert function._cpu_slices(q.packed, q.state, torch.float64, 0) is None
+    monkeypatch.setattr(function, "SLICE_BYTES", 1 << 30)
+    assert function._cpu_slices(q.packed, q.state, torch.float32, 0) is None
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_drop_out_equals_the_product_with_the_mask_and_a_bool_mask_makes_no_float_copy(mask_dtype):
+    from nibblora.lora.function import drop_out
+
+    x = torch.randn(64, 33)
+    keep = (torch.rand(64, 33) > 0.3).to(mask_dtype)
+    expected = x * keep.to(x.dtype) * 1.25
+    torch.testing.assert_close(drop_out(x, keep, 1.25), expected, rtol=0, atol=0)
+    buffer = x.clone()
+    assert drop_out(buffer, keep, 1.25, inplace=True).data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer, expected, rtol=0, atol=0)

@@ -300,6 +300,10 @@ def test_an_explicit_loss_chunk_sizes_the_loss_component():
 
     auto = estimate_memory("llama-3-8b", "qlora", batch_size=1, seq_len=512)
     wide = estimate_memory("llama-3-8b", "qlora", batch_size=1, seq_len=512, loss_chunk_tokens=512)
-    # Auto: 512 tokens at hidden 4096 and vocabulary 128,256 -> chunks of 16; one chunk of 512 holds 32x the logits.
+    # Auto: 512 tokens at hidden 4096 and vocabulary 128,256 -> the rule's 16 lifted to the floor of 256 tokens; one
+    # chunk of 512 holds twice the logits. bf16: 6 bytes per logit (float32 logits + the bf16 logits or gradient).
     vocab = 128_256
-    assert wide.components["loss"] - auto.components["loss"] == (512 - 16) * vocab * 8
+    assert wide.components["loss"] - auto.components["loss"] == (512 - 256) * vocab * 6
+    fp32 = estimate_memory("llama-3-8b", "qlora", batch_size=1, seq_len=512, loss_chunk_tokens=512, dtype="float32")
+    fp32_auto = estimate_memory("llama-3-8b", "qlora", batch_size=1, seq_len=512, dtype="float32")
+    assert fp32.components["loss"] - fp32_auto.components["loss"] == (512 - 256) * vocab * 4  # one float32 buffer

@@ -105,13 +105,21 @@ def test_cuda_bfloat16_matches_the_plain_path():
     torch.testing.assert_close(h2.grad.float(), h1.grad.float(), rtol=2e-2, atol=2e-3)
 
 
-def test_default_chunk_follows_liger_rule_and_keeps_chunk_logits_within_the_hidden_states():
-    from nibblora.models.loss_chunks import loss_chunk_tokens
+def test_default_chunk_follows_liger_rule_above_a_floor_of_rows():
+    from nibblora.models.loss_chunks import MIN_CHUNK_TOKENS, loss_chunk_tokens
 
+    assert MIN_CHUNK_TOKENS == 256
     assert loss_chunk_tokens(8192, 4096, 128_256) == 256  # ceil(128256 / 4096) = 32: 8192 / 32 = 256
-    assert loss_chunk_tokens(512, 2048, 32000) == 32  # ceil(32000 / 2048) = 16: 512 / 16 = 32
+    assert loss_chunk_tokens(65536, 4096, 128_256) == 2048  # the rule, above the floor
+    assert loss_chunk_tokens(512, 2048, 32000) == 256  # the rule says 32 (512 / 16); the floor lifts it
+    assert loss_chunk_tokens(100, 2048, 32000) == 100  # fewer tokens than the floor: one chunk of all of them
     for tokens, hidden, vocab in [(512, 2048, 32000), (8192, 4096, 128_256), (7, 16, 50), (100, 64, 50), (1, 8, 10**6)]:
         chunk = loss_chunk_tokens(tokens, hidden, vocab)
-        assert chunk >= 1 and chunk & (chunk - 1) == 0  # a power of two
-        # float32 logits of one chunk: at most about twice (power-of-two rounding) the float32 hidden states
-        assert chunk * vocab <= 2 * max(tokens, 1) * hidden or chunk == 1
+        assert 1 <= chunk
+        if chunk > min(MIN_CHUNK_TOKENS, tokens):
+            # above the floor, the rule: a power of two, float32 logits of one chunk at most about twice
+            # (power-of-two rounding) the float32 hidden states
+            assert chunk & (chunk - 1) == 0
+            assert chunk * vocab <= 2 * tokens * hidden
+        else:
+            assert chunk == min(MIN_CHUNK_TOKENS, tokens)

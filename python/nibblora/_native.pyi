@@ -50,6 +50,7 @@ __all__ = [
     "add_lora_segments",
     "code_table",
     "dequantize_4bit",
+    "dequantize_4bit_to",
     "dequantize_absmax",
     "double_quantize",
     "dynamic_map",
@@ -77,6 +78,16 @@ def dequantize_4bit(
     dtype: _FloatDtype,
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]:
     """Dequantize into a new array of n elements (float32, or uint16 bits of bfloat16/float16) in pooled memory."""
+
+def dequantize_4bit_to(
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    quant_type: _QuantType,
+    blocksize: int,
+    out: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    dtype: _FloatDtype,
+) -> None:
+    """Dequantize len(out) values into out (float32, or uint16 bits of bfloat16/float16 as dtype says)."""
 
 def set_output_pool_limit(limit_bytes: int) -> None:
     """How many bytes of freed dequantization output to keep for reuse (0 disables the pool)."""

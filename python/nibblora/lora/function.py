@@ -9,19 +9,22 @@ Memory is the point. Saved for backward, and nothing else:
   * x A^T, [tokens, r]: needed for grad_B; r is small, so keeping it is cheaper than recomputing a matmul.
   * A and B: the parameters themselves, no copy.
   * the base weight as stored: the dense parameter, or the PACKED 4-bit codes (its small quant-state tensors ride
-    on ctx). Never a dequantized W: backward dequantizes again, uses it for grad_input and frees it.
+    on ctx). Never a dequantized W: backward dequantizes again, uses it for grad_input and frees it (on a CPU
+    a slice of rows at a time, see SLICE_BYTES).
 The output is never saved (nothing in backward needs it). The frozen base gets no gradient; a trainable bias gets
 grad = sum of grad_output over tokens.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from functools import cache
 
 import torch
 
-from nibblora.quant import QuantizedTensor, QuantState, dequantize_4bit, torch_ops
+from nibblora.quant import QuantizedTensor, QuantState, code_table, dequantize_4bit, torch_ops
+from nibblora.quant.api import dequantize_4bit_part
 from nibblora.quant.names import BNB_QUANT_TYPES
 from nibblora.quant.state import SUPPORTED_DTYPES
 
@@ -108,10 +111,99 @@ def dropout_keep(like: torch.Tensor, p: float, seed: int, method: str | None = N
     return uniform16 >= dropped - 32768, 65536 / (65536 - dropped)
 
 
+def drop_out(x: torch.Tensor, keep: torch.Tensor, scale: float, *, inplace: bool = False) -> torch.Tensor:
+    """x * keep * scale (in x's buffer when `inplace`). A bool mask goes through torch.where / masked_fill:
+    multiplying by a bool tensor first converts it to x's dtype, a temporary as large as x."""
+    if keep.dtype == torch.bool:
+        dropped = x.masked_fill_(~keep, 0) if inplace else torch.where(keep, x, 0)
+    else:
+        dropped = x.mul_(keep) if inplace else x * keep
+    return dropped.mul_(scale)
+
+
 def _dense_weight(weight: torch.Tensor, state: QuantState | None, dtype: torch.dtype) -> torch.Tensor:
     if state is not None:
         return dequantize_base(weight, state, dtype)
     return weight.to(dtype)
+
+
+# On a CPU a 4-bit base weight is dequantized a slice at a time into one reused buffer, each slice used by its part
+# of the matmul at once: the dense [out, in] weight (46 MB in float32 for a 2048 x 5632 projection) is never alive
+# whole, and a slice this size stays in the cache between the dequantization and the matmul. Forward takes slices
+# of rows (output features: each writes its own columns of y), the input gradient slices of columns (input
+# features: each writes its own columns of grad_x), so every output element is one matmul's sum, as with the whole
+# weight. GPUs dequantize the whole weight in one kernel: there the launches would cost more than the bytes save.
+SLICE_BYTES = 4 << 20
+
+
+def _cpu_slices(
+    weight: torch.Tensor, state: QuantState | None, dtype: torch.dtype, axis: int
+) -> list[tuple[int, int]] | None:
+    """Ranges along `axis` (0: rows, 1: columns) for a sliced dequantization of a CPU 4-bit weight, or None to
+    dequantize it whole (dense, GPU, a dtype or code table the Rust kernel does not take, slices that cannot start
+    on quantization blocks, or a weight that fits in one slice)."""
+    if state is None or weight.device.type != "cpu" or dtype not in SUPPORTED_DTYPES or len(state.shape) != 2:
+        return None
+    if state.quant_type not in BNB_QUANT_TYPES or not torch.equal(state.code, code_table(state.quant_type)):
+        return None
+    rows, columns = state.shape
+    if axis == 0:  # rows start on a block boundary (blocks are an even number of codes: whole bytes)
+        length, across, unit = rows, columns, state.blocksize // math.gcd(columns, state.blocksize)
+    else:  # every row starts a block and the columns are whole blocks
+        if columns % state.blocksize:
+            return None
+        length, across, unit = columns, rows, state.blocksize
+    step = max(unit, SLICE_BYTES // (across * dtype.itemsize) // unit * unit)
+    if step >= length:
+        return None
+    return [(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+def _slice_of(weight, state: QuantState, dtype, part: tuple[int, int], axis: int, absmax, buffer) -> torch.Tensor:
+    q = QuantizedTensor(weight, state)
+    rows, columns = (part, None) if axis == 0 else ((0, state.shape[0]), part)
+    block = dequantize_4bit_part(q, rows, columns, dtype, absmax, out=buffer)
+    if block is None:  # _cpu_slices only plans slices this accepts
+        raise RuntimeError(f"cannot dequantize part {part} (axis {axis}) of a {list(state.shape)} 4-bit weight")
+    return block
+
+
+def _slice_buffer(slices: list[tuple[int, int]], across: int, dtype: torch.dtype) -> torch.Tensor:
+    """One buffer that every slice of a weight is dequantized into in turn."""
+    return torch.empty(max(stop - start for start, stop in slices) * across, dtype=dtype)
+
+
+def base_linear(x2: torch.Tensor, weight: torch.Tensor, state: QuantState | None, dtype: torch.dtype) -> torch.Tensor:
+    """x2 [tokens, in] @ W.T -> [tokens, out] for the frozen base weight (dense, or 4-bit with its state)."""
+    slices = _cpu_slices(weight, state, dtype, axis=0)
+    if slices is None:
+        w = _dense_weight(weight, state, dtype)
+        return x2 @ w.t()  # the dequantized (or cast) weight lives only for this matmul
+    y = x2.new_empty(x2.shape[0], state.shape[0])
+    absmax, buffer = state.absmax_float32(), _slice_buffer(slices, state.shape[1], dtype)
+    for start, stop in slices:
+        w = _slice_of(weight, state, dtype, (start, stop), 0, absmax, buffer)
+        torch.mm(x2, w.t(), out=y[:, start:stop])
+    return y
+
+
+def base_grad_input(
+    g: torch.Tensor, weight: torch.Tensor, state: QuantState | None, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """g [tokens, out] @ W -> [tokens, in], added into `out` when given (the gradient for the base's input)."""
+    slices = _cpu_slices(weight, state, dtype, axis=1)
+    if slices is None:
+        w = _dense_weight(weight, state, dtype)
+        return g @ w if out is None else out.addmm_(g, w)
+    absmax, buffer = state.absmax_float32(), _slice_buffer(slices, state.shape[0], dtype)
+    if out is None:
+        out = g.new_empty(g.shape[0], state.shape[1])
+        for start, stop in slices:
+            torch.mm(g, _slice_of(weight, state, dtype, (start, stop), 1, absmax, buffer), out=out[:, start:stop])
+    else:
+        for start, stop in slices:
+            out[:, start:stop].addmm_(g, _slice_of(weight, state, dtype, (start, stop), 1, absmax, buffer))
+    return out
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -127,16 +219,14 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, quant_state, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        w = _dense_weight(weight, quant_state, dtype)
-        y = x2 @ w.t()
-        del w  # the dequantized (or cast) weight lives only for this matmul
+        y = base_linear(x2, weight, quant_state, dtype)
         if bias is not None:
             y += bias.to(dtype)
         xa = None
         if lora_A is not None:
             if dropout_p > 0:
                 keep, scale = dropout_keep(x2, dropout_p, dropout_seed)
-                xd = (x2 * keep).mul_(scale)
+                xd = drop_out(x2, keep, scale)
             else:
                 xd = x2
             xa = xd @ lora_A.to(dtype).t()  # [tokens, r]
@@ -159,9 +249,7 @@ class LoRALinearFunction(torch.autograd.Function):
         grad_x = grad_bias = grad_A = grad_B = None
 
         if need_x:
-            w = _dense_weight(weight, ctx.quant_state, dtype)
-            grad_x = g @ w  # [tokens, in]
-            del w
+            grad_x = base_grad_input(g, weight, ctx.quant_state, dtype)  # [tokens, in]
         if lora_A is not None:
             a, b = lora_A.to(dtype), lora_B.to(dtype)
             gb = (g @ b).mul_(ctx.scaling)  # [tokens, r] = scaling * dL/d(xa)
@@ -170,9 +258,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 if keep is None:
                     grad_x.addmm_(gb, a)
                 else:
-                    grad_x += (gb @ a).mul_(keep).mul_(scale)
+                    grad_x += drop_out(gb @ a, keep, scale, inplace=True)
             if need_A:
-                xd = (x2 * keep).mul_(scale) if keep is not None else x2
+                xd = drop_out(x2, keep, scale) if keep is not None else x2
                 grad_A = (gb.t() @ xd).to(lora_A.dtype)
             if need_B:
                 grad_B = (g.t() @ xa).mul_(ctx.scaling).to(lora_B.dtype)

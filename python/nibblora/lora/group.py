@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nibblora.lora.function import _dense_weight, dropout_keep
+from nibblora.lora.function import base_grad_input, base_linear, drop_out, dropout_keep
 from nibblora.lora.layers import LoRALinear, NF4Linear
 from nibblora.quant import QuantState
 
@@ -110,16 +110,14 @@ def _forward_one(x2, weight, state, bias, lora_A, lora_B, scaling, dropout_p, dr
     if plain:
         return F.linear(x2, weight, bias), None
     dtype = x2.dtype
-    w = _dense_weight(weight, state, dtype)
-    y = x2 @ w.t()
-    del w
+    y = base_linear(x2, weight, state, dtype)
     if bias is not None:
         y += bias.to(dtype)
     xa = None
     if lora_A is not None:
         if dropout_p > 0:
             keep, scale = dropout_keep(x2, dropout_p, dropout_seed)
-            xd = (x2 * keep).mul_(scale)
+            xd = drop_out(x2, keep, scale)
         else:
             xd = x2
         xa = xd @ lora_A.to(dtype).t()
@@ -145,18 +143,15 @@ def _backward_one(
     dropout_p,
     dropout_seed,
     xa,
+    x2_scratch=False,
 ):
     """(grad_x, grad_bias, grad_A, grad_B): LoRALinearFunction.backward's ops. grad_x: a buffer to add the input
-    gradient into, or None to start one."""
+    gradient into, or None to start one. x2_scratch: x2 is the caller's own temporary, so the dropped-out input
+    is built in its buffer instead of a new one (the same values)."""
     dtype = x2.dtype
     grad_bias = grad_A = grad_B = None
     if need_x:
-        w = _dense_weight(weight, state, dtype)
-        if grad_x is None:
-            grad_x = g @ w
-        else:
-            grad_x.addmm_(g, w)
-        del w
+        grad_x = base_grad_input(g, weight, state, dtype, out=grad_x)
     if lora_A is not None:
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         gb = (g @ b).mul_(scaling)
@@ -165,9 +160,12 @@ def _backward_one(
             if keep is None:
                 grad_x.addmm_(gb, a)
             else:
-                grad_x += (gb @ a).mul_(keep).mul_(scale)
+                grad_x += drop_out(gb @ a, keep, scale, inplace=True)
         if need_A:
-            xd = (x2 * keep).mul_(scale) if keep is not None else x2
+            if keep is None:
+                xd = x2
+            else:
+                xd = drop_out(x2, keep, scale, inplace=x2_scratch)
             grad_A = (gb.t() @ xd).to(lora_A.dtype)
         if need_B:
             grad_B = (g.t() @ xa).mul_(scaling).to(lora_B.dtype)
@@ -284,9 +282,9 @@ class LoRASwiGLUFunction(torch.autograd.Function):
 
         base = [1 + i * _PER_PROJECTION for i in range(3)]
         grad_h, *down_grads = _backward_one(
-            go, h, None, True, need[base[2] + 2], need[base[2] + 3], need[base[2] + 4], *unpack(2)
+            go, h, None, True, need[base[2] + 2], need[base[2] + 3], need[base[2] + 4], *unpack(2), x2_scratch=True
         )
-        del h
+        del h  # (overwritten by the down projection's dropout: not used again)
         # The autograd path's ops: mul's backward, then silu's.
         grad_u = grad_h * silu_g
         del silu_g

@@ -13,9 +13,10 @@ Components (bytes on the training device):
                        (0 on the device when paged to host memory)
     adapter            LoRA / QLoRA: A and B of every adapted projection, kept in fp32
     activations        what backward needs, as nibblora's decoder saves it: per layer all saved tensors, or only
-                       the layer input with gradient checkpointing (plus the layer being recomputed in backward)
-    loss               the chunked lm_head + cross-entropy at the end of forward: one chunk of logits (float32,
-                       and its log-sum-exp temporary), the selected hidden states and their gradient; full FT: the
+                       the layer input with gradient checkpointing (plus one whole layer: the last, which is
+                       never recomputed, during the loss; then each layer being recomputed in backward)
+    loss               the chunked lm_head + cross-entropy at the end of forward: one chunk of float32 logits
+                       (and a 16-bit copy), the selected hidden states and their gradient; full FT: the
                        lm_head's float32 gradient, computed in forward
     backward_temporaries  backward of one decoder layer: the MLP's recomputed product and the gradients of the
                        gate, up and product tensors, plus two hidden-size gradients
@@ -174,7 +175,8 @@ def activation_bytes(
     """Bytes of saved activations for one micro-batch at their peak.
 
     Without checkpointing: every layer's saved tensors (`layer_activation_bytes`). With it: each layer's input, plus
-    one layer's saved tensors while it is recomputed in backward; layers that keep their MLP (`keep_mlp_layers`,
+    one layer's saved tensors: the last layer's (never recomputed) until its backward, then each recomputed one's in
+    turn; layers that keep their MLP (`keep_mlp_layers`,
     -1: all) also hold its activations (`mlp_activation_bytes`, of which `mlp_rank_sum` is the MLP adapters'
     ranks), and when all do, the recomputed part is the attention half only. Both: RoPE's cos and sin, and the
     final norm's input (float32) and output, and the loss's gradient for the hidden states.
@@ -199,13 +201,15 @@ def activation_bytes(
 def loss_bytes(
     shape: DecoderShape, tokens: int, dtype_bytes: int, lm_head_trainable: bool, chunk_tokens: int | None = None
 ) -> int:
-    """The chunked lm_head + cross-entropy's working set at the end of forward: one chunk of float32 logits and the
-    log-sum-exp's temporary of the same size (a 16-bit dtype's logits and gradient live next to the float32 logits
-    only, never next to both), the selected hidden states and their gradient; with a trainable lm_head its float32
-    gradient. chunk_tokens: the chunk (None: `loss_chunk_tokens`' rule, what the model uses by default)."""
+    """The chunked lm_head + cross-entropy's working set at the end of forward: one chunk of float32 logits (the
+    log-sum-exp and the softmax are computed in their buffer), next to it in a 16-bit dtype the chunk's logits in
+    that dtype or their gradient (never both); the selected hidden states and their gradient; with a trainable
+    lm_head its float32 gradient. chunk_tokens: the chunk (None: `loss_chunk_tokens`' rule, what the model uses by
+    default)."""
     e = dtype_bytes
     chunk = min(tokens, chunk_tokens or loss_chunk_tokens(tokens, shape.hidden_size, shape.vocab_size))
-    working = chunk * shape.vocab_size * 8 + 2 * tokens * shape.hidden_size * e
+    per_logit = 4 + (e if e < 4 else 0)
+    working = chunk * shape.vocab_size * per_logit + 2 * tokens * shape.hidden_size * e
     return working + (shape.vocab_size * shape.hidden_size * 4 if lm_head_trainable else 0)
 
 

@@ -375,9 +375,15 @@ class LlamaModel(nn.Module):
         # Recomputing a layer in backward must not append to the cache twice, so checkpointing skips cached runs.
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         keep_mlp = len(self.layers) if self.keep_mlp_layers < 0 else self.keep_mlp_layers
+        # The last layer is never recomputed: its backward is the first to run, right after the loss, so it would be
+        # rebuilt at once. Keeping its activations costs memory only while the loss runs, next to one chunk of logits;
+        # the backward of any recomputed layer holds as much.
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             mask = masks[layer.self_attn.sliding_window]
-            if recompute and i < keep_mlp:
+            if i == last:
+                x = layer(x, cos, sin, mask, cache)
+            elif recompute and i < keep_mlp:
                 # Selective: recompute the attention half, keep what the MLP saves (its matmuls are not redone).
                 x = checkpoint(layer.attention_block, x, cos, sin, mask, None, use_reentrant=False)
                 x = layer.mlp_block(x)

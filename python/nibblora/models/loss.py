@@ -69,18 +69,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = picked[start : start + chunk_tokens]
             y = targets[start : start + chunk_tokens]
             logits = (h @ weight.t()).to(acc)  # [chunk, vocab]: the only vocab-sized tensor alive
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # The log-sum-exp in place (torch.logsumexp would allocate a second [chunk, vocab] buffer):
+            # lse = m + log(sum(exp(logits - m))), with the logits' buffer turned into exp(logits - m).
+            picked_logit = logits.gather(1, y[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(top).exp_()
+            total = exps.sum(dim=-1, keepdim=True)
+            loss += (top.squeeze(1) + total.log().squeeze(1) - picked_logit).sum()
             if not (need_hidden_grad or need_weight_grad):
                 continue
-            # d(sum of losses)/d(logits) = softmax - one_hot, built in place in the logits' buffer.
-            probs = logits.sub_(lse[:, None]).exp_()
+            # d(sum of losses)/d(logits) = softmax - one_hot, built in place in the same buffer.
+            probs = exps.div_(total)
             probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
             grad_logits = probs.to(h.dtype)
             if need_hidden_grad:
                 grad_picked[start : start + chunk_tokens] = grad_logits @ weight
             if need_weight_grad:
                 grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
+            # Drop this chunk's buffer before the next matmul allocates its own, or two would be alive at once.
+            del logits, exps, probs, grad_logits
 
         grad_hidden = None
         if need_hidden_grad:

@@ -180,6 +180,61 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> tor
     return result.view(state.shape)
 
 
+def dequantize_4bit_part(
+    q: QuantizedTensor,
+    rows: tuple[int, int],
+    columns: tuple[int, int] | None,
+    dtype: torch.dtype,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """A block [rows[0]:rows[1], columns[0]:columns[1]] of a 2-D 4-bit weight in `dtype` (columns None: all): the
+    same values as `dequantize_4bit(q, dtype)[r0:r1, c0:c1]` without dequantizing the rest (the Rust kernel over
+    the block's own codes and scales).
+
+    None where that cannot be done: a tensor off the CPU, a non-standard code table, an unsupported dtype, or bounds
+    off the quantization blocks. All columns: row r0 must start a block, and r1 end one or be the last row. A
+    column range: every row must start a block (columns a multiple of the blocksize) and c0, c1 be multiples of it.
+    absmax: `q.state.absmax_float32()` computed once by the caller. out: a contiguous CPU tensor of `dtype` with at
+    least that many elements to write into (its start is returned, shaped); without it the result is new.
+    """
+    state = q.state
+    if len(state.shape) != 2 or dtype not in SUPPORTED_DTYPES:
+        return None
+    height, width = state.shape
+    (r0, r1), (c0, c1) = rows, columns or (0, width)
+    if not (0 <= r0 < r1 <= height and 0 <= c0 < c1 <= width):
+        return None
+    if q.packed.device.type != "cpu" or state.quant_type not in QUANT_TYPES:
+        return None
+    if not torch.equal(state.code, _code_cpu(state.quant_type)):
+        return None
+    bs = state.blocksize
+    absmax = (state.absmax_float32() if absmax is None else absmax).reshape(-1)
+    codes = q.packed.reshape(-1)
+    if (c0, c1) == (0, width):
+        first, end = r0 * width, r1 * width
+        if first % bs or (end % bs and r1 != height):
+            return None
+        packed_np = codes[first // 2 : (end + 1) // 2].contiguous().numpy()
+        scales_np = absmax[first // bs : -(-end // bs)].contiguous().numpy()
+    else:
+        if width % bs or c0 % bs or c1 % bs:
+            return None
+        # Each row's part is whole blocks: gather the rows' codes and scales (an eighth of the output's bytes).
+        packed_np = codes.view(height, width // 2)[r0:r1, c0 // 2 : c1 // 2].contiguous().numpy().reshape(-1)
+        scales_np = absmax.view(height, width // bs)[r0:r1, c0 // bs : c1 // bs].contiguous().numpy().reshape(-1)
+    count = (r1 - r0) * (c1 - c0)
+    if out is None:
+        out = torch.empty(count, dtype=dtype)
+    elif out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu" or out.numel() < count:
+        raise InputError(f"out must be a contiguous CPU {dtype_name(dtype)} tensor of at least {count} elements")
+    flat = out.reshape(-1)[:count]
+    target = flat.numpy() if dtype == torch.float32 else flat.view(torch.uint16).numpy()
+    _native.dequantize_4bit_to(packed_np, scales_np, state.quant_type, bs, target, dtype_name(dtype))
+    return flat.view(r1 - r0, c1 - c0)
+
+
 def _device_code(state: QuantState, device: torch.device) -> torch.Tensor:
     """The code table as bitsandbytes' device kernel applies it. Its CUDA dequantizer multiplies every FP4
     value by the sign of bit 3, so code 8 ("-0": a tiny negative value) gives -0.0 where the stored table (and

@@ -85,6 +85,49 @@ fn dequantize_4bit<'py>(
     }
 }
 
+/// dequantize_4bit_to(packed, absmax, quant_type, blocksize, out): dequantize len(out) values into `out`, a
+/// float32 array or the uint16 bits of bfloat16 / float16 (dtype says which). For callers that reuse one buffer,
+/// such as a matmul walking a weight a slice of rows at a time.
+#[pyfunction]
+fn dequantize_4bit_to<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArray1<'py, u8>,
+    absmax: PyReadonlyArray1<'py, f32>,
+    quant_type: QuantTypeArg,
+    blocksize: usize,
+    out: &Bound<'py, PyUntypedArray>,
+    dtype: FloatDtype,
+) -> PyResult<()> {
+    let qt = quant_type.0;
+    let packed = packed.as_slice().map_err(|_| not_contiguous())?;
+    let absmax = absmax.as_slice().map_err(|_| not_contiguous())?;
+    let fill = |o: FloatsMut<'_>| {
+        py.allow_threads(|| quant::dequantize_4bit_into(packed, absmax, qt, blocksize, o))
+            .map_err(|e| to_py_err(Area::Compute, PHASE_DEQUANT, e))
+    };
+    match dtype {
+        FloatDtype::F32 => {
+            let array = out
+                .downcast::<PyArray1<f32>>()
+                .map_err(|_| input_error("out must be a float32 array".into()))?;
+            let mut view = array.readwrite();
+            fill(FloatsMut::F32(view.as_slice_mut().map_err(|_| not_contiguous())?))
+        }
+        FloatDtype::Bf16 | FloatDtype::F16 => {
+            let array = out.downcast::<PyArray1<u16>>().map_err(|_| {
+                input_error("out must be a uint16 array (the bits of bfloat16 or float16)".into())
+            })?;
+            let mut view = array.readwrite();
+            let slice = view.as_slice_mut().map_err(|_| not_contiguous())?;
+            fill(if matches!(dtype, FloatDtype::Bf16) {
+                FloatsMut::Bf16(slice)
+            } else {
+                FloatsMut::F16(slice)
+            })
+        }
+    }
+}
+
 /// (codes uint8, nested_absmax float32, offset)
 type DoubleQuantizedArrays<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<f32>>, f32);
 
@@ -134,6 +177,7 @@ fn dynamic_map(py: Python<'_>) -> Bound<'_, PyArray1<f32>> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_4bit_to, m)?)?;
     m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_absmax, m)?)?;
     m.add_function(wrap_pyfunction!(code_table, m)?)?;
