@@ -105,6 +105,7 @@ def make_nibblora_model(
     if args.checkpointing:
         model.gradient_checkpointing_enable()
     model.model.keep_mlp_layers = args.keep_mlp_layers if keep_mlp_layers is None else keep_mlp_layers
+    model.model.offload_activations = args.offload_activations
     if args.loss_chunk:
         model.loss_chunk_tokens = args.loss_chunk
     if not fused:
@@ -375,6 +376,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="own model, with --checkpointing: this many layers (-1: all) keep their MLP activations and recompute "
         "only attention (selective checkpointing)",
+    )
+    parser.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="own model, with --checkpointing: layer inputs but the last wait in host memory until backward "
+        "(pinned, on a side stream, on CUDA); saved MB then leaves out what checkpoint saves (the offload hooks "
+        "see it, not the bench's), peak MB and device MB count what stays on the device",
     )
     parser.add_argument(
         "--loss-chunk",

@@ -35,9 +35,13 @@ step "cuda tests" 55 python3 -m pytest -q -m cuda -p no:cacheprovider /tmp/nibbl
 LORA="python3 bench/bench_lora.py --device cuda --only nibblora-model-qlora peft-bnb nibblora-model-lora peft"
 step "lora 4x2048 ckpt on" 40 $LORA nibblora-model-qlora-keepmlp --batch 4 --seq 2048 --layers 4 --steps 3 --warmup 1 \
     --checkpointing
-step "lora 4x2048 ckpt off" 25 $LORA --batch 4 --seq 2048 --layers 4 --steps 3 --warmup 1
+step "lora 4x2048 ckpt off" 20 $LORA --batch 4 --seq 2048 --layers 4 --steps 3 --warmup 1
+# Activation offloading (model.offload_activations): the own-model QLoRA row of "ckpt on" above, layer inputs in
+# pinned host memory; compare its best s and peak MB with that row.
+step "qlora 4x2048 offload" 15 python3 bench/bench_lora.py --device cuda --only nibblora-model-qlora --batch 4 \
+    --seq 2048 --layers 4 --steps 2 --warmup 1 --checkpointing --offload-activations
 # Llama-3-8B-shaped layers (hidden 4096, MLP 14336, 32/8 heads, vocabulary 128,256), two of them.
-step "lora 8B-shaped ckpt on" 40 python3 bench/bench_lora.py --device cuda --only nibblora-model-qlora peft-bnb \
+step "lora 8B-shaped ckpt on" 35 python3 bench/bench_lora.py --device cuda --only nibblora-model-qlora peft-bnb \
     --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 --vocab 128256 --layers 2 --batch 4 --seq 2048 \
     --steps 3 --warmup 1 --checkpointing
 step "chunked loss 128k" 15 python3 bench/bench_loss.py --device cuda --batch 4 --seq 2048 --hidden 4096 \
@@ -49,7 +53,7 @@ step "memory grid (cuda)" 20 python3 bench/memory_grid.py --device cuda --quick
 # merged do not fit the 5 minutes), and distinct-64 against the PEFT baseline; every cell in its own process, with its allocator peak (peak MB).
 SERVE="python3 bench/bench_serve.py --device cuda --hidden 1024 --intermediate 2816 --layers 2 --heads 8 --kv-heads 8
     --vocab 8192 --requests 256 --batch 64 --max-loras 64 --prompt-len 16 128 --output-len 8 64"
-step "serve 8-512 (cuda)" 50 $SERVE --n 8 512 --workloads skewed distinct --contenders nibblora
+step "serve 8-512 (cuda)" 45 $SERVE --n 8 512 --workloads skewed distinct --contenders nibblora
 step "serve vs peft (cuda)" 30 $SERVE --n 64 --workloads distinct --contenders nibblora peft-per-adapter
 
 echo; echo "=== summary ==="

@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="selective checkpointing: N layers (-1: all) keep their MLP activations and recompute only attention",
     )
     parser.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="with checkpointing on CUDA, layer inputs but the last wait in pinned host memory until backward",
+    )
+    parser.add_argument(
         "--pure-16bit",
         dest="mixed_precision",
         action="store_false",
@@ -71,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             optimizer=args.optimizer,
             gradient_checkpointing=args.gradient_checkpointing,
             keep_mlp_layers=args.keep_mlp_layers,
+            offload_activations=args.offload_activations,
             loss_chunk_tokens=args.loss_chunk_tokens,
             mixed_precision=args.mixed_precision,
             paged_optimizer=args.paged_optimizer,

@@ -14,7 +14,9 @@ Components (bytes on the training device):
     adapter            LoRA / QLoRA: A and B of every adapted projection, kept in fp32
     activations        what backward needs, as nibblora's decoder saves it: per layer all saved tensors, or only
                        the layer input with gradient checkpointing (plus one whole layer: the last, which is
-                       never recomputed, during the loss; then each layer being recomputed in backward)
+                       never recomputed, during the loss; then each layer being recomputed in backward); with
+                       activation offloading on CUDA, only the layer inputs not moved to pinned host memory
+                       (`MemoryEstimate.pinned_host_bytes`)
     loss               the chunked lm_head + cross-entropy at the end of forward: one chunk of float32 logits
                        (and a 16-bit copy), the selected hidden states and their gradient; full FT: the
                        lm_head's float32 gradient, computed in forward
@@ -68,6 +70,9 @@ PHASES = {
 # Bytes the framework itself holds once training runs (measured: malloc'd bytes after loading a 1 M-parameter model
 # beyond its weights, PyTorch 2.15 on Linux; on CUDA the cuBLAS workspace, not validated).
 FRAMEWORK_BYTES = {"cpu": 26 * 2**20, "cuda": 32 * 2**20}
+# Activation offloading (models/offload.py): layer inputs on the device at once: the last layer's (never offloaded)
+# and two in flight (the one in use and the next, copied out in forward or prefetched in backward).
+OFFLOAD_RESIDENT_INPUTS = 3
 # Nominal sizes for the no-argument table.
 TABLE_MODELS = {"1B": "llama-3.2-1b", "7B": "llama-2-7b", "13B": "llama-2-13b", "70B": "llama-2-70b"}
 
@@ -81,6 +86,7 @@ class MemoryEstimate:
     trainable_params: int
     components: dict[str, int] = field(default_factory=dict)
     inputs: dict[str, object] = field(default_factory=dict)
+    pinned_host_bytes: int = 0  # activation offloading: host buffers holding offloaded layer inputs (not on the device)
 
     @property
     def phases(self) -> dict[str, int]:
@@ -104,6 +110,8 @@ class MemoryEstimate:
         for name in COMPONENTS:
             lines.append(f"  {name:<22} {self.components.get(name, 0) / 1e9:>9.3f} GB")
         lines.append(f"  {'peak (' + self.peak_phase + ')':<22} {self.total_bytes / 1e9:>9.3f} GB")
+        if self.pinned_host_bytes:
+            lines.append(f"  {'pinned host (offload)':<22} {self.pinned_host_bytes / 1e9:>9.3f} GB")
         return "\n".join(lines)
 
 
@@ -171,6 +179,7 @@ def activation_bytes(
     fused_norm: bool = False,
     keep_mlp_layers: int = 0,
     mlp_rank_sum: int = 0,
+    offload_activations: bool = False,
 ) -> int:
     """Bytes of saved activations for one micro-batch at their peak.
 
@@ -178,7 +187,8 @@ def activation_bytes(
     one layer's saved tensors: the last layer's (never recomputed) until its backward, then each recomputed one's in
     turn; layers that keep their MLP (`keep_mlp_layers`,
     -1: all) also hold its activations (`mlp_activation_bytes`, of which `mlp_rank_sum` is the MLP adapters'
-    ranks), and when all do, the recomputed part is the attention half only. Both: RoPE's cos and sin, and the
+    ranks), and when all do, the recomputed part is the attention half only; with offload_activations only
+    OFFLOAD_RESIDENT_INPUTS layer inputs are on the device, the rest in host memory. Both: RoPE's cos and sin, and the
     final norm's input (float32) and output, and the loss's gradient for the hidden states.
     """
     tokens = batch_size * seq_len
@@ -190,7 +200,8 @@ def activation_bytes(
         kept = n if keep_mlp_layers < 0 else min(keep_mlp_layers, n)
         mlp = mlp_activation_bytes(shape, tokens, e, full, mlp_rank_sum, fused_norm)
         recomputed = layer - mlp if kept == n else layer
-        layers = n * tokens * shape.hidden_size * e + kept * mlp + recomputed
+        inputs = min(n, OFFLOAD_RESIDENT_INPUTS) if offload_activations else n
+        layers = inputs * tokens * shape.hidden_size * e + kept * mlp + recomputed
     else:
         layers = shape.num_hidden_layers * layer
     final_norm = e * shape.hidden_size + 4 if fused_norm else (4 + e) * shape.hidden_size
@@ -238,6 +249,7 @@ def estimate_memory(
     keep_mlp_layers: int = 0,
     document_mask: bool = False,
     loss_chunk_tokens: int | None = None,
+    offload_activations: bool = False,
 ) -> MemoryEstimate:
     """Estimate training memory by component.
 
@@ -247,7 +259,8 @@ def estimate_memory(
     sgd (none). mixed_precision: full FT in a 16-bit dtype keeps fp32 master weights and fp32 Adam states (the
     16 bytes/parameter recipe); False is pure 16-bit training (what nibblora.train does). paged_optimizer:
     optimizer states live in host memory, not on the device. device: "cpu" or "cuda" (the framework's fixed
-    overhead differs).
+    overhead differs). offload_activations: with gradient checkpointing on CUDA, the layer inputs but the last wait in
+    pinned host memory (`pinned_host_bytes`); on a CPU they are copied within the same memory, so nothing changes.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -296,6 +309,7 @@ def estimate_memory(
         c["optimizer_states"] = 0
     full = mode == "full"
     tokens = batch_size * seq_len
+    offload = offload_activations and gradient_checkpointing and device == "cuda"
     c["activations"] = activation_bytes(
         shape,
         batch_size,
@@ -307,6 +321,7 @@ def estimate_memory(
         fused_norm=device == "cuda",
         keep_mlp_layers=keep_mlp_layers,
         mlp_rank_sum=mlp_rank_sum,
+        offload_activations=offload,
     )
     if document_mask:
         c["activations"] += batch_size * seq_len * seq_len * e
@@ -325,13 +340,15 @@ def estimate_memory(
         optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing,
         keep_mlp_layers=keep_mlp_layers,
+        offload_activations=offload_activations,
         document_mask=document_mask,
         loss_chunk_tokens=loss_chunk_tokens,
         mixed_precision=mixed_precision,
         paged_optimizer=paged_optimizer,
         device=device,
     )
-    return MemoryEstimate(mode, total, trainable, c, inputs)
+    pinned = (shape.num_hidden_layers - 1) * tokens * shape.hidden_size * e if offload else 0
+    return MemoryEstimate(mode, total, trainable, c, inputs, pinned)
 
 
 def lesson_table(batch_size: int = 1, seq_len: int = 512, r: int = 16, models: Mapping[str, str] | None = None) -> str:

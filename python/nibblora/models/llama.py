@@ -38,6 +38,7 @@ from nibblora.models.loss import (
     score_tokens,
     shift_labels,
 )
+from nibblora.models.offload import NO_OFFLOAD, ActivationOffloader
 
 # Tokens per chunk of the fused lm_head + cross-entropy: None sizes it per batch (models/loss_chunks.py), 0 takes
 # the plain path through full logits.
@@ -347,6 +348,10 @@ class LlamaModel(nn.Module):
         # attends only within its own document. Off by default, as in transformers' SDPA path; the trainer turns it
         # on (data.packed_attention = "document").
         self.separate_documents = False
+        # Activation offloading (models/offload.py): with gradient_checkpointing, each layer's checkpointed input
+        # waits in host memory until its backward; the offloader keeps the host buffer pool across steps.
+        self.offload_activations = False
+        self.activation_offloader = ActivationOffloader()
 
     def forward(
         self,
@@ -379,18 +384,26 @@ class LlamaModel(nn.Module):
         # rebuilt at once. Keeping its activations costs memory only while the loss runs, next to one chunk of logits;
         # the backward of any recomputed layer holds as much.
         last = len(self.layers) - 1
+        # Activation offloading: `offload.layer_input(x, i)` around a checkpoint call moves the input it saves to
+        # host memory until backward (every checkpointed layer; models/offload.py).
+        offload = NO_OFFLOAD
+        if recompute and self.offload_activations:
+            offload = self.activation_offloader.forward_pass(len(self.layers))
         for i, layer in enumerate(self.layers):
             mask = masks[layer.self_attn.sliding_window]
             if i == last:
                 x = layer(x, cos, sin, mask, cache)
+                offload.last_layer_output(x)
             elif recompute and i < keep_mlp:
                 # Selective: recompute the attention half, keep what the MLP saves (its matmuls are not redone).
-                x = checkpoint(layer.attention_block, x, cos, sin, mask, None, use_reentrant=False)
+                with offload.layer_input(x, i):
+                    x = checkpoint(layer.attention_block, x, cos, sin, mask, None, use_reentrant=False)
                 x = layer.mlp_block(x)
             elif recompute:
                 # Keep only each layer's input; its activations are recomputed in backward. use_reentrant=False
                 # so gradients reach parameters even when the input (frozen embeddings) needs no grad.
-                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+                with offload.layer_input(x, i):
+                    x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         return self.norm(x)

@@ -62,6 +62,7 @@ class ModelSection:
     dtype: str = option("bfloat16", choices=DTYPES)  # weights and compute (float16: CUDA only)
     gradient_checkpointing: bool = option(True)  # recompute each decoder layer in backward
     keep_mlp_layers: int = option(0, ge=-1, le=INT_MAX)  # selective: N layers (-1: all) recompute attention only
+    offload_activations: bool = option(False)  # checkpointed layer inputs wait in host memory until backward
     loss_chunk_tokens: int = option(0, ge=0, le=INT_MAX)  # tokens per chunk of the fused loss; 0: sized per batch
     quant_type: str = option("nf4", choices=QUANT_TYPES)  # qlora only
     double_quant: bool = option(True)  # qlora only: quantize the block scales too (4.127 instead of 4.5 bits/param)
@@ -195,6 +196,12 @@ class TrainConfig:
                 raise ConfigError(
                     f"lora.target_modules: {targets!r} is neither 'all-linear' nor a valid regular expression ({err})"
                 ) from None
+        if self.model.offload_activations and not self.model.gradient_checkpointing:
+            raise ConfigError(
+                "model.offload_activations moves the layer inputs that gradient checkpointing keeps to host memory, "
+                "and without checkpointing there are none; set model.gradient_checkpointing = true or "
+                "model.offload_activations = false"
+            )
         self._validate_methods()
         for name, path in self.data.eval.items():
             if not name or not path:

@@ -247,6 +247,7 @@ def _step_metrics(setup: TrainingSetup, out: StepOutput, seconds: float, longest
         dtype=config.model.dtype,
         gradient_checkpointing=config.model.gradient_checkpointing,
         keep_mlp_layers=config.model.keep_mlp_layers,
+        offload_activations=config.model.offload_activations,
         document_mask=setup.packed and config.data.packed_attention == "document",
         loss_chunk_tokens=config.model.loss_chunk_tokens or None,
         mixed_precision=False,

@@ -115,6 +115,7 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, i
         gradient_checkpointing=config.model.gradient_checkpointing,
     )
     model.model.keep_mlp_layers = config.model.keep_mlp_layers
+    model.model.offload_activations = config.model.offload_activations
     model.model.separate_documents = config.data.packed_attention == "document"
     model.loss_chunk_tokens = config.model.loss_chunk_tokens or None  # None: the per-batch rule
     if mode == "full":
@@ -371,6 +372,11 @@ def setup_training(
     if tc.paged_optimizer and not paged.active:
         log("paged_optimizer has no effect on a CPU: the optimizer states already live in host memory")
     paged.active = paged.active and tc.paged_optimizer
+    if config.model.offload_activations and device.type == "cpu":
+        log(
+            "offload_activations saves no memory on a CPU: the layer inputs are copied within host memory "
+            "(it keeps that path tested; it pays off on CUDA)"
+        )
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.model.dtype == "float16")
 
     start_step = 0
