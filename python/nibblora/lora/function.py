@@ -206,6 +206,31 @@ def base_grad_input(
     return out
 
 
+def input_grad(
+    g: torch.Tensor,
+    weight: torch.Tensor,
+    state: QuantState | None,
+    dtype: torch.dtype,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float] | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The gradient for a LoRA layer's input, g @ W + dropout(gb @ A), added into `out` when given. lora: (gb, A,
+    keep mask or None, dropout scale), or None for the base alone. With a mask and no `out`, the LoRA term is
+    computed first, into the buffer that becomes the result, and the base's term added to it: no temporary the
+    size of the input."""
+    if lora is not None and lora[2] is not None and out is None:
+        gb, a, keep, scale = lora
+        return base_grad_input(g, weight, state, dtype, out=drop_out(gb @ a, keep, scale, inplace=True))
+    out = base_grad_input(g, weight, state, dtype, out=out)
+    if lora is not None:
+        gb, a, keep, scale = lora
+        if keep is None:
+            out.addmm_(gb, a)
+        else:
+            out += drop_out(gb @ a, keep, scale, inplace=True)
+    return out
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """apply(x, weight, quant_state, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed) -> y [..., out].
 
@@ -248,17 +273,15 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_bias = grad_A = grad_B = None
 
-        if need_x:
-            grad_x = base_grad_input(g, weight, ctx.quant_state, dtype)  # [tokens, in]
+        lora = None
         if lora_A is not None:
             a, b = lora_A.to(dtype), lora_B.to(dtype)
             gb = (g @ b).mul_(ctx.scaling)  # [tokens, r] = scaling * dL/d(xa)
             keep, scale = dropout_keep(x2, ctx.dropout_p, ctx.dropout_seed) if ctx.dropout_p > 0 else (None, 1.0)
-            if need_x:
-                if keep is None:
-                    grad_x.addmm_(gb, a)
-                else:
-                    grad_x += drop_out(gb @ a, keep, scale, inplace=True)
+            lora = (gb, a, keep, scale)
+        if need_x:
+            grad_x = input_grad(g, weight, ctx.quant_state, dtype, lora)  # [tokens, in]
+        if lora_A is not None:
             if need_A:
                 xd = drop_out(x2, keep, scale) if keep is not None else x2
                 grad_A = (gb.t() @ xd).to(lora_A.dtype)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nibblora.lora.function import base_grad_input, base_linear, drop_out, dropout_keep
+from nibblora.lora.function import base_linear, drop_out, dropout_keep, input_grad
 from nibblora.lora.layers import LoRALinear, NF4Linear
 from nibblora.quant import QuantState
 
@@ -150,17 +150,15 @@ def _backward_one(
     is built in its buffer instead of a new one (the same values)."""
     dtype = x2.dtype
     grad_bias = grad_A = grad_B = None
-    if need_x:
-        grad_x = base_grad_input(g, weight, state, dtype, out=grad_x)
+    lora = None
     if lora_A is not None:
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         gb = (g @ b).mul_(scaling)
         keep, scale = dropout_keep(x2, dropout_p, dropout_seed) if dropout_p > 0 else (None, 1.0)
-        if need_x:
-            if keep is None:
-                grad_x.addmm_(gb, a)
-            else:
-                grad_x += drop_out(gb @ a, keep, scale, inplace=True)
+        lora = (gb, a, keep, scale)
+    if need_x:
+        grad_x = input_grad(g, weight, state, dtype, lora, out=grad_x)
+    if lora_A is not None:
         if need_A:
             if keep is None:
                 xd = x2
@@ -285,11 +283,12 @@ class LoRASwiGLUFunction(torch.autograd.Function):
             go, h, None, True, need[base[2] + 2], need[base[2] + 3], need[base[2] + 4], *unpack(2), x2_scratch=True
         )
         del h  # (overwritten by the down projection's dropout: not used again)
-        # The autograd path's ops: mul's backward, then silu's.
-        grad_u = grad_h * silu_g
-        del silu_g
-        grad_g = torch.ops.aten.silu_backward(grad_h * u, g)
-        del grad_h
+        # The autograd path's ops: mul's backward, then silu's (grad_u in grad_h's buffer once grad_h * u is taken).
+        grad_hu = grad_h * u
+        grad_u = grad_h.mul_(silu_g)
+        del silu_g, grad_h
+        grad_g = torch.ops.aten.silu_backward(grad_hu, g)
+        del grad_hu
         grad_x, *up_grads = _backward_one(
             grad_u, x2, None, need[0], need[base[1] + 2], need[base[1] + 3], need[base[1] + 4], *unpack(1)
         )
