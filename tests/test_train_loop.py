@@ -180,6 +180,34 @@ def test_fused_chunked_loss_follows_the_plain_loss_curve_for_50_steps(model_dir,
     assert fused.losses[50] < fused.losses[1]
 
 
+def test_qlora_with_the_base_weight_dequantized_in_slices_follows_the_whole_weight_loss_curve(
+    model_dir, tmp_path, monkeypatch
+):
+    """Issue 12: on a CPU the 4-bit base weight is dequantized a slice at a time (nibblora.lora.function.SLICE_BYTES);
+    QLoRA with slices of a few rows trains like QLoRA with the whole weight (float32, same seed, 50 steps: every
+    loss within 1e-3 relative), with dropout and gradient checkpointing on."""
+    from nibblora.lora import function
+
+    planned = []
+    plan = function._cpu_slices
+    monkeypatch.setattr(function, "_cpu_slices", lambda *a, **k: planned.append(plan(*a, **k)) or planned[-1])
+    rows = tiny_rows(16, min_len=4, max_len=24)
+    settings = {
+        "data": {"batch_size": 2},
+        "train": {"max_steps": 50, "mode": "qlora"},
+        "lora": {"dropout": 0.1},
+        "model": {"gradient_checkpointing": True},
+    }
+    monkeypatch.setattr(function, "SLICE_BYTES", 1)  # the smallest slices the quantization blocks allow
+    sliced = train(tiny_config(model_dir, tmp_path / "sliced", **settings), rows, quiet=True)
+    assert any(p is not None and len(p) > 1 for p in planned)
+    monkeypatch.setattr(function, "SLICE_BYTES", 1 << 40)
+    whole = train(tiny_config(model_dir, tmp_path / "whole", **settings), rows, quiet=True)
+    for step in range(1, 51):
+        assert sliced.losses[step] == pytest.approx(whole.losses[step], rel=1e-3), step
+    assert sliced.losses[50] < sliced.losses[1]
+
+
 def test_a_packed_row_trains_like_its_documents_apart(model_dir, tmp_path):
     """data.packed_attention = "document": the loss of a packed row is that of its documents as separate rows."""
     docs = [tiny_rows(3, seed=4)[i] for i in range(3)]
