@@ -307,3 +307,15 @@ def test_an_explicit_loss_chunk_sizes_the_loss_component():
     fp32 = estimate_memory("llama-3-8b", "qlora", batch_size=1, seq_len=512, loss_chunk_tokens=512, dtype="float32")
     fp32_auto = estimate_memory("llama-3-8b", "qlora", batch_size=1, seq_len=512, dtype="float32")
     assert fp32.components["loss"] - fp32_auto.components["loss"] == (512 - 256) * vocab * 4  # one float32 buffer
+
+
+def test_qlora_counts_the_dequantized_weight_whole_on_cuda_and_one_slice_on_a_cpu():
+    from nibblora.memory import estimate_memory
+    from nibblora.quant.names import DEQUANT_SLICE_BYTES
+
+    def temporaries(mode, device):
+        return estimate_memory("llama-2-7b", mode, device=device).components["backward_temporaries"]
+
+    mlp = 4096 * 11008 * 2  # the largest projection of Llama-2-7B in bf16
+    assert temporaries("qlora", "cuda") - temporaries("lora", "cuda") == mlp
+    assert temporaries("qlora", "cpu") - temporaries("lora", "cpu") == DEQUANT_SLICE_BYTES

@@ -25,7 +25,7 @@ import torch
 
 from nibblora.quant import QuantizedTensor, QuantState, code_table, dequantize_4bit, torch_ops
 from nibblora.quant.api import dequantize_4bit_part
-from nibblora.quant.names import BNB_QUANT_TYPES
+from nibblora.quant.names import BNB_QUANT_TYPES, DEQUANT_SLICE_BYTES
 from nibblora.quant.state import SUPPORTED_DTYPES
 
 
@@ -133,7 +133,7 @@ def _dense_weight(weight: torch.Tensor, state: QuantState | None, dtype: torch.d
 # of rows (output features: each writes its own columns of y), the input gradient slices of columns (input
 # features: each writes its own columns of grad_x), so every output element is one matmul's sum, as with the whole
 # weight. GPUs dequantize the whole weight in one kernel: there the launches would cost more than the bytes save.
-SLICE_BYTES = 4 << 20
+SLICE_BYTES = DEQUANT_SLICE_BYTES
 
 
 def _cpu_slices(

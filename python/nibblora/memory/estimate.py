@@ -21,7 +21,8 @@ Components (bytes on the training device):
                        (and a 16-bit copy), the selected hidden states and their gradient; full FT: the
                        lm_head's float32 gradient, computed in forward
     backward_temporaries  backward of one decoder layer: the MLP's recomputed product and the gradients of the
-                       gate, up and product tensors, plus two hidden-size gradients
+                       gate, up and product tensors, plus two hidden-size gradients; QLoRA: the base weight
+                       dequantized for a matmul (the largest projection on CUDA, one slice of it on a CPU)
     optimizer_temporaries the AdamW step (one parameter at a time): two temporaries of the largest parameter
     framework          fixed cost of the framework's own allocations (PyTorch's CPU allocator pools, the CUDA
                        workspace): measured, not derived
@@ -43,6 +44,7 @@ from pathlib import Path
 from nibblora.dtypes import COMPUTE_DTYPE_BYTES
 from nibblora.lora.params import ALL_SEVEN, DecoderShape, projection_lora_params
 from nibblora.models.loss_chunks import loss_chunk_tokens
+from nibblora.quant.names import DEQUANT_SLICE_BYTES
 
 DTYPE_BYTES = COMPUTE_DTYPE_BYTES
 MODES = ("full", "lora", "qlora")
@@ -327,6 +329,10 @@ def estimate_memory(
         c["activations"] += batch_size * seq_len * seq_len * e
     c["loss"] = loss_bytes(shape, tokens, e, lm_head_trainable=full, chunk_tokens=loss_chunk_tokens)
     c["backward_temporaries"] = backward_temporary_bytes(shape, tokens, e)
+    if mode == "qlora":
+        # The dense weight a 4-bit matmul dequantizes: whole on a GPU (one kernel), a slice at a time on a CPU.
+        dense = max(a * b for a, b in projections.values()) * e
+        c["backward_temporaries"] += dense if device == "cuda" else min(dense, DEQUANT_SLICE_BYTES)
     # AdamW one parameter at a time (foreach=False): the denominator and the update, each the size of the largest.
     c["optimizer_temporaries"] = 2 * largest * state_bytes if states_per_param else 0
     c["framework"] = FRAMEWORK_BYTES[device]
