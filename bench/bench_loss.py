@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: about 32 MiB of logits)")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="tokens per chunk (default: the model's rule in nibblora.models.loss_chunks: a chunk's logits no larger "
+        "than the hidden states, at least 256 tokens)",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
