@@ -232,3 +232,49 @@ def test_a_document_mask_is_saved_once_for_every_layer():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids, position_ids=positions)
     assert len(big) == 1
+
+
+def test_a_recomputed_layer_skips_its_down_projection_and_keeps_the_gradients(monkeypatch):
+    """With checkpointing, a layer's recomputation in backward only rebuilds what its functions save; the MLP's down
+    projection output is not among it, so its matmul runs once per layer (forward), not again in the recompute.
+    LoRA with dropout on every projection: gradients equal those without checkpointing."""
+    from nibblora.lora import group, inject_lora
+    from nibblora.models import ModelConfig
+
+    hf = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=90,
+    )
+    down_matmuls = []
+    real = group.base_linear
+
+    def counting(x2, weight, state, dtype):
+        if weight.shape == (64, 160):
+            down_matmuls.append(1)
+        return real(x2, weight, state, dtype)
+
+    monkeypatch.setattr(group, "base_linear", counting)
+    ids = torch.randint(0, 90, (2, 13), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)
+        model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf), gradient_checkpointing=checkpointing)
+        inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.2)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        model.train()
+        down_matmuls.clear()
+        loss, _ = model(ids, labels=ids)
+        loss.backward()
+        assert len(down_matmuls) == 3  # forward only: the two recomputed layers skip it
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)

@@ -19,7 +19,9 @@ and which has no forward hooks (a hook expects its module to be called); otherwi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,15 +106,18 @@ def projection_args(module: nn.Module) -> ProjectionArgs | None:
     return None
 
 
-def _forward_one(x2, weight, state, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed, plain):
+def _forward_one(x2, weight, state, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed, plain, output=True):
     """(y [tokens, out], xa [tokens, r] or None): LoRALinearFunction.forward's ops, in its order (plain: those of
-    nn.Linear)."""
+    nn.Linear). output=False: only xa (what backward keeps) is computed, and y is left uninitialized."""
     if plain:
         return F.linear(x2, weight, bias), None
     dtype = x2.dtype
-    y = base_linear(x2, weight, state, dtype)
-    if bias is not None:
-        y += bias.to(dtype)
+    if output:
+        y = base_linear(x2, weight, state, dtype)
+        if bias is not None:
+            y += bias.to(dtype)
+    else:
+        y = x2.new_empty(x2.shape[0], (state.shape if state is not None else weight.shape)[0])
     xa = None
     if lora_A is not None:
         if dropout_p > 0:
@@ -122,8 +127,29 @@ def _forward_one(x2, weight, state, bias, lora_A, lora_B, scaling, dropout_p, dr
             xd = x2
         xa = xd @ lora_A.to(dtype).t()
         del xd
-        y.addmm_(xa, lora_B.to(dtype).t(), alpha=scaling)
+        if output:
+            y.addmm_(xa, lora_B.to(dtype).t(), alpha=scaling)
     return y, xa
+
+
+# Set while a checkpointed decoder layer is recomputed in backward (nibblora.models.llama): only the tensors its
+# functions save matter then, not what they return, so the MLP skips its down projection's matmul.
+_recomputing = threading.local()
+
+
+@contextlib.contextmanager
+def outputs_unused() -> Iterator[None]:
+    """Within: the group functions' outputs will not be used (a recomputation that only rebuilds saved tensors)."""
+    before = getattr(_recomputing, "active", False)
+    _recomputing.active = True
+    try:
+        yield
+    finally:
+        _recomputing.active = before
+
+
+def _outputs_used() -> bool:
+    return not getattr(_recomputing, "active", False)
 
 
 def _backward_one(
@@ -254,7 +280,9 @@ class LoRASwiGLUFunction(torch.autograd.Function):
         g, gate_xa = _forward_one(x2, *gate)
         u, up_xa = _forward_one(x2, *up)
         h = F.silu(g).mul_(u)
-        y, down_xa = _forward_one(h, *down)
+        # In a recomputation (outputs_unused) y is not used: the down projection's matmul, a third of the MLP's, is
+        # skipped; its adapter's x A^T is still computed, for backward keeps it.
+        y, down_xa = _forward_one(h, *down, output=_outputs_used())
         del h
         saved = [x, g, u]
         for (weight, _, bias, lora_A, lora_B, *_), xa in zip((gate, up, down), (gate_xa, up_xa, down_xa)):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from nibblora.lora.group import project_group, swiglu_mlp
+from nibblora.lora.group import outputs_unused, project_group, swiglu_mlp
 from nibblora.models.config import ModelConfig
 from nibblora.models.loss import (
     IGNORE_INDEX,
@@ -403,10 +403,27 @@ class LlamaModel(nn.Module):
                 # Keep only each layer's input; its activations are recomputed in backward. use_reentrant=False
                 # so gradients reach parameters even when the input (frozen embeddings) needs no grad.
                 with offload.layer_input(x, i):
-                    x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+                    x = checkpoint(_first_call_output(layer), x, cos, sin, mask, None, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
+
+
+def _first_call_output(layer: nn.Module):
+    """`layer` for non-reentrant checkpointing: the first call is the forward pass; the second, the recomputation in
+    backward, only rebuilds what the layer's functions save (checkpoint drops its output), so it runs under
+    `outputs_unused` and the MLP skips the down projection's matmul."""
+    calls = 0
+
+    def run(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return layer(*args)
+        with outputs_unused():
+            return layer(*args)
+
+    return run
 
 
 class LlamaForCausalLM(nn.Module):
