@@ -263,3 +263,25 @@ def test_drop_out_equals_the_product_with_the_mask_and_a_bool_mask_makes_no_floa
     buffer = x.clone()
     assert drop_out(buffer, keep, 1.25, inplace=True).data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(buffer, expected, rtol=0, atol=0)
+
+
+def test_the_native_dequantizer_into_a_buffer_refuses_a_wrong_buffer_and_leaves_it_untouched():
+    import numpy as np
+
+    from nibblora import _native
+    from nibblora.errors import InputError
+
+    q = quantize_4bit(torch.randn(4, 64), "nf4", 64)
+    packed, absmax = q.packed.reshape(-1).numpy(), q.state.absmax_float32().numpy()
+    wrong_dtype = np.full(256, 7, dtype=np.int32)
+    with pytest.raises(InputError, match="float32 array"):
+        _native.dequantize_4bit_to(packed, absmax, "nf4", 64, wrong_dtype, "float32")
+    with pytest.raises(InputError, match="uint16 array"):
+        _native.dequantize_4bit_to(packed, absmax, "nf4", 64, np.zeros(256, np.float32), "bfloat16")
+    too_long = np.full(300, 7.0, dtype=np.float32)  # more values than the codes hold
+    with pytest.raises(ValueError):
+        _native.dequantize_4bit_to(packed, absmax, "nf4", 64, too_long, "float32")
+    assert (too_long == 7.0).all() and (wrong_dtype == 7).all()
+    out = np.zeros(256, np.float32)
+    _native.dequantize_4bit_to(packed, absmax, "nf4", 64, out, "float32")
+    assert np.array_equal(out, dequantize_base(q.packed, q.state, torch.float32).reshape(-1).numpy())

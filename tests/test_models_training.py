@@ -120,23 +120,37 @@ def test_peft_adapter_keys_name_our_modules(tmp_path):
         assert isinstance(ours.get_submodule(name), torch.nn.Linear), name
 
 
+# Three small layers, an MLP wider than the hidden size: what the checkpointing tests below train.
+THREE_LAYERS = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=90,
+)
+
+
+def three_layer_model(checkpointing: bool, lora_dropout: float | None) -> LlamaForCausalLM:
+    """THREE_LAYERS from seed 1 in train mode; lora_dropout not None: LoRA r 4 on every projection with B drawn
+    (B = 0 would make every A gradient 0)."""
+    from nibblora.lora import inject_lora
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(THREE_LAYERS), gradient_checkpointing=checkpointing)
+    if lora_dropout is not None:
+        inject_lora(model, "all-linear", r=4, alpha=8, dropout=lora_dropout)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    return model.train()
+
+
 def test_selective_checkpointing_gives_the_same_gradients_as_full_and_none():
     """keep_mlp_layers changes what is recomputed, never the numbers: gradients equal full checkpointing's and no
     checkpointing's (float32, LoRA on every projection and a trainable base both)."""
-    import torch
-
-    from nibblora.lora import inject_lora
-    from nibblora.models import LlamaForCausalLM, ModelConfig
-
-    hf = dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=90,
-    )
     torch.manual_seed(0)
     ids = torch.randint(0, 90, (2, 17))
     labels = ids.clone()
@@ -144,16 +158,8 @@ def test_selective_checkpointing_gives_the_same_gradients_as_full_and_none():
     for lora in (True, False):
         grads = []
         for checkpointing, keep in ((False, 0), (True, 0), (True, 1), (True, -1)):
-            torch.manual_seed(1)
-            model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf), gradient_checkpointing=checkpointing)
-            if lora:
-                inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
-                with torch.no_grad():  # B = 0 would make every A gradient 0: give B values
-                    for name, p in model.named_parameters():
-                        if "lora_B" in name:
-                            p.normal_(0, 0.1)
+            model = three_layer_model(checkpointing, 0.0 if lora else None)
             model.model.keep_mlp_layers = keep
-            model.train()
             loss, _ = model(ids, labels=labels)
             loss.backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -238,18 +244,8 @@ def test_a_recomputed_layer_skips_its_down_projection_and_keeps_the_gradients(mo
     """With checkpointing, a layer's recomputation in backward only rebuilds what its functions save; the MLP's down
     projection output is not among it, so its matmul runs once per layer (forward), not again in the recompute.
     LoRA with dropout on every projection: gradients equal those without checkpointing."""
-    from nibblora.lora import group, inject_lora
-    from nibblora.models import ModelConfig
+    from nibblora.lora import group
 
-    hf = dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=90,
-    )
     down_matmuls = []
     real = group.base_linear
 
@@ -262,14 +258,7 @@ def test_a_recomputed_layer_skips_its_down_projection_and_keeps_the_gradients(mo
     ids = torch.randint(0, 90, (2, 13), generator=torch.Generator().manual_seed(0))
     grads = []
     for checkpointing in (False, True):
-        torch.manual_seed(1)
-        model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf), gradient_checkpointing=checkpointing)
-        inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.2)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
-        model.train()
+        model = three_layer_model(checkpointing, 0.2)
         down_matmuls.clear()
         loss, _ = model(ids, labels=ids)
         loss.backward()
